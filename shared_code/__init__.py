@@ -1,0 +1,1 @@
+"""Domain code of the ITSM connector: everything the Functions triggers and the CLI call."""

@@ -1,0 +1,1 @@
+"""Azure Monitor alerts: Common Alert Schema models, normalisation, correlation and delivery."""

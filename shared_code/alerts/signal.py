@@ -1,0 +1,63 @@
+"""The normalised alert: what the rest of the app needs from any Common Alert Schema payload.
+
+``shared_code.alerts.schema.parse_alert`` turns a raw payload into an ``AlertSignal``; nothing
+downstream looks at the raw payload again, so every monitoring service's quirks end here.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MonitorCondition(StrEnum):
+    FIRED = "Fired"
+    RESOLVED = "Resolved"
+
+
+class Severity(StrEnum):
+    SEV0 = "Sev0"
+    SEV1 = "Sev1"
+    SEV2 = "Sev2"
+    SEV3 = "Sev3"
+    SEV4 = "Sev4"
+
+
+class AlertSignal(BaseModel):
+    """One alert notification, reduced to the facts the ITSM side uses."""
+
+    model_config = ConfigDict(frozen=True)
+
+    alert_id: str = Field(min_length=1, description="essentials.alertId: stable for one fire/resolve cycle")
+    origin_alert_id: str = ""
+    rule: str = Field(min_length=1, description="essentials.alertRule (the rule's name)")
+    rule_id: str = Field(default="", description="essentials.alertRuleID where sent, else derived")
+    severity: Severity
+    signal_type: str = ""
+    monitoring_service: str = Field(min_length=1)
+    condition: MonitorCondition
+    fired_at: datetime
+    resolved_at: datetime | None = None
+    target_ids: tuple[str, ...] = ()
+    configuration_items: tuple[str, ...] = Field(
+        default=(), description="essentials.configurationItems, else the target resource names"
+    )
+    description: str = ""
+    context_summary: str = Field(
+        default="",
+        description="readable multi-line summary of alertContext: condition, metric values, "
+        "log query and window, activity-log operation, health event...",
+    )
+    portal_link: str = ""
+
+    @property
+    def primary_ci(self) -> str:
+        """The first configuration item, or '' when the alert names none."""
+        return self.configuration_items[0] if self.configuration_items else ""
+
+    @property
+    def event_time(self) -> datetime:
+        """When this notification's condition happened (resolution time for a resolved alert)."""
+        return self.resolved_at if self.resolved_at is not None else self.fired_at

@@ -1,0 +1,88 @@
+"""One error hierarchy for the whole app.
+
+    ConnectorAppError                 base of everything raised on purpose
+    ├── ConfigurationError            app settings missing or invalid (lists every problem)
+    ├── InvalidInputError             something a caller sent is wrong (payload, CLI argument)
+    │   └── AlertSchemaError          a Common Alert Schema payload failed validation (has .path)
+    │       └── NotCommonSchemaError  the payload is not the Common Alert Schema at all
+    ├── NotFoundError                 a named connection, delivery or row does not exist
+    ├── AlreadyExistsError            a create found the row already there
+    ├── SecretStoreError              Key Vault could not be read or written
+    ├── StateError                    Table Storage failed or an ETag race was lost too often
+    │   └── BusyError                 another instance holds the lease on this correlation now
+    └── ItsmError                     the ITSM product failed a call
+        ├── ItsmAuthError             credentials refused: the connection must be re-authorised
+        ├── ItsmRejectedError         a 4xx that retrying cannot fix (has .status)
+        └── ItsmUnavailableError      5xx, 429, timeouts or transport errors after bounded retries
+
+Messages never contain a secret, a token or a password: they are built from names, ids, status
+codes and the product's own error text. HTTP status codes are chosen at the edge (functions/),
+never here.
+"""
+
+from __future__ import annotations
+
+
+class ConnectorAppError(Exception):
+    """Base of every error this app raises on purpose."""
+
+
+class ConfigurationError(ConnectorAppError):
+    """App settings are missing or invalid."""
+
+
+class InvalidInputError(ConnectorAppError):
+    """Something a caller sent is wrong; the message says what and where."""
+
+
+class AlertSchemaError(InvalidInputError):
+    """A Common Alert Schema payload failed validation at ``path`` (e.g. ``data.essentials.severity``)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.detail = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class NotCommonSchemaError(AlertSchemaError):
+    """The payload is not the Common Alert Schema (the action group has it turned off)."""
+
+
+class NotFoundError(ConnectorAppError):
+    """A named connection, delivery or stored row does not exist."""
+
+
+class AlreadyExistsError(ConnectorAppError):
+    """A create found the row already there."""
+
+
+class SecretStoreError(ConnectorAppError):
+    """Key Vault could not be read or written."""
+
+
+class StateError(ConnectorAppError):
+    """Table Storage failed, or an optimistic-concurrency race was lost too many times."""
+
+
+class BusyError(StateError):
+    """Another instance holds the lease on this correlation; try again shortly."""
+
+
+class ItsmError(ConnectorAppError):
+    """The ITSM product failed a call."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class ItsmAuthError(ItsmError):
+    """The product refused the credentials; the connection must be re-authorised."""
+
+
+class ItsmRejectedError(ItsmError):
+    """The product rejected the request with a 4xx that retrying cannot fix."""
+
+
+class ItsmUnavailableError(ItsmError):
+    """The product kept failing (5xx, 429, timeouts, transport errors) after bounded retries."""

@@ -1,0 +1,1 @@
+"""ITSM products: one connector per product behind the small ``ItsmConnector`` protocol."""

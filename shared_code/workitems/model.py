@@ -1,0 +1,114 @@
+"""The normalised work item, compatible with the retired ITSM Connector's ``ServiceDesk_CL`` columns.
+
+Existing Log Analytics queries and workbooks filter on ``ServiceDeskWorkItemType_s``,
+``ServiceDeskId_s``, ``IncidentState_s`` and friends; ``to_service_desk_record`` produces exactly
+those names so they keep working against the table this app fills.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class WorkItemType(StrEnum):
+    INCIDENT = "Incident"
+    CHANGE_REQUEST = "ChangeRequest"
+
+    @property
+    def sync_name(self) -> str:
+        """The name used in settings, the CLI and the SyncState table."""
+        return "incidents" if self is WorkItemType.INCIDENT else "change_requests"
+
+    @classmethod
+    def from_sync_name(cls, name: str) -> WorkItemType:
+        for item in cls:
+            if item.sync_name == name:
+                return item
+        raise ValueError(f"unknown work item type {name!r}: use incidents or change_requests")
+
+
+class WorkItem(BaseModel):
+    """One incident or change request, as people read it (display values, not reference ids)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    connection: str
+    item_type: WorkItemType
+    source_id: str = Field(min_length=1, description="the product's own id (ServiceNow sys_id)")
+    number: str = Field(min_length=1, description="the id people read (INC0010001)")
+    updated_at: datetime
+    state: str = ""
+    urgency: str = ""
+    impact: str = ""
+    priority: str = ""
+    created_by: str = ""
+    resolved_by: str = ""
+    closed_by: str = ""
+    source: str = ""
+    assigned_to: str = ""
+    category: str = ""
+    title: str = ""
+    description: str = ""
+    computer: str = ""
+    created_at: datetime | None = None
+    resolved_at: datetime | None = None
+    closed_at: datetime | None = None
+    correlation_id: str = ""
+    # change requests only
+    change_type: str = ""
+    risk: str = ""
+    requested_at: datetime | None = None
+    planned_start: datetime | None = None
+    planned_end: datetime | None = None
+    work_start: datetime | None = None
+    work_end: datetime | None = None
+
+    def to_service_desk_record(self) -> dict[str, Any]:
+        """The row for the ``ServiceDesk_CL`` custom table (ITSMC column names)."""
+
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        record: dict[str, Any] = {
+            "TimeGenerated": self.updated_at.isoformat(),
+            "ServiceDeskConnectionName_s": self.connection,
+            "ServiceDeskWorkItemType_s": self.item_type.value,
+            "ServiceDeskId_s": self.number,
+            "ServiceDeskSysId_s": self.source_id,
+            "Urgency_s": self.urgency,
+            "Impact_s": self.impact,
+            "Priority_s": self.priority,
+            "CreatedBy_s": self.created_by,
+            "ClosedBy_s": self.closed_by,
+            "Source_s": self.source,
+            "AssignedTo_s": self.assigned_to,
+            "Category_s": self.category,
+            "Title_s": self.title,
+            "Description_s": self.description,
+            "CreatedDate_t": iso(self.created_at),
+            "ClosedDate_t": iso(self.closed_at),
+            "LastModifiedDate_t": iso(self.updated_at),
+            "Computer": self.computer,
+        }
+        if self.item_type is WorkItemType.INCIDENT:
+            record |= {
+                "IncidentState_s": self.state,
+                "ResolvedBy_s": self.resolved_by,
+                "ResolvedDate_t": iso(self.resolved_at),
+            }
+        else:
+            record |= {
+                "CRState_s": self.state,
+                "Type_s": self.change_type,
+                "Risk_s": self.risk,
+                "RequestedDate_t": iso(self.requested_at),
+                "PlannedStartDate_t": iso(self.planned_start),
+                "PlannedEndDate_t": iso(self.planned_end),
+                "WorkStartDate_t": iso(self.work_start),
+                "WorkEndDate_t": iso(self.work_end),
+            }
+        return record
