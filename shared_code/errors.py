@@ -3,13 +3,17 @@
     ConnectorAppError                 base of everything raised on purpose
     ├── ConfigurationError            app settings missing or invalid (lists every problem)
     ├── InvalidInputError             something a caller sent is wrong (payload, CLI argument)
-    │   └── AlertSchemaError          a Common Alert Schema payload failed validation (has .path)
-    │       └── NotCommonSchemaError  the payload is not the Common Alert Schema at all
+    │   ├── AlertSchemaError          a Common Alert Schema payload failed validation (has .path)
+    │   │   └── NotCommonSchemaError  the payload is not the Common Alert Schema at all
+    │   ├── MalformedPayloadError     the body is not parseable JSON
+    │   ├── UnsupportedPayloadError   the body is not JSON at all (content type)
+    │   └── PayloadTooLargeError      the body is over the size limit
     ├── NotFoundError                 a named connection, delivery or row does not exist
     ├── AlreadyExistsError            a create found the row already there
     ├── SecretStoreError              Key Vault could not be read or written
     ├── StateError                    Table Storage failed or an ETag race was lost too often
     │   └── BusyError                 another instance holds the lease on this correlation now
+    ├── RetryLaterError               a delivery failed in a way a later attempt may fix
     └── ItsmError                     the ITSM product failed a call
         ├── ItsmAuthError             credentials refused: the connection must be re-authorised
         ├── ItsmRejectedError         a 4xx that retrying cannot fix (has .status)
@@ -48,6 +52,18 @@ class NotCommonSchemaError(AlertSchemaError):
     """The payload is not the Common Alert Schema (the action group has it turned off)."""
 
 
+class MalformedPayloadError(InvalidInputError):
+    """The body is not parseable JSON."""
+
+
+class UnsupportedPayloadError(InvalidInputError):
+    """The body is not JSON at all (its content type says otherwise)."""
+
+
+class PayloadTooLargeError(InvalidInputError):
+    """The body is over the size limit."""
+
+
 class NotFoundError(ConnectorAppError):
     """A named connection, delivery or stored row does not exist."""
 
@@ -66,6 +82,10 @@ class StateError(ConnectorAppError):
 
 class BusyError(StateError):
     """Another instance holds the lease on this correlation; try again shortly."""
+
+
+class RetryLaterError(ConnectorAppError):
+    """A delivery attempt failed in a way a later attempt may fix; the queue should retry it."""
 
 
 class ItsmError(ConnectorAppError):

@@ -47,6 +47,7 @@ class IncidentDraft(BaseModel):
     correlation_id: str = Field(min_length=1, max_length=100)
     correlation_display: str = Field(default="", max_length=100)
     configuration_item: str | None = None
+    create_configuration_item: bool = False
     assignment_group: str | None = None
     caller: str | None = None
     category: str | None = None

@@ -1,0 +1,8 @@
+"""The Functions app: registers the blueprints, nothing else (no I/O at import time)."""
+
+import azure.functions as func
+
+from functions.alerts import bp as alerts_blueprint
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+app.register_functions(alerts_blueprint)

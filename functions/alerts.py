@@ -1,0 +1,113 @@
+"""Alert triggers: the action-group webhook, the delivery status lookup, the queue delivery and
+the redrive timer for deliveries whose queue message was lost."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import azure.functions as func
+
+from functions.http_errors import error_response, json_response
+from shared_code.alerts.delivery import DeliveryMessage
+from shared_code.bootstrap import get_container
+from shared_code.connections import CONNECTION_NAME
+from shared_code.errors import NotFoundError
+from shared_code.state.deliveries import DeliveryStatus
+
+log = logging.getLogger(__name__)
+
+ALERT_QUEUE = "alert-deliveries"
+REDRIVE_SCHEDULE = os.environ.get("ALERT_REDRIVE_SCHEDULE", "0 */10 * * * *")
+
+bp = func.Blueprint()
+
+
+def _connection_name(req: func.HttpRequest) -> str:
+    name = req.route_params.get("connection", "")
+    if not CONNECTION_NAME.match(name):
+        raise NotFoundError(f"no ITSM connection named {name!r}")
+    return name
+
+
+@bp.function_name("receive_alert")
+@bp.route(route="alerts/{connection}", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+@bp.queue_output(arg_name="delivery", queue_name=ALERT_QUEUE, connection="AzureWebJobsStorage")
+def receive_alert(req: func.HttpRequest, delivery: func.Out[str]) -> func.HttpResponse:
+    """Store the alert, queue its delivery, answer 202 with the delivery id."""
+    try:
+        name = _connection_name(req)
+        receipt = get_container().alert_intake.receive(name, req.get_body(), req.headers.get("Content-Type"))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a clear HTTP answer
+        return error_response(exc)
+    stored = receipt.delivery
+    if receipt.enqueue:
+        delivery.set(
+            DeliveryMessage(connection=stored.connection, delivery_id=stored.delivery_id, signal=stored.signal).to_json()
+        )
+    return json_response(
+        202,
+        {
+            "deliveryId": stored.delivery_id,
+            "status": stored.status.value,
+            "duplicate": not receipt.is_new,
+            "statusUrl": f"/api/alerts/{stored.connection}/{stored.delivery_id}",
+        },
+    )
+
+
+@bp.function_name("alert_status")
+@bp.route(route="alerts/{connection}/{delivery_id}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def alert_status(req: func.HttpRequest) -> func.HttpResponse:
+    """Status, attempts, last error and work item of one delivery."""
+    try:
+        name = _connection_name(req)
+        delivery_id = req.route_params.get("delivery_id", "")
+        found = get_container().deliveries.get(name, delivery_id) if delivery_id.isalnum() else None
+        if found is None:
+            raise NotFoundError(f"no delivery {delivery_id!r} on connection {name!r}")
+    except Exception as exc:  # noqa: BLE001
+        return error_response(exc)
+    return json_response(
+        200,
+        {
+            "deliveryId": found.delivery_id,
+            "connection": found.connection,
+            "status": found.status.value,
+            "attempts": found.attempts,
+            "lastError": found.last_error,
+            "outcome": found.outcome,
+            "workItem": {"id": found.work_item_id, "number": found.work_item_number} if found.work_item_id else None,
+            "alert": {
+                "alertId": found.signal.alert_id,
+                "rule": found.signal.rule,
+                "severity": found.signal.severity.value,
+                "condition": found.signal.condition.value,
+            },
+            "receivedAt": found.received_at.isoformat(),
+            "updatedAt": found.updated_at.isoformat(),
+        },
+    )
+
+
+@bp.function_name("deliver_alert")
+@bp.queue_trigger(arg_name="msg", queue_name=ALERT_QUEUE, connection="AzureWebJobsStorage")
+def deliver_alert(msg: func.QueueMessage) -> None:
+    """Deliver one stored alert; raising RetryLaterError lets the host redeliver the message."""
+    try:
+        message = DeliveryMessage.model_validate_json(msg.get_body())
+    except ValueError:
+        log.error("dropping a queue message that is not a delivery message (id %s)", msg.id)
+        return
+    get_container().alert_delivery.deliver(message, attempt=msg.dequeue_count or 1)
+
+
+@bp.function_name("redrive_stale_alerts")
+@bp.timer_trigger(arg_name="timer", schedule=REDRIVE_SCHEDULE, run_on_startup=False)
+def redrive_stale_alerts(timer: func.TimerRequest) -> None:
+    """Deliver alerts still pending long after receipt (their queue message was lost)."""
+    delivery = get_container().alert_delivery
+    redriven = list(delivery.redrive(status=DeliveryStatus.PENDING, older_than=timedelta(minutes=10)))
+    if redriven:
+        log.warning("redrove %d stale pending alert deliveries", len(redriven))

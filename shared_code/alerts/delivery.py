@@ -1,0 +1,175 @@
+"""The queue's half of delivery: run the processor, record the outcome, decide retry or failure.
+
+At-least-once end to end: a failure the next attempt may fix leaves the delivery ``pending`` and
+raises ``RetryLaterError`` (the queue trigger lets the host redeliver the message); one that
+cannot be fixed by waiting, or that used up its attempts, ends ``failed``: listed by
+``alerts list --status failed`` and sent again by ``alerts redrive``, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared_code.alerts.processor import AlertProcessor
+from shared_code.alerts.signal import AlertSignal
+from shared_code.connections import Connection
+from shared_code.errors import (
+    BusyError,
+    ItsmUnavailableError,
+    NotFoundError,
+    RetryLaterError,
+    SecretStoreError,
+    StateError,
+)
+from shared_code.itsm.base import ItsmConnector
+from shared_code.state.connections import ConnectionRepository
+from shared_code.state.deliveries import Delivery, DeliveryRepository, DeliveryStatus
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (ItsmUnavailableError, BusyError, StateError, SecretStoreError)
+
+
+class DeliveryMessage(BaseModel):
+    """The queue message the webhook leaves for the delivery function."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    connection: str
+    delivery_id: str = Field(alias="deliveryId")
+    signal: AlertSignal | None = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+@dataclass
+class AlertDelivery:
+    connections: ConnectionRepository
+    deliveries: DeliveryRepository
+    processor: AlertProcessor
+    connector_for: Callable[[Connection], ItsmConnector]
+    clock: Callable[[], datetime]
+    max_attempts: int = 5
+
+    def deliver(self, message: DeliveryMessage, attempt: int = 1) -> Delivery | None:
+        """Deliver one stored alert. Returns the updated delivery, or None when it was not found."""
+        signal = message.signal
+        stored: Delivery | None = None
+        if signal is None:
+            stored = self.deliveries.get(message.connection, message.delivery_id)
+            if stored is None:
+                log.error("delivery %s of %s not found; nothing to do", message.delivery_id, message.connection)
+                return None
+            signal = stored.signal
+        try:
+            connection = self.connections.get(message.connection)
+            result = self.processor.process(connection, self.connector_for(connection), message.delivery_id, signal)
+        except TRANSIENT as exc:
+            return self._failed_attempt(message, signal, stored, attempt, exc, transient=True)
+        except Exception as exc:  # noqa: BLE001 - anything else cannot be fixed by waiting: end it failed
+            return self._failed_attempt(message, signal, stored, attempt, exc, transient=False)
+        now = self.clock()
+        ref = result.work_item
+        done = Delivery(
+            connection=message.connection,
+            delivery_id=message.delivery_id,
+            status=DeliveryStatus.DELIVERED,
+            attempts=max(attempt, (stored.attempts + 1) if stored else 1),
+            outcome=result.outcome.value + (f": {result.detail}" if result.detail else ""),
+            work_item_id=ref.id if ref else "",
+            work_item_number=ref.number if ref else "",
+            correlation_key=result.correlation_key,
+            received_at=stored.received_at if stored else signal_time(signal, now),
+            updated_at=now,
+            signal=signal,
+        )
+        self.deliveries.save_result(done)
+        log.info(
+            "delivery %s on %s: %s %s",
+            message.delivery_id,
+            message.connection,
+            result.outcome.value,
+            ref.number if ref else "",
+        )
+        return done
+
+    def _failed_attempt(
+        self,
+        message: DeliveryMessage,
+        signal: AlertSignal,
+        stored: Delivery | None,
+        attempt: int,
+        exc: Exception,
+        *,
+        transient: bool,
+    ) -> Delivery:
+        stored = stored or self.deliveries.get(message.connection, message.delivery_id)
+        now = self.clock()
+        attempts = max(attempt, (stored.attempts + 1) if stored else 1)
+        give_up = not transient or attempts >= self.max_attempts
+        error = f"{type(exc).__name__}: {exc}"
+        updated = Delivery(
+            connection=message.connection,
+            delivery_id=message.delivery_id,
+            status=DeliveryStatus.FAILED if give_up else DeliveryStatus.PENDING,
+            attempts=attempts,
+            last_error=error,
+            outcome=stored.outcome if stored else "",
+            received_at=stored.received_at if stored else now,
+            updated_at=now,
+            signal=signal,
+        )
+        self.deliveries.save(updated)
+        if give_up:
+            log.error(
+                "delivery %s on %s failed after %d attempt(s): %s",
+                message.delivery_id,
+                message.connection,
+                attempts,
+                error,
+            )
+            return updated
+        log.warning("delivery %s attempt %d failed, will retry: %s", message.delivery_id, attempts, error)
+        raise RetryLaterError(f"delivery {message.delivery_id} attempt {attempts} failed: {error}") from exc
+
+    def redrive(
+        self,
+        *,
+        connection: str | None = None,
+        status: DeliveryStatus = DeliveryStatus.FAILED,
+        older_than: timedelta | None = None,
+        delivery_ids: list[str] | None = None,
+        limit: int = 500,
+    ) -> Iterator[Delivery]:
+        """Deliver again, in this process, the deliveries that ended ``status`` (or the ids given)."""
+        if delivery_ids:
+            if not connection:
+                raise NotFoundError("redriving by id needs the connection name")
+            found = [self.deliveries.get(connection, delivery_id) for delivery_id in delivery_ids]
+            missing = [d for d, row in zip(delivery_ids, found, strict=True) if row is None]
+            if missing:
+                raise NotFoundError(f"no delivery {', '.join(missing)} on connection {connection!r}")
+            candidates = [row for row in found if row is not None]
+        else:
+            candidates = list(self.deliveries.list(connection=connection, status=status, limit=limit))
+        now = self.clock()
+        for row in candidates:
+            if older_than is not None and now - row.updated_at < older_than:
+                continue
+            if row.status is DeliveryStatus.DELIVERED and not delivery_ids:
+                continue
+            message = DeliveryMessage(connection=row.connection, delivery_id=row.delivery_id, signal=row.signal)
+            # a redrive is one more attempt, in this process: if it fails it ends failed again
+            result = self.deliver(message, attempt=self.max_attempts)
+            if result is not None:
+                yield result
+
+
+def signal_time(signal: AlertSignal, now: datetime) -> datetime:
+    return min(signal.event_time, now)

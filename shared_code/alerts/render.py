@@ -1,0 +1,124 @@
+"""Pure text and field mapping: alert -> incident draft, work-note texts, correlation keys."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+
+from shared_code.alerts.signal import AlertSignal
+from shared_code.connections import Connection, CorrelationMode
+from shared_code.itsm.base import IncidentDraft
+
+SHORT_DESCRIPTION_LIMIT = 160
+DESCRIPTION_LIMIT = 30_000
+NOTE_CONTEXT_LIMIT = 1_500
+
+
+def correlation_key_text(mode: CorrelationMode, signal: AlertSignal) -> str:
+    """The human-readable identity of 'one problem' under the connection's correlation mode."""
+    rule = signal.rule_id or signal.rule
+    if mode is CorrelationMode.PER_ALERT:
+        return f"alert|{signal.origin_alert_id or signal.alert_id}"
+    if mode is CorrelationMode.PER_RULE:
+        return f"rule|{rule}".lower()
+    cis = ",".join(sorted({ci.lower() for ci in signal.configuration_items}))
+    return f"rule|{rule}|ci|{cis}".lower()
+
+
+def digest(text: str, length: int = 40) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def correlation_id(key: str, generation: int) -> str:
+    """Stamped on the work item so a crashed create can be found again instead of repeated."""
+    return f"azmon-{key}-g{generation}"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _when(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def short_description(signal: AlertSignal) -> str:
+    """Rule, severity and target, whole where they fit (the old connector cut at 40 characters)."""
+    target = ", ".join(signal.configuration_items) or "(no target)"
+    return _clip(f"[{signal.severity.value}] {signal.rule} on {target}", SHORT_DESCRIPTION_LIMIT)
+
+
+def incident_description(signal: AlertSignal, impact: int, urgency: int) -> str:
+    lines = [
+        f"Azure Monitor alert {signal.condition.value.lower()}: {signal.rule}",
+        "",
+        f"Severity: {signal.severity.value} (impact {impact}, urgency {urgency})",
+        f"Monitoring service: {signal.monitoring_service}"
+        + (f" / signal type: {signal.signal_type}" if signal.signal_type else ""),
+        f"Affected: {', '.join(signal.configuration_items) or '(none named)'}",
+        f"Fired: {_when(signal.fired_at)}",
+    ]
+    if signal.description:
+        lines += ["", f"Rule description: {signal.description}"]
+    if signal.context_summary:
+        lines += ["", "Alert context:", signal.context_summary]
+    if signal.target_ids:
+        lines += ["", "Target resources:", *signal.target_ids]
+    if signal.portal_link:
+        lines += ["", f"Open in the Azure portal: {signal.portal_link}"]
+    lines += [f"Alert id: {signal.alert_id}"]
+    return _clip("\n".join(lines), DESCRIPTION_LIMIT)
+
+
+def incident_draft(
+    connection: Connection, signal: AlertSignal, key_text: str, correlation: str
+) -> IncidentDraft:
+    mapping = connection.mapping_for(signal.severity)
+    return IncidentDraft(
+        short_description=short_description(signal),
+        description=incident_description(signal, mapping.impact, mapping.urgency),
+        impact=mapping.impact,
+        urgency=mapping.urgency,
+        correlation_id=correlation,
+        correlation_display=_clip(key_text, 100),
+        configuration_item=signal.primary_ci or None,
+        create_configuration_item=connection.create_configuration_items,
+        assignment_group=connection.assignment_group or None,
+        caller=connection.caller or None,
+    )
+
+
+def refire_note(signal: AlertSignal, firings: int, since: datetime | None, new_cis: tuple[str, ...]) -> str:
+    since_text = f" since {_when(since)}" if since else ""
+    lines = [
+        f"Azure Monitor: the alert fired {firings} more time{'s' if firings != 1 else ''}{since_text}; "
+        f"latest at {_when(signal.fired_at)}."
+    ]
+    if new_cis:
+        lines.append(f"Also affecting: {', '.join(new_cis)}")
+    if signal.context_summary:
+        lines += ["", _clip(signal.context_summary, NOTE_CONTEXT_LIMIT)]
+    if signal.portal_link:
+        lines.append(f"Latest alert: {signal.portal_link}")
+    return "\n".join(lines)
+
+
+def resolved_note(signal: AlertSignal, total_firings: int, unnoted: int, auto_resolve: bool) -> str:
+    when = _when(signal.resolved_at or signal.fired_at)
+    lines = [f"Azure Monitor: the alert resolved at {when}. It fired {total_firings} time(s) in all."]
+    if unnoted:
+        lines.append(f"{unnoted} firing(s) since the last note were not noted separately.")
+    lines.append(
+        "Resolved automatically by the connection's auto-resolve setting."
+        if auto_resolve
+        else "Auto-resolve is off for this connection: resolve the incident when the work is done."
+    )
+    return "\n".join(lines)
+
+
+def reopen_note(signal: AlertSignal, resolved_at: datetime | None) -> str:
+    since = f" (resolved at {_when(resolved_at)})" if resolved_at else ""
+    lines = [f"Azure Monitor: the alert fired again at {_when(signal.fired_at)}{since}; incident reopened."]
+    if signal.context_summary:
+        lines += ["", _clip(signal.context_summary, NOTE_CONTEXT_LIMIT)]
+    return "\n".join(lines)

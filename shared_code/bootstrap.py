@@ -1,0 +1,175 @@
+"""The composition root: settings -> credential, tables, secrets, HTTP client, connectors, services.
+
+Both entry points (the Functions triggers in ``functions/`` and the CLI) get their services here;
+nothing is built at import time, so a bad setting surfaces as one clear error on first use
+instead of stopping the Functions host from indexing every function.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from functools import cached_property
+
+import certifi
+import httpx
+from azure.core.credentials import TokenCredential
+
+from shared_code.alerts.delivery import AlertDelivery
+from shared_code.alerts.intake import AlertIntake
+from shared_code.alerts.processor import AlertProcessor
+from shared_code.connections import Connection
+from shared_code.itsm.base import ItsmConnector
+from shared_code.itsm.registry import build_connector
+from shared_code.secrets import KeyVaultSecretStore, SecretStore
+from shared_code.settings import Settings
+from shared_code.state import connections as connections_table
+from shared_code.state import correlations as correlations_table
+from shared_code.state import deliveries as deliveries_table
+from shared_code.state.connections import ConnectionRepository
+from shared_code.state.correlations import CorrelationRepository
+from shared_code.state.deliveries import DeliveryRepository
+from shared_code.state.tables import TableStore
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def build_credential(settings: Settings) -> TokenCredential:
+    """The app's Azure identity: managed identity in Azure, env / developer sign-in locally."""
+    from azure.identity import DefaultAzureCredential
+
+    kwargs: dict[str, object] = {}
+    if settings.tls_ca_bundle:
+        kwargs["connection_verify"] = settings.tls_ca_bundle
+    return DefaultAzureCredential(**kwargs)
+
+
+def build_ssl_context(settings: Settings) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=certifi.where())
+    if settings.tls_ca_bundle:
+        context.load_verify_locations(cafile=settings.tls_ca_bundle)
+    return context
+
+
+class Container:
+    """Long-lived collaborators for one process, each made on first use."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        credential: TokenCredential | None = None,
+        secrets: SecretStore | None = None,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._credential = credential
+        self._secrets = secrets
+        self._lock = threading.Lock()
+        self._connectors: dict[str, tuple[Connection, ItsmConnector]] = {}
+
+    @cached_property
+    def credential(self) -> TokenCredential:
+        return self._credential or build_credential(self.settings)
+
+    @cached_property
+    def tables(self) -> TableStore:
+        needs_credential = bool(self.settings.state_table_endpoint)
+        return TableStore.from_settings(self.settings, self.credential if needs_credential else None)
+
+    @cached_property
+    def secrets(self) -> SecretStore:
+        return self._secrets or KeyVaultSecretStore(
+            self.settings.key_vault_url,
+            self.credential,
+            ca_bundle=self.settings.tls_ca_bundle,
+            timeout=self.settings.http_timeout_seconds,
+        )
+
+    @cached_property
+    def http(self) -> httpx.Client:
+        timeout = httpx.Timeout(self.settings.http_timeout_seconds, connect=min(10.0, self.settings.http_timeout_seconds))
+        return httpx.Client(
+            timeout=timeout,
+            verify=build_ssl_context(self.settings),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            headers={"User-Agent": "azure-monitor-itsm-connector/0.1"},
+        )
+
+    @cached_property
+    def connections(self) -> ConnectionRepository:
+        return ConnectionRepository(self.tables.table(connections_table.TABLE))
+
+    @cached_property
+    def deliveries(self) -> DeliveryRepository:
+        return DeliveryRepository(self.tables.table(deliveries_table.TABLE))
+
+    @cached_property
+    def correlations(self) -> CorrelationRepository:
+        return CorrelationRepository(self.tables.table(correlations_table.TABLE))
+
+    def connector_for(self, connection: Connection) -> ItsmConnector:
+        """One connector per connection (and definition), so token caches and pools are reused."""
+        with self._lock:
+            cached = self._connectors.get(connection.name)
+            if cached and cached[0] == connection:
+                return cached[1]
+            connector = build_connector(connection, self.secrets, self.http)
+            self._connectors[connection.name] = (connection, connector)
+            return connector
+
+    @cached_property
+    def alert_intake(self) -> AlertIntake:
+        return AlertIntake(self.connections, self.deliveries, self.clock)
+
+    @cached_property
+    def alert_delivery(self) -> AlertDelivery:
+        processor = AlertProcessor(
+            self.correlations, self.clock, lease_seconds=float(self.settings.alert_lease_seconds)
+        )
+        return AlertDelivery(
+            self.connections,
+            self.deliveries,
+            processor,
+            self.connector_for,
+            self.clock,
+            max_attempts=self.settings.alert_max_attempts,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            for _, connector in self._connectors.values():
+                connector.close()
+            self._connectors.clear()
+        if "http" in self.__dict__:
+            self.http.close()
+        if "tables" in self.__dict__:
+            self.tables.close()
+
+
+_container: Container | None = None
+_container_lock = threading.Lock()
+
+
+def get_container(environ: Mapping[str, str] | None = None) -> Container:
+    """The process-wide container, built from the environment on first use."""
+    global _container
+    with _container_lock:
+        if _container is None:
+            _container = Container(Settings.from_environ(os.environ if environ is None else environ))
+        return _container
+
+
+def reset_container() -> None:
+    """Drop the process-wide container (settings changed: tests, the demo, CLI runs)."""
+    global _container
+    with _container_lock:
+        if _container is not None:
+            _container.close()
+        _container = None

@@ -1,0 +1,1 @@
+"""Table Storage repositories, one module per table. Rows are pydantic models at the boundary."""

@@ -1,0 +1,136 @@
+"""The AlertDeliveries table: every received alert, stored before the webhook answers.
+
+Partitions are ``<connection>-<bucket>`` with the bucket taken from the delivery id, so a storm on
+one connection spreads over 16 partitions and a delivery is still found from its id alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from azure.data.tables import TableClient
+from pydantic import BaseModel, ConfigDict
+
+from shared_code.alerts.signal import AlertSignal
+from shared_code.state.tables import bucket_of, get_entity, insert_entity, merge_entity, query_entities
+
+TABLE = "AlertDeliveries"
+BUCKETS = 16
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class Delivery(BaseModel):
+    """One received alert notification and what became of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    connection: str
+    delivery_id: str
+    status: DeliveryStatus = DeliveryStatus.PENDING
+    attempts: int = 0
+    last_error: str = ""
+    outcome: str = ""
+    work_item_id: str = ""
+    work_item_number: str = ""
+    correlation_key: str = ""
+    received_at: datetime
+    updated_at: datetime
+    signal: AlertSignal
+
+
+def partition_of(connection: str, delivery_id: str) -> str:
+    return f"{connection}-{bucket_of(delivery_id, BUCKETS):02d}"
+
+
+def _to_entity(delivery: Delivery) -> dict[str, object]:
+    return {
+        "PartitionKey": partition_of(delivery.connection, delivery.delivery_id),
+        "RowKey": delivery.delivery_id,
+        "Connection": delivery.connection,
+        "Status": delivery.status.value,
+        "Attempts": delivery.attempts,
+        "LastError": delivery.last_error[:2000],
+        "Outcome": delivery.outcome,
+        "WorkItemId": delivery.work_item_id,
+        "WorkItemNumber": delivery.work_item_number,
+        "CorrelationKey": delivery.correlation_key,
+        "ReceivedAt": delivery.received_at,
+        "UpdatedAt": delivery.updated_at,
+        "AlertId": delivery.signal.alert_id,
+        "Rule": delivery.signal.rule,
+        "Condition": delivery.signal.condition.value,
+        "Severity": delivery.signal.severity.value,
+        "Signal": delivery.signal.model_dump_json(),
+    }
+
+
+def _as_utc(value: object) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.fromisoformat(str(value))
+
+
+def _from_entity(entity: dict[str, object]) -> Delivery:
+    return Delivery(
+        connection=str(entity["Connection"]),
+        delivery_id=str(entity["RowKey"]),
+        status=DeliveryStatus(str(entity["Status"])),
+        attempts=int(str(entity.get("Attempts", 0))),
+        last_error=str(entity.get("LastError", "")),
+        outcome=str(entity.get("Outcome", "")),
+        work_item_id=str(entity.get("WorkItemId", "")),
+        work_item_number=str(entity.get("WorkItemNumber", "")),
+        correlation_key=str(entity.get("CorrelationKey", "")),
+        received_at=_as_utc(entity["ReceivedAt"]),
+        updated_at=_as_utc(entity["UpdatedAt"]),
+        signal=AlertSignal.model_validate_json(str(entity["Signal"])),
+    )
+
+
+class DeliveryRepository:
+    def __init__(self, table: TableClient) -> None:
+        self._table = table
+
+    def insert(self, delivery: Delivery) -> None:
+        """Store a new delivery; AlreadyExistsError when this exact notification arrived before."""
+        insert_entity(self._table, _to_entity(delivery))
+
+    def get(self, connection: str, delivery_id: str) -> Delivery | None:
+        entity = get_entity(self._table, partition_of(connection, delivery_id), delivery_id)
+        return _from_entity(entity) if entity else None
+
+    def save(self, delivery: Delivery) -> None:
+        merge_entity(self._table, _to_entity(delivery))
+
+    def save_result(self, delivery: Delivery) -> None:
+        """Record the outcome columns only (the stored alert and receipt time stay as they are)."""
+        entity = _to_entity(delivery)
+        keep = ("PartitionKey", "RowKey", "Connection", "Status", "Attempts", "Outcome", "WorkItemId",
+                "WorkItemNumber", "CorrelationKey", "UpdatedAt", "LastError")
+        merge_entity(self._table, {name: entity[name] for name in keep})
+
+    def list(
+        self, *, connection: str | None = None, status: DeliveryStatus | None = None, limit: int = 1000
+    ) -> Iterator[Delivery]:
+        clauses, params = [], {}
+        if connection:
+            # partitions of one connection sort between "<name>-" and "<name>." ('.' follows '-')
+            # partitions of one connection sort between "<name>-" and "<name>." ('.' follows '-');
+            # the Connection column tells "sn" from "sn-prod" inside that range
+            clauses.append("PartitionKey ge @lo and PartitionKey lt @hi and Connection eq @connection")
+            params |= {"lo": f"{connection}-", "hi": f"{connection}.", "connection": connection}
+        if status:
+            clauses.append("Status eq @status")
+            params["status"] = status.value
+        query = " and ".join(clauses) or "PartitionKey ne ''"
+        for count, entity in enumerate(query_entities(self._table, query, params)):
+            if count >= limit:
+                return
+            yield _from_entity(entity)

@@ -1,0 +1,184 @@
+"""Table Storage access shared by the repositories.
+
+``TableStore`` hands out one ``TableClient`` per table, creating the table on first use; nothing
+is created or contacted at import time. Azure SDK errors are converted here into the app's own
+hierarchy, so repositories and services never import ``azure.core.exceptions``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from azure.core import MatchConditions
+from azure.core.credentials import TokenCredential
+from azure.core.exceptions import (
+    AzureError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.data.tables import TableClient, TableServiceClient, TransactionOperation, UpdateMode
+
+from shared_code.errors import AlreadyExistsError, StateError
+from shared_code.settings import DEVELOPMENT_STORAGE, Settings
+
+T = TypeVar("T")
+
+Entity = dict[str, Any]
+
+AZURITE_CONNECTION_STRING = (
+    "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+    "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
+    "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1;"
+)
+
+
+class EtagConflict(StateError):
+    """An ETag-matched write lost the race: re-read and try again."""
+
+
+def bucket_of(value: str, buckets: int) -> int:
+    """Stable hash bucket (0..buckets-1) used to spread hot keys over partitions."""
+    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=4).digest(), "big") % buckets
+
+
+class TableStore:
+    """Lazily created table clients over one storage account."""
+
+    def __init__(self, service: TableServiceClient, prefix: str = "") -> None:
+        self._service = service
+        self._prefix = prefix
+        self._clients: dict[str, TableClient] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, credential: TokenCredential | None) -> TableStore:
+        if settings.state_table_endpoint:
+            if credential is None:
+                raise StateError("STATE_TABLE_ENDPOINT needs an Azure credential")
+            service = TableServiceClient(endpoint=settings.state_table_endpoint, credential=credential)
+        else:
+            conn = settings.storage_connection
+            if conn.strip() == DEVELOPMENT_STORAGE:
+                conn = AZURITE_CONNECTION_STRING
+            service = TableServiceClient.from_connection_string(conn)
+        return cls(service, settings.table_prefix)
+
+    def table(self, name: str) -> TableClient:
+        """The client for ``name`` (prefixed), creating the table once per process."""
+        full = f"{self._prefix}{name}"
+        with self._lock:
+            client = self._clients.get(full)
+            if client is None:
+                with translate_errors(f"creating table {full}"):
+                    self._service.create_table_if_not_exists(full)
+                client = self._service.get_table_client(full)
+                self._clients[full] = client
+            return client
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+            self._service.close()
+
+
+class translate_errors:  # noqa: N801 - used as a lowercase context manager
+    """Turn Azure SDK errors into StateError / AlreadyExistsError / EtagConflict."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None:
+            return False
+        if isinstance(exc, ResourceExistsError):
+            raise AlreadyExistsError(f"{self.action}: the row exists already") from exc
+        if isinstance(exc, ResourceModifiedError):
+            raise EtagConflict(f"{self.action}: changed by another instance") from exc
+        if isinstance(exc, ResourceNotFoundError):
+            return False  # callers decide what a missing row means
+        if isinstance(exc, AzureError):
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            raise StateError(f"{self.action} failed: {reason}") from exc
+        return False
+
+
+def get_entity(table: TableClient, partition: str, row: str) -> Entity | None:
+    try:
+        with translate_errors(f"reading {table.table_name}"):
+            return _with_etag(table.get_entity(partition, row))
+    except ResourceNotFoundError:
+        return None
+
+
+def _with_etag(entity: Any) -> Entity:
+    """A plain dict of the row plus its ETag under ``_etag`` (the SDK keeps it in metadata)."""
+    result = dict(entity)
+    result["_etag"] = str((getattr(entity, "metadata", None) or {}).get("etag", ""))
+    return result
+
+
+def insert_entity(table: TableClient, entity: Entity) -> str:
+    """Conditional insert: AlreadyExistsError when the row is there. Returns the new ETag."""
+    with translate_errors(f"inserting into {table.table_name}"):
+        result = table.create_entity(entity)
+    return str(result.get("etag", ""))
+
+
+def replace_if_match(table: TableClient, entity: Entity, etag: str) -> str:
+    """Replace only if nobody wrote since ``etag`` was read; EtagConflict otherwise."""
+    try:
+        with translate_errors(f"updating {table.table_name}"):
+            result = table.update_entity(
+                entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+            )
+    except ResourceNotFoundError as exc:
+        raise EtagConflict(f"updating {table.table_name}: the row was deleted") from exc
+    return str(result.get("etag", ""))
+
+
+def merge_entity(table: TableClient, entity: Entity) -> None:
+    """Upsert-merge: the columns given win, others stay."""
+    with translate_errors(f"updating {table.table_name}"):
+        table.upsert_entity(entity, mode=UpdateMode.MERGE)
+
+
+def delete_entity(table: TableClient, partition: str, row: str) -> None:
+    try:
+        with translate_errors(f"deleting from {table.table_name}"):
+            table.delete_entity(partition, row)
+    except ResourceNotFoundError:
+        return
+
+
+def query_entities(table: TableClient, query: str, parameters: dict[str, Any] | None = None) -> Iterator[Entity]:
+    with translate_errors(f"querying {table.table_name}"):
+        for entity in table.query_entities(query, parameters=parameters or {}):
+            yield _with_etag(entity)
+
+
+def upsert_batch(table: TableClient, entities: list[Entity]) -> None:
+    """Upsert rows of ONE partition in transactions of at most 100 (the service's limit)."""
+    for start in range(0, len(entities), 100):
+        chunk = entities[start : start + 100]
+        operations: list[TransactionOperation | Any] = [("upsert", e, {"mode": UpdateMode.REPLACE}) for e in chunk]
+        with translate_errors(f"writing a batch to {table.table_name}"):
+            table.submit_transaction(operations)
+
+
+def retry_on_conflict(action: Callable[[], T], attempts: int = 20) -> T:
+    """Run a read-modify-write ``action`` until it wins its ETag race (bounded)."""
+    for _ in range(attempts - 1):
+        try:
+            return action()
+        except (EtagConflict, AlreadyExistsError):
+            continue
+    return action()

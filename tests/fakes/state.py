@@ -1,0 +1,47 @@
+"""An in-memory CorrelationRepository with the same conditional-insert / ETag semantics."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+
+from shared_code.errors import AlreadyExistsError
+from shared_code.state.correlations import Correlation, CorrelationState
+from shared_code.state.tables import EtagConflict
+
+
+class InMemoryCorrelations:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], Correlation] = {}
+        self._etags = itertools.count(1)
+        self._lock = threading.Lock()
+        self.writes = 0
+
+    def get(self, connection: str, key: str) -> Correlation | None:
+        with self._lock:
+            return self.rows.get((connection, key))
+
+    def insert(self, row: Correlation) -> Correlation:
+        with self._lock:
+            if (row.connection, row.key) in self.rows:
+                raise AlreadyExistsError("exists")
+            stored = row.model_copy(update={"etag": str(next(self._etags))})
+            self.rows[(row.connection, row.key)] = stored
+            self.writes += 1
+            return stored
+
+    def replace(self, row: Correlation) -> Correlation:
+        with self._lock:
+            current = self.rows.get((row.connection, row.key))
+            if current is None or current.etag != row.etag:
+                raise EtagConflict("changed")
+            stored = row.model_copy(update={"etag": str(next(self._etags))})
+            self.rows[(row.connection, row.key)] = stored
+            self.writes += 1
+            return stored
+
+    def list(self, connection: str, state: CorrelationState | None = None) -> Iterator[Correlation]:
+        with self._lock:
+            rows = [r for (c, _), r in self.rows.items() if c == connection and (state is None or r.state is state)]
+        yield from rows

@@ -1,0 +1,132 @@
+"""Drive the functions registered in ``function_app.app`` the way the Functions host does.
+
+Core Tools cannot run here, so tests and the demo call the registered user functions with real
+``azure.functions`` request objects. Queue output bindings are sent to the real (Azurite) queue,
+and queue triggers are fed from it with the host's semantics: dequeue count, a retry when the
+function raises, and the poison queue after ``max_dequeue_count`` attempts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import azure.functions as func
+from azure.functions.queue import QueueMessage
+from azure.functions.timer import TimerRequest
+from azure.storage.queue import QueueServiceClient
+
+
+class OutValue(func.Out[str]):
+    def __init__(self) -> None:
+        self.value: str | None = None
+
+    def set(self, val: str) -> None:
+        self.value = val
+
+    def get(self) -> str:
+        return self.value or ""
+
+
+@dataclass
+class HttpCall:
+    response: func.HttpResponse
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def status(self) -> int:
+        return self.response.status_code
+
+    def json(self) -> Any:
+        return json.loads(self.response.get_body())
+
+
+class FunctionHost:
+    def __init__(self, app: func.FunctionApp, queues: QueueServiceClient | None = None, max_dequeue_count: int = 5):
+        self.functions = {f.get_function_name(): f for f in app.get_functions()}
+        self.queues = queues
+        self.max_dequeue_count = max_dequeue_count
+
+    def user_function(self, name: str) -> Callable[..., Any]:
+        return self.functions[name].get_user_function()
+
+    def _queue_outputs(self, name: str) -> dict[str, str]:
+        """arg name -> queue name of the function's queue output bindings."""
+        outputs = {}
+        for binding in self.functions[name].get_bindings():
+            data = binding.get_dict_repr()
+            if data.get("type") == "queue" and data.get("direction") == "OUT":
+                outputs[data["name"]] = data["queueName"]
+        return outputs
+
+    def http(
+        self,
+        name: str,
+        method: str,
+        url: str,
+        *,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        route_params: dict[str, str] | None = None,
+        send_outputs: bool = True,
+    ) -> HttpCall:
+        request = func.HttpRequest(
+            method, url, headers=headers or {}, route_params=route_params or {}, body=body
+        )
+        outs = {arg: OutValue() for arg in self._queue_outputs(name)}
+        response = self.user_function(name)(request, **outs)
+        produced = {arg: out.value for arg, out in outs.items() if out.value is not None}
+        if send_outputs and self.queues is not None:
+            queue_names = self._queue_outputs(name)
+            for arg, value in produced.items():
+                self.queues.get_queue_client(queue_names[arg]).send_message(value)
+        return HttpCall(response, produced)
+
+    def queue_name_of(self, name: str) -> str:
+        trigger = self.functions[name].get_trigger().get_dict_repr()
+        return str(trigger["queueName"])
+
+    def call_queue(self, name: str, body: str, dequeue_count: int = 1) -> None:
+        self.user_function(name)(QueueMessage(id="local", body=body.encode(), dequeue_count=dequeue_count))
+
+    def drain(self, name: str, *, max_rounds: int = 50, on_error: Callable[[Exception], None] | None = None) -> int:
+        """Feed the trigger's queue to the function until it is empty (bounded). Returns calls made."""
+        assert self.queues is not None
+        queue = self.queues.get_queue_client(self.queue_name_of(name))
+        poison = self.queues.get_queue_client(self.queue_name_of(name) + "-poison")
+        calls = 0
+        for _ in range(max_rounds):
+            messages = list(queue.receive_messages(messages_per_page=32, visibility_timeout=1, max_messages=32))
+            if not messages:
+                return calls
+            for message in messages:
+                calls += 1
+                try:
+                    self.user_function(name)(
+                        QueueMessage(id=message.id, body=message.content.encode(), dequeue_count=message.dequeue_count)
+                    )
+                except Exception as exc:  # the host logs, leaves the message, and retries it later
+                    if on_error:
+                        on_error(exc)
+                    if message.dequeue_count >= self.max_dequeue_count:
+                        poison.create_queue() if not _exists(poison) else None
+                        poison.send_message(message.content)
+                        queue.delete_message(message)
+                    else:
+                        queue.update_message(message, visibility_timeout=0)
+                    continue
+                queue.delete_message(message)
+        return calls
+
+    def timer(self, name: str) -> None:
+        self.user_function(name)(TimerRequest(past_due=False))
+
+
+def _exists(queue: Any) -> bool:
+    try:
+        queue.get_queue_properties()
+    except Exception:
+        return False
+    return True

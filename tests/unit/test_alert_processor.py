@@ -1,0 +1,279 @@
+"""The alert processor's decisions, with an in-memory correlation table and a fake ITSM product."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from shared_code.alerts.processor import AlertProcessor, Outcome
+from shared_code.alerts.signal import AlertSignal, MonitorCondition, Severity
+from shared_code.connections import Connection, CorrelationMode
+from shared_code.errors import BusyError, ItsmUnavailableError
+from shared_code.itsm.base import WorkItemRef, WorkItemState
+from shared_code.state.correlations import CorrelationState
+from tests.fakes.itsm import FakeItsm
+from tests.fakes.state import InMemoryCorrelations
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **kwargs: float) -> None:
+        self.now += timedelta(**kwargs)
+
+
+def connection(**overrides: object) -> Connection:
+    data: dict[str, object] = {
+        "name": "sn",
+        "partner_type": "servicenow",
+        "server_url": "https://dev1.service-now.com",
+        "username": "svc",
+        "client_id": "cid",
+        "note_interval_minutes": 15,
+    }
+    return Connection.parse(data | overrides)
+
+
+def signal(
+    alert: str = "a1",
+    *,
+    rule: str = "cpu-high",
+    ci: str = "vm-web-01",
+    condition: MonitorCondition = MonitorCondition.FIRED,
+    fired_at: datetime = T0,
+    severity: Severity = Severity.SEV1,
+) -> AlertSignal:
+    return AlertSignal(
+        alert_id=f"/subscriptions/s/providers/Microsoft.AlertsManagement/alerts/{alert}",
+        rule=rule,
+        severity=severity,
+        monitoring_service="Platform",
+        signal_type="Metric",
+        condition=condition,
+        fired_at=fired_at,
+        resolved_at=fired_at + timedelta(minutes=5) if condition is MonitorCondition.RESOLVED else None,
+        configuration_items=(ci,),
+        context_summary="Percentage CPU Average > 80 (value: 97.5) over PT5M",
+    )
+
+
+@pytest.fixture
+def world():
+    clock = Clock()
+    repo = InMemoryCorrelations()
+    itsm = FakeItsm()
+    processor = AlertProcessor(repo, clock, lease_seconds=60, busy_budget_seconds=0.3)  # type: ignore[arg-type]
+    return clock, repo, itsm, processor
+
+
+def test_first_firing_creates_one_incident_with_mapped_fields(world):
+    clock, repo, itsm, processor = world
+    result = processor.process(connection(), itsm, "d1", signal(severity=Severity.SEV0))
+    assert result.outcome is Outcome.CREATED
+    assert itsm.calls == ["create"]
+    (incident,) = itsm.incidents.values()
+    assert (incident.draft.impact, incident.draft.urgency) == (1, 1)
+    assert incident.draft.short_description == "[Sev0] cpu-high on vm-web-01"
+    assert "Percentage CPU Average > 80" in incident.draft.description
+    (row,) = repo.rows.values()
+    assert row.state is CorrelationState.OPEN and row.work_item_number == incident.ref.number
+    assert row.lease_owner == "" and row.fire_count == 1
+
+
+def test_refire_is_coalesced_within_the_interval_then_noted_with_the_count(world):
+    clock, repo, itsm, processor = world
+    conn = connection()
+    processor.process(conn, itsm, "d1", signal("a1"))
+    for i in range(2, 6):
+        clock.advance(minutes=1)
+        result = processor.process(conn, itsm, f"d{i}", signal(f"a{i}", fired_at=clock.now))
+        assert result.outcome is Outcome.COALESCED
+    assert itsm.calls == ["create"]
+    clock.advance(minutes=15)
+    result = processor.process(conn, itsm, "d6", signal("a6", fired_at=clock.now))
+    assert result.outcome is Outcome.NOTED
+    (incident,) = itsm.incidents.values()
+    assert incident.notes and "fired 5 more times" in incident.notes[0]
+    (row,) = repo.rows.values()
+    assert row.unnoted_fires == 0 and row.fire_count == 6
+
+
+def test_the_same_notification_twice_is_one_effect(world):
+    clock, repo, itsm, processor = world
+    conn = connection(note_interval_minutes=0)
+    processor.process(conn, itsm, "d1", signal("a1"))
+    first = processor.process(conn, itsm, "d2", signal("a2"))
+    again = processor.process(conn, itsm, "d2", signal("a2"))
+    assert (first.outcome, again.outcome) == (Outcome.NOTED, Outcome.DUPLICATE)
+    assert itsm.calls == ["create", "note"]
+
+
+def test_concurrent_firings_of_one_problem_make_one_incident(world):
+    clock, repo, _, processor = world
+    itsm = FakeItsm(call_seconds=0.02)
+    conn = connection()
+    barrier = threading.Barrier(20)
+    outcomes: list[Outcome] = []
+
+    def fire(i: int) -> None:
+        barrier.wait()
+        outcomes.append(processor.process(conn, itsm, f"d{i}", signal(f"a{i}")).outcome)
+
+    threads = [threading.Thread(target=fire, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert itsm.calls.count("create") == 1
+    assert sorted(outcomes).count(Outcome.CREATED) == 1
+    assert len(outcomes) == 20
+    (row,) = repo.rows.values()
+    assert row.fire_count == 20 and row.unnoted_fires == 19
+
+
+def test_resolve_is_one_write_and_a_second_resolve_is_a_duplicate(world):
+    clock, repo, itsm, processor = world
+    conn = connection()
+    processor.process(conn, itsm, "d1", signal("a1"))
+    clock.advance(minutes=1)
+    processor.process(conn, itsm, "d2", signal("a2", fired_at=clock.now))
+    clock.advance(minutes=5)
+    result = processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    assert result.outcome is Outcome.RESOLVED
+    assert itsm.calls == ["create", "resolve"]
+    (incident,) = itsm.incidents.values()
+    assert incident.state is WorkItemState.RESOLVED
+    assert "1 firing(s) since the last note" in incident.notes[-1]
+    again = processor.process(conn, itsm, "r2", signal("a2", condition=MonitorCondition.RESOLVED))
+    assert again.outcome is Outcome.DUPLICATE and itsm.calls == ["create", "resolve"]
+
+
+def test_without_auto_resolve_a_resolution_is_only_a_note(world):
+    clock, repo, itsm, processor = world
+    conn = connection(auto_resolve=False)
+    processor.process(conn, itsm, "d1", signal("a1"))
+    result = processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    assert result.outcome is Outcome.NOTED
+    assert itsm.calls == ["create", "note"]
+    assert next(iter(itsm.incidents.values())).state is WorkItemState.OPEN
+
+
+def test_firing_again_reopens_inside_the_window_and_opens_anew_after_it(world):
+    clock, repo, itsm, processor = world
+    conn = connection(reopen_window_hours=2)
+    processor.process(conn, itsm, "d1", signal("a1"))
+    processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    clock.advance(hours=1)
+    reopened = processor.process(conn, itsm, "d2", signal("a2", fired_at=clock.now))
+    assert reopened.outcome is Outcome.REOPENED and len(itsm.incidents) == 1
+    processor.process(conn, itsm, "r2", signal("a2", condition=MonitorCondition.RESOLVED, fired_at=clock.now))
+    clock.advance(hours=3)
+    fresh = processor.process(conn, itsm, "d3", signal("a3", fired_at=clock.now))
+    assert fresh.outcome is Outcome.CREATED and len(itsm.incidents) == 2
+    (row,) = repo.rows.values()
+    assert row.generation == 2 and row.work_item_number == fresh.work_item.number  # type: ignore[union-attr]
+
+
+def test_an_incident_that_cannot_be_reopened_is_replaced(world):
+    clock, repo, itsm, processor = world
+    conn = connection()
+    processor.process(conn, itsm, "d1", signal("a1"))
+    processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    itsm.reopen_rejected = True
+    clock.advance(minutes=30)
+    result = processor.process(conn, itsm, "d2", signal("a2", fired_at=clock.now))
+    assert result.outcome is Outcome.CREATED and len(itsm.incidents) == 2
+
+
+def test_a_late_fired_notification_after_its_resolution_is_ignored(world):
+    clock, repo, itsm, processor = world
+    conn = connection()
+    processor.process(conn, itsm, "d1", signal("a1"))
+    processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    late = processor.process(conn, itsm, "d1-late", signal("a1"))
+    assert late.outcome is Outcome.IGNORED
+    assert itsm.calls == ["create", "resolve"]
+
+
+def test_resolved_without_an_open_incident_writes_nothing(world):
+    clock, repo, itsm, processor = world
+    result = processor.process(connection(), itsm, "r1", signal(condition=MonitorCondition.RESOLVED))
+    assert result.outcome is Outcome.IGNORED and itsm.calls == [] and repo.rows == {}
+
+
+def test_a_lost_create_response_is_recovered_not_repeated(world):
+    clock, repo, itsm, processor = world
+    conn = connection()
+    original = itsm.create_incident
+
+    def create_then_lose_response(draft):
+        original(draft)
+        raise ItsmUnavailableError("connection reset after the POST")
+
+    itsm.create_incident = create_then_lose_response  # type: ignore[method-assign]
+    with pytest.raises(ItsmUnavailableError):
+        processor.process(conn, itsm, "d1", signal("a1"))
+    itsm.create_incident = original  # type: ignore[method-assign]
+    result = processor.process(conn, itsm, "d1", signal("a1"))
+    assert result.outcome is Outcome.CREATED
+    assert len(itsm.incidents) == 1
+    assert itsm.calls == ["create", "find"]
+
+
+def test_per_rule_mode_notes_a_new_configuration_item_at_once(world):
+    clock, repo, itsm, processor = world
+    conn = connection(correlation=CorrelationMode.PER_RULE)
+    processor.process(conn, itsm, "d1", signal("a1", ci="vm-1"))
+    result = processor.process(conn, itsm, "d2", signal("a2", ci="vm-2"))
+    assert result.outcome is Outcome.NOTED
+    (incident,) = itsm.incidents.values()
+    assert "Also affecting: vm-2" in incident.notes[0]
+    assert processor.process(conn, itsm, "d3", signal("a3", ci="vm-2")).outcome is Outcome.COALESCED
+
+
+def test_per_alert_mode_opens_one_incident_per_alert(world):
+    clock, repo, itsm, processor = world
+    conn = connection(correlation=CorrelationMode.PER_ALERT)
+    processor.process(conn, itsm, "d1", signal("a1"))
+    processor.process(conn, itsm, "d2", signal("a2"))
+    assert len(itsm.incidents) == 2
+
+
+def test_a_resolution_waits_for_a_create_in_flight_then_asks_for_a_retry(world):
+    clock, repo, itsm, processor = world
+    conn = connection()
+    processor.process(conn, itsm, "d1", signal("a1"))
+    (key,) = repo.rows
+    row = repo.rows[key]
+    repo.rows[key] = row.model_copy(update={"lease_owner": "other:1", "lease_until": clock.now + timedelta(seconds=60)})
+    with pytest.raises(BusyError):
+        processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    assert itsm.calls == ["create"]
+
+
+def test_a_failed_note_leaves_the_firings_for_the_next_note(world):
+    clock, repo, itsm, processor = world
+    conn = connection(note_interval_minutes=0)
+    processor.process(conn, itsm, "d1", signal("a1"))
+    itsm.fail_next.append(ItsmUnavailableError("503"))
+    with pytest.raises(ItsmUnavailableError):
+        processor.process(conn, itsm, "d2", signal("a2"))
+    result = processor.process(conn, itsm, "d2", signal("a2"))
+    assert result.outcome is Outcome.NOTED
+    (incident,) = itsm.incidents.values()
+    assert len(incident.notes) == 1
+    assert repo.rows[next(iter(repo.rows))].lease_owner == ""
+
+
+def test_work_item_ref_roundtrip_in_result(world):
+    clock, repo, itsm, processor = world
+    result = processor.process(connection(), itsm, "d1", signal())
+    assert isinstance(result.work_item, WorkItemRef) and result.work_item.number.startswith("INC")
