@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 ALERT_QUEUE = "alert-deliveries"
 REDRIVE_SCHEDULE = os.environ.get("ALERT_REDRIVE_SCHEDULE", "0 */10 * * * *")
 
-bp = func.Blueprint()
+bp = func.Blueprint()  # type: ignore[no-untyped-call]
 
 
 def _connection_name(req: func.HttpRequest) -> str:
-    name = req.route_params.get("connection", "")
+    name = str(req.route_params.get("connection", ""))
     if not CONNECTION_NAME.match(name):
         raise NotFoundError(f"no ITSM connection named {name!r}")
     return name
@@ -44,7 +44,9 @@ def receive_alert(req: func.HttpRequest, delivery: func.Out[str]) -> func.HttpRe
     stored = receipt.delivery
     if receipt.enqueue:
         delivery.set(
-            DeliveryMessage(connection=stored.connection, delivery_id=stored.delivery_id, signal=stored.signal).to_json()
+            DeliveryMessage(
+                connection=stored.connection, delivery_id=stored.delivery_id, signal=stored.signal
+            ).to_json()
         )
     return json_response(
         202,
@@ -78,7 +80,9 @@ def alert_status(req: func.HttpRequest) -> func.HttpResponse:
             "attempts": found.attempts,
             "lastError": found.last_error,
             "outcome": found.outcome,
-            "workItem": {"id": found.work_item_id, "number": found.work_item_number} if found.work_item_id else None,
+            "workItem": {"id": found.work_item_id, "number": found.work_item_number}
+            if found.work_item_id
+            else None,
             "alert": {
                 "alertId": found.signal.alert_id,
                 "rule": found.signal.rule,

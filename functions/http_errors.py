@@ -39,7 +39,9 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
 ]
 
 
-def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> func.HttpResponse:
+def json_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> func.HttpResponse:
     return func.HttpResponse(
         json.dumps(body, default=str), status_code=status, mimetype="application/json", headers=headers
     )
@@ -60,4 +62,6 @@ def error_response(exc: Exception) -> func.HttpResponse:
         log.error("request failed: %s: %s", type(exc).__name__, exc)
         return json_response(502, {"error": {"code": "upstream_failed", "message": str(exc)}})
     log.exception("unexpected error")
-    return json_response(500, {"error": {"code": "internal", "message": "unexpected error; see the app's logs"}})
+    return json_response(
+        500, {"error": {"code": "internal", "message": "unexpected error; see the app's logs"}}
+    )

@@ -33,6 +33,8 @@ from shared_code.state.connections import ConnectionRepository
 from shared_code.state.correlations import CorrelationRepository
 from shared_code.state.deliveries import DeliveryRepository
 from shared_code.state.tables import TableStore
+from shared_code.workitems.engine import SyncEngine
+from shared_code.workitems.wiring import build_sync_engine
 
 
 def utc_now() -> datetime:
@@ -41,7 +43,7 @@ def utc_now() -> datetime:
 
 def build_credential(settings: Settings) -> TokenCredential:
     """The app's Azure identity: managed identity in Azure, env / developer sign-in locally."""
-    from azure.identity import DefaultAzureCredential
+    from azure.identity import DefaultAzureCredential  # noqa: PLC0415 - imported only when needed
 
     kwargs: dict[str, object] = {}
     if settings.tls_ca_bundle:
@@ -94,7 +96,9 @@ class Container:
 
     @cached_property
     def http(self) -> httpx.Client:
-        timeout = httpx.Timeout(self.settings.http_timeout_seconds, connect=min(10.0, self.settings.http_timeout_seconds))
+        timeout = httpx.Timeout(
+            self.settings.http_timeout_seconds, connect=min(10.0, self.settings.http_timeout_seconds)
+        )
         return httpx.Client(
             timeout=timeout,
             verify=build_ssl_context(self.settings),
@@ -141,6 +145,10 @@ class Container:
             self.clock,
             max_attempts=self.settings.alert_max_attempts,
         )
+
+    @cached_property
+    def sync_engine(self) -> SyncEngine:
+        return build_sync_engine(self)
 
     def close(self) -> None:
         with self._lock:

@@ -63,14 +63,18 @@ class KeyVaultSecretStore:
         except ResourceNotFoundError:
             return None
         except AzureError as exc:
-            raise SecretStoreError(f"reading secret {name!r} from Key Vault failed: {type(exc).__name__}") from exc
+            raise SecretStoreError(
+                f"reading secret {name!r} from Key Vault failed: {type(exc).__name__}"
+            ) from exc
         return SecretStr(value) if value is not None else None
 
     def set(self, name: str, value: SecretStr) -> None:
         try:
             self._secrets().set_secret(name, value.get_secret_value(), content_type="text/plain")
         except AzureError as exc:
-            raise SecretStoreError(f"writing secret {name!r} to Key Vault failed: {type(exc).__name__}") from exc
+            raise SecretStoreError(
+                f"writing secret {name!r} to Key Vault failed: {type(exc).__name__}"
+            ) from exc
 
     def delete(self, name: str) -> None:
         try:
@@ -78,7 +82,9 @@ class KeyVaultSecretStore:
         except ResourceNotFoundError:
             return
         except AzureError as exc:
-            raise SecretStoreError(f"deleting secret {name!r} from Key Vault failed: {type(exc).__name__}") from exc
+            raise SecretStoreError(
+                f"deleting secret {name!r} from Key Vault failed: {type(exc).__name__}"
+            ) from exc
 
 
 class StoredRefreshToken:

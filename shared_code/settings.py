@@ -40,9 +40,7 @@ class Settings(BaseModel):
         alias="STATE_TABLE_ENDPOINT",
         description="https://<account>.table.core.windows.net, reached with the app's managed identity",
     )
-    table_prefix: str = Field(
-        default="", alias="TABLE_PREFIX", pattern=r"^([A-Za-z][A-Za-z0-9]{0,19})?$"
-    )
+    table_prefix: str = Field(default="", alias="TABLE_PREFIX", pattern=r"^([A-Za-z][A-Za-z0-9]{0,19})?$")
     key_vault_url: HttpsUrl = Field(alias="KEY_VAULT_URL", min_length=1)
     alert_max_attempts: int = Field(default=5, alias="ALERT_MAX_ATTEMPTS", ge=1, le=50)
     alert_lease_seconds: int = Field(default=60, alias="ALERT_LEASE_SECONDS", ge=5, le=600)

@@ -37,14 +37,16 @@ class HttpCall:
 
     @property
     def status(self) -> int:
-        return self.response.status_code
+        return int(self.response.status_code)
 
     def json(self) -> Any:
         return json.loads(self.response.get_body())
 
 
 class FunctionHost:
-    def __init__(self, app: func.FunctionApp, queues: QueueServiceClient | None = None, max_dequeue_count: int = 5):
+    def __init__(
+        self, app: func.FunctionApp, queues: QueueServiceClient | None = None, max_dequeue_count: int = 5
+    ):
         self.functions = {f.get_function_name(): f for f in app.get_functions()}
         self.queues = queues
         self.max_dequeue_count = max_dequeue_count
@@ -85,32 +87,39 @@ class FunctionHost:
         return HttpCall(response, produced)
 
     def queue_name_of(self, name: str) -> str:
-        trigger = self.functions[name].get_trigger().get_dict_repr()
-        return str(trigger["queueName"])
+        trigger = self.functions[name].get_trigger()
+        assert trigger is not None, f"{name} has no trigger"
+        return str(trigger.get_dict_repr()["queueName"])
 
     def call_queue(self, name: str, body: str, dequeue_count: int = 1) -> None:
         self.user_function(name)(QueueMessage(id="local", body=body.encode(), dequeue_count=dequeue_count))
 
-    def drain(self, name: str, *, max_rounds: int = 50, on_error: Callable[[Exception], None] | None = None) -> int:
+    def drain(
+        self, name: str, *, max_rounds: int = 50, on_error: Callable[[Exception], None] | None = None
+    ) -> int:
         """Feed the trigger's queue to the function until it is empty (bounded). Returns calls made."""
         assert self.queues is not None
         queue = self.queues.get_queue_client(self.queue_name_of(name))
         poison = self.queues.get_queue_client(self.queue_name_of(name) + "-poison")
         calls = 0
         for _ in range(max_rounds):
-            messages = list(queue.receive_messages(messages_per_page=32, visibility_timeout=1, max_messages=32))
+            messages = list(
+                queue.receive_messages(messages_per_page=32, visibility_timeout=1, max_messages=32)
+            )
             if not messages:
                 return calls
             for message in messages:
                 calls += 1
                 try:
                     self.user_function(name)(
-                        QueueMessage(id=message.id, body=message.content.encode(), dequeue_count=message.dequeue_count)
+                        QueueMessage(
+                            id=message.id, body=message.content.encode(), dequeue_count=message.dequeue_count
+                        )
                     )
                 except Exception as exc:  # the host logs, leaves the message, and retries it later
                     if on_error:
                         on_error(exc)
-                    if message.dequeue_count >= self.max_dequeue_count:
+                    if (message.dequeue_count or 1) >= self.max_dequeue_count:
                         poison.create_queue() if not _exists(poison) else None
                         poison.send_message(message.content)
                         queue.delete_message(message)

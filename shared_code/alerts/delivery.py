@@ -64,12 +64,16 @@ class AlertDelivery:
         if signal is None:
             stored = self.deliveries.get(message.connection, message.delivery_id)
             if stored is None:
-                log.error("delivery %s of %s not found; nothing to do", message.delivery_id, message.connection)
+                log.error(
+                    "delivery %s of %s not found; nothing to do", message.delivery_id, message.connection
+                )
                 return None
             signal = stored.signal
         try:
             connection = self.connections.get(message.connection)
-            result = self.processor.process(connection, self.connector_for(connection), message.delivery_id, signal)
+            result = self.processor.process(
+                connection, self.connector_for(connection), message.delivery_id, signal
+            )
         except TRANSIENT as exc:
             return self._failed_attempt(message, signal, stored, attempt, exc, transient=True)
         except Exception as exc:  # noqa: BLE001 - anything else cannot be fixed by waiting: end it failed
@@ -164,7 +168,9 @@ class AlertDelivery:
                 continue
             if row.status is DeliveryStatus.DELIVERED and not delivery_ids:
                 continue
-            message = DeliveryMessage(connection=row.connection, delivery_id=row.delivery_id, signal=row.signal)
+            message = DeliveryMessage(
+                connection=row.connection, delivery_id=row.delivery_id, signal=row.signal
+            )
             # a redrive is one more attempt, in this process: if it fails it ends failed again
             result = self.deliver(message, attempt=self.max_attempts)
             if result is not None:

@@ -29,9 +29,7 @@ STALE_PENDING = timedelta(seconds=60)
 
 def delivery_id_for(connection: str, signal: AlertSignal) -> str:
     """Same notification -> same id, so action-group retries are recognised, not stored twice."""
-    identity = "|".join(
-        (connection, signal.alert_id, signal.condition.value, signal.event_time.isoformat())
-    )
+    identity = "|".join((connection, signal.alert_id, signal.condition.value, signal.event_time.isoformat()))
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 

@@ -120,16 +120,18 @@ class _Step:
         fired = self.signal.condition is MonitorCondition.FIRED
         if row is None:
             if not fired:
-                return self.result(Outcome.IGNORED, None, "resolved, but no work item is open for this problem")
+                return self.result(
+                    Outcome.IGNORED, None, "resolved, but no work item is open for this problem"
+                )
             return self.create_first(now)
         if row.seen(self.delivery_id):
             return self.result(Outcome.DUPLICATE, row, "this notification was handled already")
         if row.leased_by_other(self.token, now):
             if row.lease_owner.startswith(f"{self.delivery_id}:"):
                 raise _LeaseHeld  # this very notification is in flight elsewhere: never count it twice
-            if fired and row.state in (CorrelationState.OPEN, CorrelationState.CREATING):
-                if not self.new_cis(row):
-                    return self.count_firing(row, now)
+            counts_only = fired and row.state in (CorrelationState.OPEN, CorrelationState.CREATING)
+            if counts_only and not self.new_cis(row):
+                return self.count_firing(row, now)
             raise _LeaseHeld
         if row.state is CorrelationState.CREATING:
             return self.take_over_create(row, now)
@@ -181,7 +183,9 @@ class _Step:
             log.warning("could not release the lease on %s after a failure", self.key_text, exc_info=True)
 
     def record_only(self, row: Correlation, outcome: Outcome, detail: str) -> ProcessResult:
-        row = self.repo.replace(row.model_copy(update={"recent_deliveries": row.with_delivery(self.delivery_id)}))
+        row = self.repo.replace(
+            row.model_copy(update={"recent_deliveries": row.with_delivery(self.delivery_id)})
+        )
         return self.result(outcome, row, detail)
 
     def count_firing(self, row: Correlation, now: datetime) -> ProcessResult:
@@ -195,7 +199,9 @@ class _Step:
                 }
             )
         )
-        return self.result(Outcome.COALESCED, row, f"counted; {row.unnoted_fires} firing(s) wait for the next note")
+        return self.result(
+            Outcome.COALESCED, row, f"counted; {row.unnoted_fires} firing(s) wait for the next note"
+        )
 
     # -- actions -------------------------------------------------------------------------------
 

@@ -70,6 +70,7 @@ def build_connector(connection: Connection, secrets: SecretStore, client: httpx.
     factory = REGISTRY.get(connection.partner_type)
     if factory is None:
         raise InvalidInputError(
-            f"connection {connection.name!r}: partner type {connection.partner_type.value!r} is not supported yet"
+            f"connection {connection.name!r}: partner type "
+            f"{connection.partner_type.value!r} is not supported yet"
         )
     return factory(connection, secrets, client)

@@ -112,16 +112,27 @@ class DeliveryRepository:
     def save_result(self, delivery: Delivery) -> None:
         """Record the outcome columns only (the stored alert and receipt time stay as they are)."""
         entity = _to_entity(delivery)
-        keep = ("PartitionKey", "RowKey", "Connection", "Status", "Attempts", "Outcome", "WorkItemId",
-                "WorkItemNumber", "CorrelationKey", "UpdatedAt", "LastError")
+        keep = (
+            "PartitionKey",
+            "RowKey",
+            "Connection",
+            "Status",
+            "Attempts",
+            "Outcome",
+            "WorkItemId",
+            "WorkItemNumber",
+            "CorrelationKey",
+            "UpdatedAt",
+            "LastError",
+        )
         merge_entity(self._table, {name: entity[name] for name in keep})
 
     def list(
         self, *, connection: str | None = None, status: DeliveryStatus | None = None, limit: int = 1000
     ) -> Iterator[Delivery]:
-        clauses, params = [], {}
+        clauses: list[str] = []
+        params: dict[str, object] = {}
         if connection:
-            # partitions of one connection sort between "<name>-" and "<name>." ('.' follows '-')
             # partitions of one connection sort between "<name>-" and "<name>." ('.' follows '-');
             # the Connection column tells "sn" from "sn-prod" inside that range
             clauses.append("PartitionKey ge @lo and PartitionKey lt @hi and Connection eq @connection")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from azure.core import MatchConditions
 from azure.core.credentials import TokenCredential
@@ -87,7 +87,7 @@ class TableStore:
             self._service.close()
 
 
-class translate_errors:  # noqa: N801 - used as a lowercase context manager
+class translate_errors:
     """Turn Azure SDK errors into StateError / AlreadyExistsError / EtagConflict."""
 
     def __init__(self, action: str) -> None:
@@ -96,7 +96,9 @@ class translate_errors:  # noqa: N801 - used as a lowercase context manager
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> Literal[False]:
         if exc is None:
             return False
         if isinstance(exc, ResourceExistsError):
@@ -159,7 +161,9 @@ def delete_entity(table: TableClient, partition: str, row: str) -> None:
         return
 
 
-def query_entities(table: TableClient, query: str, parameters: dict[str, Any] | None = None) -> Iterator[Entity]:
+def query_entities(
+    table: TableClient, query: str, parameters: dict[str, Any] | None = None
+) -> Iterator[Entity]:
     with translate_errors(f"querying {table.table_name}"):
         for entity in table.query_entities(query, parameters=parameters or {}):
             yield _with_etag(entity)
@@ -169,7 +173,9 @@ def upsert_batch(table: TableClient, entities: list[Entity]) -> None:
     """Upsert rows of ONE partition in transactions of at most 100 (the service's limit)."""
     for start in range(0, len(entities), 100):
         chunk = entities[start : start + 100]
-        operations: list[TransactionOperation | Any] = [("upsert", e, {"mode": UpdateMode.REPLACE}) for e in chunk]
+        operations: list[tuple[TransactionOperation, Entity, dict[str, Any]]] = [
+            (TransactionOperation.UPSERT, e, {"mode": UpdateMode.REPLACE}) for e in chunk
+        ]
         with translate_errors(f"writing a batch to {table.table_name}"):
             table.submit_transaction(operations)
 

@@ -43,5 +43,9 @@ class InMemoryCorrelations:
 
     def list(self, connection: str, state: CorrelationState | None = None) -> Iterator[Correlation]:
         with self._lock:
-            rows = [r for (c, _), r in self.rows.items() if c == connection and (state is None or r.state is state)]
+            rows = [
+                r
+                for (c, _), r in self.rows.items()
+                if c == connection and (state is None or r.state is state)
+            ]
         yield from rows

@@ -75,7 +75,7 @@ def world():
 
 
 def test_first_firing_creates_one_incident_with_mapped_fields(world):
-    clock, repo, itsm, processor = world
+    _clock, repo, itsm, processor = world
     result = processor.process(connection(), itsm, "d1", signal(severity=Severity.SEV0))
     assert result.outcome is Outcome.CREATED
     assert itsm.calls == ["create"]
@@ -84,8 +84,10 @@ def test_first_firing_creates_one_incident_with_mapped_fields(world):
     assert incident.draft.short_description == "[Sev0] cpu-high on vm-web-01"
     assert "Percentage CPU Average > 80" in incident.draft.description
     (row,) = repo.rows.values()
-    assert row.state is CorrelationState.OPEN and row.work_item_number == incident.ref.number
-    assert row.lease_owner == "" and row.fire_count == 1
+    assert row.state is CorrelationState.OPEN
+    assert row.work_item_number == incident.ref.number
+    assert row.lease_owner == ""
+    assert row.fire_count == 1
 
 
 def test_refire_is_coalesced_within_the_interval_then_noted_with_the_count(world):
@@ -101,13 +103,15 @@ def test_refire_is_coalesced_within_the_interval_then_noted_with_the_count(world
     result = processor.process(conn, itsm, "d6", signal("a6", fired_at=clock.now))
     assert result.outcome is Outcome.NOTED
     (incident,) = itsm.incidents.values()
-    assert incident.notes and "fired 5 more times" in incident.notes[0]
+    assert incident.notes
+    assert "fired 5 more times" in incident.notes[0]
     (row,) = repo.rows.values()
-    assert row.unnoted_fires == 0 and row.fire_count == 6
+    assert row.unnoted_fires == 0
+    assert row.fire_count == 6
 
 
 def test_the_same_notification_twice_is_one_effect(world):
-    clock, repo, itsm, processor = world
+    _clock, _repo, itsm, processor = world
     conn = connection(note_interval_minutes=0)
     processor.process(conn, itsm, "d1", signal("a1"))
     first = processor.process(conn, itsm, "d2", signal("a2"))
@@ -117,7 +121,7 @@ def test_the_same_notification_twice_is_one_effect(world):
 
 
 def test_concurrent_firings_of_one_problem_make_one_incident(world):
-    clock, repo, _, processor = world
+    _clock, repo, _, processor = world
     itsm = FakeItsm(call_seconds=0.02)
     conn = connection()
     barrier = threading.Barrier(20)
@@ -136,11 +140,12 @@ def test_concurrent_firings_of_one_problem_make_one_incident(world):
     assert sorted(outcomes).count(Outcome.CREATED) == 1
     assert len(outcomes) == 20
     (row,) = repo.rows.values()
-    assert row.fire_count == 20 and row.unnoted_fires == 19
+    assert row.fire_count == 20
+    assert row.unnoted_fires == 19
 
 
 def test_resolve_is_one_write_and_a_second_resolve_is_a_duplicate(world):
-    clock, repo, itsm, processor = world
+    clock, _repo, itsm, processor = world
     conn = connection()
     processor.process(conn, itsm, "d1", signal("a1"))
     clock.advance(minutes=1)
@@ -153,11 +158,12 @@ def test_resolve_is_one_write_and_a_second_resolve_is_a_duplicate(world):
     assert incident.state is WorkItemState.RESOLVED
     assert "1 firing(s) since the last note" in incident.notes[-1]
     again = processor.process(conn, itsm, "r2", signal("a2", condition=MonitorCondition.RESOLVED))
-    assert again.outcome is Outcome.DUPLICATE and itsm.calls == ["create", "resolve"]
+    assert again.outcome is Outcome.DUPLICATE
+    assert itsm.calls == ["create", "resolve"]
 
 
 def test_without_auto_resolve_a_resolution_is_only_a_note(world):
-    clock, repo, itsm, processor = world
+    _clock, _repo, itsm, processor = world
     conn = connection(auto_resolve=False)
     processor.process(conn, itsm, "d1", signal("a1"))
     result = processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
@@ -173,28 +179,32 @@ def test_firing_again_reopens_inside_the_window_and_opens_anew_after_it(world):
     processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
     clock.advance(hours=1)
     reopened = processor.process(conn, itsm, "d2", signal("a2", fired_at=clock.now))
-    assert reopened.outcome is Outcome.REOPENED and len(itsm.incidents) == 1
+    assert reopened.outcome is Outcome.REOPENED
+    assert len(itsm.incidents) == 1
     processor.process(conn, itsm, "r2", signal("a2", condition=MonitorCondition.RESOLVED, fired_at=clock.now))
     clock.advance(hours=3)
     fresh = processor.process(conn, itsm, "d3", signal("a3", fired_at=clock.now))
-    assert fresh.outcome is Outcome.CREATED and len(itsm.incidents) == 2
+    assert fresh.outcome is Outcome.CREATED
+    assert len(itsm.incidents) == 2
     (row,) = repo.rows.values()
-    assert row.generation == 2 and row.work_item_number == fresh.work_item.number  # type: ignore[union-attr]
+    assert row.generation == 2
+    assert row.work_item_number == fresh.work_item.number
 
 
 def test_an_incident_that_cannot_be_reopened_is_replaced(world):
-    clock, repo, itsm, processor = world
+    clock, _repo, itsm, processor = world
     conn = connection()
     processor.process(conn, itsm, "d1", signal("a1"))
     processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
     itsm.reopen_rejected = True
     clock.advance(minutes=30)
     result = processor.process(conn, itsm, "d2", signal("a2", fired_at=clock.now))
-    assert result.outcome is Outcome.CREATED and len(itsm.incidents) == 2
+    assert result.outcome is Outcome.CREATED
+    assert len(itsm.incidents) == 2
 
 
 def test_a_late_fired_notification_after_its_resolution_is_ignored(world):
-    clock, repo, itsm, processor = world
+    _clock, _repo, itsm, processor = world
     conn = connection()
     processor.process(conn, itsm, "d1", signal("a1"))
     processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
@@ -204,13 +214,15 @@ def test_a_late_fired_notification_after_its_resolution_is_ignored(world):
 
 
 def test_resolved_without_an_open_incident_writes_nothing(world):
-    clock, repo, itsm, processor = world
+    _clock, repo, itsm, processor = world
     result = processor.process(connection(), itsm, "r1", signal(condition=MonitorCondition.RESOLVED))
-    assert result.outcome is Outcome.IGNORED and itsm.calls == [] and repo.rows == {}
+    assert result.outcome is Outcome.IGNORED
+    assert itsm.calls == []
+    assert repo.rows == {}
 
 
 def test_a_lost_create_response_is_recovered_not_repeated(world):
-    clock, repo, itsm, processor = world
+    _clock, _repo, itsm, processor = world
     conn = connection()
     original = itsm.create_incident
 
@@ -218,10 +230,10 @@ def test_a_lost_create_response_is_recovered_not_repeated(world):
         original(draft)
         raise ItsmUnavailableError("connection reset after the POST")
 
-    itsm.create_incident = create_then_lose_response  # type: ignore[method-assign]
+    itsm.create_incident = create_then_lose_response
     with pytest.raises(ItsmUnavailableError):
         processor.process(conn, itsm, "d1", signal("a1"))
-    itsm.create_incident = original  # type: ignore[method-assign]
+    itsm.create_incident = original
     result = processor.process(conn, itsm, "d1", signal("a1"))
     assert result.outcome is Outcome.CREATED
     assert len(itsm.incidents) == 1
@@ -229,7 +241,7 @@ def test_a_lost_create_response_is_recovered_not_repeated(world):
 
 
 def test_per_rule_mode_notes_a_new_configuration_item_at_once(world):
-    clock, repo, itsm, processor = world
+    _clock, _repo, itsm, processor = world
     conn = connection(correlation=CorrelationMode.PER_RULE)
     processor.process(conn, itsm, "d1", signal("a1", ci="vm-1"))
     result = processor.process(conn, itsm, "d2", signal("a2", ci="vm-2"))
@@ -240,7 +252,7 @@ def test_per_rule_mode_notes_a_new_configuration_item_at_once(world):
 
 
 def test_per_alert_mode_opens_one_incident_per_alert(world):
-    clock, repo, itsm, processor = world
+    _clock, _repo, itsm, processor = world
     conn = connection(correlation=CorrelationMode.PER_ALERT)
     processor.process(conn, itsm, "d1", signal("a1"))
     processor.process(conn, itsm, "d2", signal("a2"))
@@ -253,14 +265,16 @@ def test_a_resolution_waits_for_a_create_in_flight_then_asks_for_a_retry(world):
     processor.process(conn, itsm, "d1", signal("a1"))
     (key,) = repo.rows
     row = repo.rows[key]
-    repo.rows[key] = row.model_copy(update={"lease_owner": "other:1", "lease_until": clock.now + timedelta(seconds=60)})
+    repo.rows[key] = row.model_copy(
+        update={"lease_owner": "other:1", "lease_until": clock.now + timedelta(seconds=60)}
+    )
     with pytest.raises(BusyError):
         processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
     assert itsm.calls == ["create"]
 
 
 def test_a_failed_note_leaves_the_firings_for_the_next_note(world):
-    clock, repo, itsm, processor = world
+    _clock, repo, itsm, processor = world
     conn = connection(note_interval_minutes=0)
     processor.process(conn, itsm, "d1", signal("a1"))
     itsm.fail_next.append(ItsmUnavailableError("503"))
@@ -274,6 +288,7 @@ def test_a_failed_note_leaves_the_firings_for_the_next_note(world):
 
 
 def test_work_item_ref_roundtrip_in_result(world):
-    clock, repo, itsm, processor = world
+    _clock, _repo, itsm, processor = world
     result = processor.process(connection(), itsm, "d1", signal())
-    assert isinstance(result.work_item, WorkItemRef) and result.work_item.number.startswith("INC")
+    assert isinstance(result.work_item, WorkItemRef)
+    assert result.work_item.number.startswith("INC")

@@ -1,0 +1,402 @@
+"""ServiceNow behind the ``ItsmConnector`` port, over the Table API (``/api/now/table/...``).
+
+Every method is one logical call: built by ``_send`` (JSON, ``Accept: application/json``), sent
+through ``send_with_retries`` (bounded retries of transport errors, 408, 429 and 5xx), and mapped
+to the ``ItsmError`` family:
+
+    2xx                               the result
+    401 (after the auth's one retry)  ItsmAuthError      the connection must be re-authorised
+    3xx                               ItsmRejectedError  a redirect is a wrong URL or an SSO page
+    other 4xx (400/403/404/409/422)   ItsmRejectedError  with the product's error message and detail
+    5xx/408/429/timeouts, exhausted   ItsmUnavailableError (raised by send_with_retries)
+    2xx that is not the JSON we asked ItsmUnavailableError (e.g. a hibernating instance's page)
+
+Timeouts come from the injected client (the constructor refuses a client without them), so no
+call here can hang a worker. The connector never closes a client it was given, unless told it owns it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from shared_code.errors import ItsmAuthError, ItsmError, ItsmRejectedError, ItsmUnavailableError
+from shared_code.httpretry import RetryPolicy, send_with_retries
+from shared_code.itsm.base import IncidentDraft, RejectedRow, SyncCursor, SyncPage, WorkItemRef, WorkItemState
+from shared_code.itsm.servicenow.mapping import (
+    CI_CREATE_TABLE,
+    CI_TABLE,
+    INCIDENT_TABLE,
+    SYNC_FIELDS,
+    TABLES,
+    draft_to_incident_fields,
+    field_value,
+    incident_state_to_lifecycle,
+    parse_datetime,
+    row_to_work_item,
+)
+from shared_code.itsm.servicenow.query import Query
+from shared_code.workitems.model import WorkItem, WorkItemType
+
+log = logging.getLogger(__name__)
+
+TABLE_API = "/api/now/table"
+MAX_ERROR_TEXT = 300
+CI_CACHE_SIZE = 1024
+
+
+class ServiceNowConnector:
+    """One ServiceNow connection. Thread-safe: it keeps only a CI cache besides its settings."""
+
+    def __init__(
+        self,
+        connection_name: str,
+        instance_url: str,
+        client: httpx.Client,
+        auth: httpx.Auth,
+        *,
+        retry: RetryPolicy | None = None,
+        resolved_state: str = "6",
+        close_code: str = "Solved (Permanently)",
+        reopen_state: str = "2",
+        owns_client: bool = False,
+    ) -> None:
+        timeout = client.timeout
+        if timeout.connect is None or timeout.read is None:
+            raise ValueError("the HTTP client for ServiceNow needs explicit connect and read timeouts")
+        self.connection_name = connection_name
+        self._instance = instance_url.rstrip("/")
+        self._client = client
+        self._auth = auth
+        self._retry = retry or RetryPolicy()
+        self._resolved_state = resolved_state
+        self._close_code = close_code
+        self._reopen_state = reopen_state
+        self._owns_client = owns_client
+        self._ci_cache: dict[str, str] = {}
+        self._ci_lock = threading.Lock()
+        self._ci_create_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ServiceNowConnector(connection={self.connection_name!r}, instance={self._instance!r})"
+
+    # -- the port ---------------------------------------------------------------------------------
+
+    def check(self) -> str:
+        """One authenticated read of one incident id: proves URL, credentials and the incident ACL."""
+        self._list(INCIDENT_TABLE, None, ["sys_id"], 1, display_values=False)
+        host = httpx.URL(self._instance).host
+        user = getattr(self._auth, "username", None)
+        who = f" as {user!r}" if user else ""
+        return f"ServiceNow instance {host} answered{who}: the incident table is readable"
+
+    def create_incident(self, draft: IncidentDraft) -> WorkItemRef:
+        ci_sys_id: str | None = None
+        if draft.configuration_item:
+            ci_sys_id = self.ensure_configuration_item(
+                draft.configuration_item, create=draft.create_configuration_item
+            )
+        fields = draft_to_incident_fields(draft, ci_sys_id)
+        try:
+            body = self._send(
+                "POST",
+                INCIDENT_TABLE,
+                params={"sysparm_fields": "sys_id,number", "sysparm_exclude_reference_link": "true"},
+                json=fields,
+                idempotent=False,
+            )
+        except ItsmUnavailableError:
+            # the instance may have created it before the answer was lost: look before giving up
+            found = self._recover_create(draft.correlation_id)
+            if found is None:
+                raise
+            return found
+        return self._ref(_result_object(body, "POST incident"))
+
+    def find_by_correlation(self, correlation_id: str) -> WorkItemRef | None:
+        if not correlation_id.strip():
+            return None  # an empty value would match every incident without a correlation id
+        query = self._query(lambda q: q.eq("correlation_id", correlation_id).order_by_desc("sys_created_on"))
+        rows = self._list(INCIDENT_TABLE, query, ["sys_id", "number"], 1, display_values=False)
+        return self._ref(rows[0]) if rows else None
+
+    def add_note(self, ref: WorkItemRef, text: str) -> None:
+        self._patch(ref, {"work_notes": text})
+
+    def resolve(self, ref: WorkItemRef, note: str) -> None:
+        """One PATCH: state, resolution code and notes, and the work note (one write, one audit entry)."""
+        self._patch(
+            ref,
+            {
+                "state": self._resolved_state,
+                "close_code": self._close_code,
+                "close_notes": note,
+                "work_notes": note,
+            },
+        )
+
+    def reopen(self, ref: WorkItemRef, note: str) -> None:
+        self._patch(ref, {"state": self._reopen_state, "work_notes": note})
+
+    def get_state(self, ref: WorkItemRef) -> WorkItemState:
+        body = self._send(
+            "GET",
+            INCIDENT_TABLE,
+            sys_id=ref.id,
+            params={"sysparm_fields": "state", "sysparm_exclude_reference_link": "true"},
+        )
+        state = field_value(_result_object(body, "GET incident"), "state")
+        if state and state == self._resolved_state:
+            return WorkItemState.RESOLVED
+        return incident_state_to_lifecycle(state)
+
+    def ensure_configuration_item(self, name: str, *, create: bool) -> str | None:
+        name = name.strip()
+        if not name:
+            return None
+        with self._ci_lock:
+            cached = self._ci_cache.get(name)
+        if cached is not None:
+            return cached
+        sys_id = self._lookup_ci(name)
+        if sys_id is None and create:
+            with self._ci_create_lock:  # two alerts for a new CI must not create it twice
+                sys_id = self._lookup_ci(name)
+                if sys_id is None:
+                    body = self._send(
+                        "POST",
+                        CI_CREATE_TABLE,
+                        params={"sysparm_fields": "sys_id", "sysparm_exclude_reference_link": "true"},
+                        json={"name": name},
+                    )
+                    sys_id = field_value(_result_object(body, f"POST {CI_CREATE_TABLE}"), "sys_id") or None
+                    log.info("created configuration item %r in %s", name, CI_CREATE_TABLE)
+        if sys_id is not None:
+            with self._ci_lock:
+                if len(self._ci_cache) >= CI_CACHE_SIZE:
+                    self._ci_cache.pop(next(iter(self._ci_cache)))
+                self._ci_cache[name] = sys_id
+        return sys_id
+
+    def fetch_changes(self, item_type: WorkItemType, cursor: SyncCursor, page_size: int) -> SyncPage:
+        """Keyset paging on (sys_updated_on, sys_id): stable while rows change underneath.
+
+        With a ``last_id`` the rest of that second is drained first (``sys_updated_on=T^sys_id>ID``);
+        whatever room the page has left is filled from ``sys_updated_on>T``. The page is the last
+        only when that second query came back short, so a short drain never ends the feed.
+        """
+        if page_size < 1:
+            raise ValueError("page_size must be at least 1")
+        table = TABLES[item_type]
+        fields = SYNC_FIELDS[item_type]
+        at = cursor.updated_at
+        rows: list[Mapping[str, Any]] = []
+        if cursor.last_id:
+            drain = self._query(
+                lambda q: q.eq("sys_updated_on", at).gt("sys_id", cursor.last_id).order_by("sys_id")
+            )
+            rows = self._list(table, drain, fields, page_size)
+            if len(rows) >= page_size:
+                return self._page(item_type, cursor, rows, is_last=False)
+        room = page_size - len(rows)
+        after = self._query(
+            lambda q: q.gt("sys_updated_on", at).order_by("sys_updated_on").order_by("sys_id")
+        )
+        more = self._list(table, after, fields, room)
+        return self._page(item_type, cursor, [*rows, *more], is_last=len(more) < room)
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _page(
+        self, item_type: WorkItemType, cursor: SyncCursor, rows: Sequence[Mapping[str, Any]], *, is_last: bool
+    ) -> SyncPage:
+        items: list[WorkItem] = []
+        rejected: list[RejectedRow] = []
+        position = cursor
+        for row in rows:
+            try:
+                items.append(row_to_work_item(self.connection_name, item_type, row))
+            except ValueError as exc:
+                rejected.append(RejectedRow(source_id=_row_id(row), error=str(exc)[:MAX_ERROR_TEXT]))
+            position = _row_position(row) or position
+        if not is_last and position == cursor and rows:
+            raise ItsmError(
+                f"ServiceNow {TABLES[item_type]} rows of connection {self.connection_name!r} carry no "
+                "readable sys_updated_on/sys_id, so the sync cannot move past them",
+            )
+        return SyncPage(items=items, rejected=rejected, next_cursor=position, is_last=is_last)
+
+    def _lookup_ci(self, name: str) -> str | None:
+        query = self._query(lambda q: q.eq("name", name))
+        rows = self._list(CI_TABLE, query, ["sys_id"], 1, display_values=False)
+        return (field_value(rows[0], "sys_id") or None) if rows else None
+
+    def _recover_create(self, correlation_id: str) -> WorkItemRef | None:
+        try:
+            found = self.find_by_correlation(correlation_id)
+        except ItsmError:
+            return None
+        if found is not None:
+            log.warning(
+                "the create of incident for connection %r failed in transit, but %s exists: using it",
+                self.connection_name,
+                found.number,
+            )
+        return found
+
+    def _patch(self, ref: WorkItemRef, fields: dict[str, str]) -> None:
+        self._send(
+            "PATCH",
+            INCIDENT_TABLE,
+            sys_id=ref.id,
+            params={"sysparm_fields": "sys_id", "sysparm_exclude_reference_link": "true"},
+            json=fields,
+        )
+
+    def _query(self, build: Callable[[Query], Query]) -> str:
+        """Run a query builder; a value that cannot be encoded is the caller's data, so rejected."""
+        try:
+            query = build(Query())
+        except ValueError as exc:
+            raise ItsmRejectedError(f"cannot query ServiceNow for that value: {exc}") from None
+        return query.encode()
+
+    def _list(
+        self,
+        table: str,
+        query: str | None,
+        fields: Sequence[str],
+        limit: int,
+        *,
+        display_values: bool = True,
+    ) -> list[Mapping[str, Any]]:
+        params = {
+            "sysparm_limit": str(limit),
+            "sysparm_fields": ",".join(fields),
+            "sysparm_exclude_reference_link": "true",
+            "sysparm_no_count": "true",
+        }
+        if display_values:
+            params["sysparm_display_value"] = "all"
+        if query:
+            params["sysparm_query"] = query
+        body = self._send("GET", table, params=params)
+        result = body.get("result")
+        if not isinstance(result, list) or not all(isinstance(row, Mapping) for row in result):
+            raise ItsmUnavailableError(f"GET {table}: ServiceNow answered without a result list")
+        return result
+
+    def _send(
+        self,
+        method: str,
+        table: str,
+        *,
+        sys_id: str | None = None,
+        params: Mapping[str, str] | None = None,
+        json: Mapping[str, str] | None = None,
+        idempotent: bool = True,
+    ) -> dict[str, Any]:
+        path = f"{TABLE_API}/{table}" + (f"/{quote(sys_id, safe='')}" if sys_id is not None else "")
+        url = self._instance + path
+        headers = {"Accept": "application/json"}
+
+        def build() -> httpx.Request:
+            return self._client.build_request(method, url, params=params, json=json, headers=headers)
+
+        response = send_with_retries(self._client, build, self._retry, auth=self._auth, idempotent=idempotent)
+        what = f"{method} {table}"
+        status = response.status_code
+        if status == 401:
+            raise ItsmAuthError(
+                f"ServiceNow refused the credentials of connection {self.connection_name!r} "
+                f"({what}, HTTP 401): re-authorise the connection",
+                status=401,
+            )
+        if 300 <= status < 400:
+            location = httpx.URL(response.headers.get("Location", "")).host or "elsewhere"
+            raise ItsmRejectedError(
+                f"ServiceNow redirected {what} to {location} (HTTP {status}): check the instance URL",
+                status=status,
+            )
+        if status >= 400:
+            raise ItsmRejectedError(
+                f"ServiceNow rejected {what} (HTTP {status}): {_product_error(response)}", status=status
+            )
+        if status == 204 or not response.content:
+            return {}
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            content_type = response.headers.get("Content-Type", "").split(";")[0] or "no content type"
+            raise ItsmUnavailableError(
+                f"{what}: ServiceNow answered HTTP {status} with {content_type}, not JSON "
+                "(is the instance hibernating or behind a login page?)",
+                status=status,
+            )
+        return body
+
+    def _ref(self, row: Mapping[str, Any]) -> WorkItemRef:
+        sys_id, number = field_value(row, "sys_id"), field_value(row, "number")
+        if not sys_id or not number:
+            raise ItsmUnavailableError("ServiceNow answered without the incident's sys_id and number")
+        return WorkItemRef(
+            id=sys_id, number=number, url=f"{self._instance}/nav_to.do?uri=incident.do?sys_id={sys_id}"
+        )
+
+
+def _result_object(body: Mapping[str, Any], what: str) -> Mapping[str, Any]:
+    result = body.get("result")
+    if not isinstance(result, Mapping):
+        raise ItsmUnavailableError(f"{what}: ServiceNow answered without a result object")
+    return result
+
+
+def _row_id(row: Mapping[str, Any]) -> str:
+    """The best id of a rejected row for the error log: sys_id, else number, else nothing."""
+    for name in ("sys_id", "number"):
+        try:
+            value = field_value(row, name).strip()
+        except ValueError:
+            continue
+        if value:
+            return value
+    return ""
+
+
+def _row_position(row: Mapping[str, Any]) -> SyncCursor | None:
+    """Where a row sits in the feed, or None if it cannot say (the cursor then stays where it was)."""
+    try:
+        sys_id = field_value(row, "sys_id").strip()
+        updated = parse_datetime(field_value(row, "sys_updated_on"), "sys_updated_on")
+    except ValueError:
+        return None
+    if not sys_id or updated is None:
+        return None
+    return SyncCursor(updated_at=updated.astimezone(UTC), last_id=sys_id)
+
+
+def _product_error(response: httpx.Response) -> str:
+    """ServiceNow's own ``error.message: error.detail``, shortened; never the request."""
+    try:
+        body = response.json()
+    except ValueError:
+        return "no error details"
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return "no error details"
+    parts = [str(error.get(key) or "").strip() for key in ("message", "detail")]
+    text = ": ".join(part for part in parts if part) or "no error details"
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 1] + "…"

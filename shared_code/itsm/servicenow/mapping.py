@@ -1,0 +1,203 @@
+"""Pure translations between this app's value objects and ServiceNow table rows.
+
+Kept apart from the connector so the field choices (which are the contract with existing
+``ServiceDesk_CL`` workbooks) can be tested without HTTP. Rows come from the Table API with
+``sysparm_display_value=all``: every field is ``{"value": ..., "display_value": ...}``; people and
+choice fields are shown by display value, dates are parsed from ``value`` (UTC, whole seconds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from shared_code.itsm.base import IncidentDraft, WorkItemState
+from shared_code.itsm.servicenow.query import DATETIME_FORMAT
+from shared_code.workitems.model import WorkItem, WorkItemType
+
+INCIDENT_TABLE = "incident"
+CHANGE_REQUEST_TABLE = "change_request"
+CI_TABLE = "cmdb_ci"
+CI_CREATE_TABLE = "cmdb_ci_server"
+
+TABLES: dict[WorkItemType, str] = {
+    WorkItemType.INCIDENT: INCIDENT_TABLE,
+    WorkItemType.CHANGE_REQUEST: CHANGE_REQUEST_TABLE,
+}
+
+CONTACT_TYPE = "monitoring"
+
+# incident.state choices of a stock instance
+INCIDENT_NEW = "1"
+INCIDENT_IN_PROGRESS = "2"
+INCIDENT_ON_HOLD = "3"
+INCIDENT_RESOLVED = "6"
+INCIDENT_CLOSED = "7"
+INCIDENT_CANCELED = "8"
+
+_COMMON_FIELDS = [
+    "sys_id",
+    "number",
+    "sys_updated_on",
+    "sys_created_on",
+    "sys_created_by",
+    "state",
+    "urgency",
+    "impact",
+    "priority",
+    "closed_by",
+    "closed_at",
+    "contact_type",
+    "assigned_to",
+    "category",
+    "short_description",
+    "description",
+    "cmdb_ci",
+    "correlation_id",
+]
+
+SYNC_FIELDS: dict[WorkItemType, list[str]] = {
+    WorkItemType.INCIDENT: [*_COMMON_FIELDS, "resolved_by", "resolved_at"],
+    WorkItemType.CHANGE_REQUEST: [
+        *_COMMON_FIELDS,
+        "type",
+        "risk",
+        "requested_by_date",
+        "start_date",
+        "end_date",
+        "work_start",
+        "work_end",
+    ],
+}
+"""Only the fields ``row_to_work_item`` reads: fewer fields, smaller pages, faster sync."""
+
+
+def draft_to_incident_fields(draft: IncidentDraft, ci_sys_id: str | None) -> dict[str, str]:
+    """The POST body of a new incident. Optional references are left out rather than sent empty.
+
+    ``assignment_group`` and ``caller_id`` may be names: the Table API looks a reference up by its
+    display value when the value is not a sys_id.
+    """
+    fields: dict[str, str] = {
+        "short_description": draft.short_description,
+        "description": draft.description,
+        "impact": str(draft.impact),
+        "urgency": str(draft.urgency),
+        "correlation_id": draft.correlation_id,
+        "contact_type": CONTACT_TYPE,
+    }
+    optional = {
+        "correlation_display": draft.correlation_display,
+        "cmdb_ci": ci_sys_id,
+        "assignment_group": draft.assignment_group,
+        "caller_id": draft.caller,
+        "category": draft.category,
+    }
+    fields |= {name: value for name, value in optional.items() if value}
+    return fields
+
+
+def incident_state_to_lifecycle(state: str) -> WorkItemState:
+    """The coarse lifecycle of an incident state value (unknown custom states count as open)."""
+    state = state.strip()
+    if state == INCIDENT_RESOLVED:
+        return WorkItemState.RESOLVED
+    if state in (INCIDENT_CLOSED, INCIDENT_CANCELED):
+        return WorkItemState.CLOSED
+    return WorkItemState.OPEN
+
+
+def field_value(row: Mapping[str, Any], name: str) -> str:
+    """The stored value of a field, whether the row has display_value=all pairs or plain strings."""
+    return _part(row, name, "value")
+
+
+def field_display(row: Mapping[str, Any], name: str) -> str:
+    """What people see for a field (a name for a reference, a label for a choice)."""
+    return _part(row, name, "display_value")
+
+
+def _part(row: Mapping[str, Any], name: str, key: str) -> str:
+    raw = row.get(name)
+    if isinstance(raw, Mapping):
+        raw = raw.get(key)
+        if raw is None and key == "display_value":
+            return _part(row, name, "value")
+    if raw is None:
+        return ""
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    if isinstance(raw, int | float):
+        return str(raw)
+    raise ValueError(f"{name}: unexpected {type(raw).__name__} value")
+
+
+def parse_datetime(text: str, name: str) -> datetime | None:
+    """A ServiceNow ``YYYY-MM-DD HH:MM:SS`` (UTC) value as an aware datetime; empty means None."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return datetime.strptime(text, DATETIME_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        raise ValueError(f"{name}: not a ServiceNow date-time: {text[:40]!r}") from None
+
+
+def _required(row: Mapping[str, Any], name: str) -> str:
+    value = field_value(row, name).strip()
+    if not value:
+        raise ValueError(f"{name}: missing")
+    return value
+
+
+def row_to_work_item(connection: str, item_type: WorkItemType, row: Mapping[str, Any]) -> WorkItem:
+    """One Table API row as a WorkItem; raises ``ValueError`` naming the field it could not read."""
+    sys_id = _required(row, "sys_id")
+    number = _required(row, "number")
+    updated_at = parse_datetime(_required(row, "sys_updated_on"), "sys_updated_on")
+    assert updated_at is not None
+
+    def date(name: str) -> datetime | None:
+        return parse_datetime(field_value(row, name), name)
+
+    values: dict[str, Any] = {
+        "connection": connection,
+        "item_type": item_type,
+        "source_id": sys_id,
+        "number": number,
+        "updated_at": updated_at,
+        "state": field_display(row, "state"),
+        "urgency": field_display(row, "urgency"),
+        "impact": field_display(row, "impact"),
+        "priority": field_display(row, "priority"),
+        "created_by": field_value(row, "sys_created_by"),
+        "closed_by": field_display(row, "closed_by"),
+        "source": field_display(row, "contact_type"),
+        "assigned_to": field_display(row, "assigned_to"),
+        "category": field_display(row, "category"),
+        "title": field_display(row, "short_description"),
+        "description": field_display(row, "description"),
+        "computer": field_display(row, "cmdb_ci"),
+        "created_at": date("sys_created_on"),
+        "closed_at": date("closed_at"),
+        "correlation_id": field_value(row, "correlation_id"),
+    }
+    if item_type is WorkItemType.INCIDENT:
+        values |= {
+            "resolved_by": field_display(row, "resolved_by"),
+            "resolved_at": date("resolved_at"),
+        }
+    else:
+        values |= {
+            "change_type": field_display(row, "type"),
+            "risk": field_display(row, "risk"),
+            "requested_at": date("requested_by_date"),
+            "planned_start": date("start_date"),
+            "planned_end": date("end_date"),
+            "work_start": date("work_start"),
+            "work_end": date("work_end"),
+        }
+    return WorkItem(**values)
