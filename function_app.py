@@ -3,6 +3,8 @@
 import azure.functions as func
 
 from functions.alerts import bp as alerts_blueprint
+from functions.sync import bp as sync_blueprint
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(alerts_blueprint)
+app.register_functions(sync_blueprint)

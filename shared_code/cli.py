@@ -2,6 +2,7 @@
 
     python -m shared_code connections add|list|show|test|remove
     python -m shared_code alerts list|show|redrive
+    python -m shared_code sync run [--connection NAME] [--type incidents|change_requests]
 
 Secrets are never taken from argv (it leaks into shell history and process lists): they are read
 from a prompt without echo, from standard input (``--secrets-stdin``), or from an environment
@@ -28,6 +29,7 @@ from shared_code.errors import AlreadyExistsError, ConnectorAppError, InvalidInp
 from shared_code.itsm.base import SeverityMapping
 from shared_code.itsm.registry import SUPPORTED_PARTNERS
 from shared_code.state.deliveries import Delivery, DeliveryStatus
+from shared_code.workitems.commands import sync_run
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -82,7 +84,9 @@ class Cli:
         connection = Connection.parse(data)
         if connection.partner_type not in SUPPORTED_PARTNERS:
             supported = ", ".join(sorted(p.value for p in SUPPORTED_PARTNERS))
-            raise InvalidInputError(f"partner type {connection.partner_type.value!r} is not supported yet ({supported})")
+            raise InvalidInputError(
+                f"partner type {connection.partner_type.value!r} is not supported yet ({supported})"
+            )
         secrets = self._read_secrets(connection, args)
         container = self.container
         try:
@@ -94,7 +98,9 @@ class Cli:
         for name, value in secrets.items():
             container.secrets.set(name, value)
         container.connections.add(connection)
-        self.say(f"added connection {connection.name} ({connection.partner_type.value}, {connection.server_url})")
+        self.say(
+            f"added connection {connection.name} ({connection.partner_type.value}, {connection.server_url})"
+        )
         self.say(f"secrets stored in Key Vault as: {', '.join(sorted(secrets))}")
         if args.test:
             return self._test(connection)
@@ -112,11 +118,15 @@ class Cli:
             if env_name:
                 value = self.environ.get(env_name)
                 if not value:
-                    raise InvalidInputError(f"environment variable {env_name} (the {label}) is empty or unset")
+                    raise InvalidInputError(
+                        f"environment variable {env_name} (the {label}) is empty or unset"
+                    )
             elif stdin_lines is not None:
                 value = next(stdin_lines, None)
                 if not value:
-                    raise InvalidInputError(f"standard input ended before the {label}: give one secret per line")
+                    raise InvalidInputError(
+                        f"standard input ended before the {label}: give one secret per line"
+                    )
             elif self.stdin.isatty():
                 value = getpass.getpass(f"{connection.name} {label}: ")
             else:
@@ -140,7 +150,9 @@ class Cli:
         self.say(f"{'NAME':<20} {'TYPE':<11} {'AUTH':<6} {'SYNC':<26} URL")
         for c in connections:
             sync = ",".join(sorted(s.value for s in c.sync_data)) or "-"
-            self.say(f"{c.name:<20} {c.partner_type.value:<11} {c.auth_method.value:<6} {sync:<26} {c.server_url}")
+            self.say(
+                f"{c.name:<20} {c.partner_type.value:<11} {c.auth_method.value:<6} {sync:<26} {c.server_url}"
+            )
         return EXIT_OK
 
     def connections_show(self, args: argparse.Namespace) -> int:
@@ -176,7 +188,9 @@ class Cli:
 
     def alerts_list(self, args: argparse.Namespace) -> int:
         status = DeliveryStatus(args.status) if args.status else None
-        rows = list(self.container.deliveries.list(connection=args.connection, status=status, limit=args.limit))
+        rows = list(
+            self.container.deliveries.list(connection=args.connection, status=status, limit=args.limit)
+        )
         rows.sort(key=lambda d: d.received_at, reverse=True)
         if args.json:
             self.say(json.dumps([delivery_summary(d) for d in rows], indent=2, default=str))
@@ -221,6 +235,11 @@ class Cli:
             self.say(f"{d.delivery_id} {d.status.value}: {d.outcome or ''} {detail}".rstrip())
         self.say(f"redrove {len(results)}: {len(results) - failed} delivered, {failed} failed")
         return EXIT_FAILED if failed else EXIT_OK
+
+    # -- sync ----------------------------------------------------------------------------------
+
+    def sync_run(self, args: argparse.Namespace) -> int:
+        return sync_run(self.container, args.connection, args.type, self.out, self.out.isatty())
 
 
 def delivery_summary(d: Delivery) -> dict[str, Any]:
@@ -267,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     groups = parser.add_subparsers(dest="group", required=True)
 
-    conn = groups.add_parser("connections", help="ITSM connections").add_subparsers(dest="command", required=True)
+    conn = groups.add_parser("connections", help="ITSM connections").add_subparsers(
+        dest="command", required=True
+    )
     add = conn.add_parser("add", help="add a connection (secrets go to Key Vault)")
     add.add_argument("name")
     add.add_argument("--type", required=True, choices=[p.value for p in PartnerType], help="partner type")
@@ -278,18 +299,34 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--private-instance", action="store_true", help="allow a host outside *.service-now.com")
     add.add_argument("--sync", default="incidents,change_requests", help="incidents,change_requests or none")
     add.add_argument("--scope-days", type=int, default=15, help="first sync reaches this far back (1-120)")
-    add.add_argument("--create-ci", action="store_true", help="create missing configuration items in the CMDB")
-    add.add_argument("--correlation", default="per-rule-and-ci", choices=["per-alert", "per-rule-and-ci", "per-rule"])
+    add.add_argument(
+        "--create-ci", action="store_true", help="create missing configuration items in the CMDB"
+    )
+    add.add_argument(
+        "--correlation", default="per-rule-and-ci", choices=["per-alert", "per-rule-and-ci", "per-rule"]
+    )
     add.add_argument("--no-auto-resolve", dest="auto_resolve", action="store_false")
-    add.add_argument("--note-interval-minutes", type=int, default=15, help="at most one re-fire note per interval")
-    add.add_argument("--reopen-window-hours", type=int, default=24, help="reopen instead of new within this window")
+    add.add_argument(
+        "--note-interval-minutes", type=int, default=15, help="at most one re-fire note per interval"
+    )
+    add.add_argument(
+        "--reopen-window-hours", type=int, default=24, help="reopen instead of new within this window"
+    )
     add.add_argument("--close-code", default="Solved (Permanently)")
     add.add_argument("--assignment-group")
     add.add_argument("--caller")
-    add.add_argument("--severity-map", help="e.g. Sev0=1/1,Sev1=1/2,Sev2=2/2,Sev3=2/3,Sev4=3/3 (impact/urgency)")
-    add.add_argument("--close-azure-alerts", action="store_true", help="close the Azure alert when resolved in ITSM")
-    add.add_argument("--secrets-stdin", action="store_true", help="read client secret then password from stdin")
-    add.add_argument("--client-secret-env", metavar="VAR", help="read the client secret from this env variable")
+    add.add_argument(
+        "--severity-map", help="e.g. Sev0=1/1,Sev1=1/2,Sev2=2/2,Sev3=2/3,Sev4=3/3 (impact/urgency)"
+    )
+    add.add_argument(
+        "--close-azure-alerts", action="store_true", help="close the Azure alert when resolved in ITSM"
+    )
+    add.add_argument(
+        "--secrets-stdin", action="store_true", help="read client secret then password from stdin"
+    )
+    add.add_argument(
+        "--client-secret-env", metavar="VAR", help="read the client secret from this env variable"
+    )
     add.add_argument("--password-env", metavar="VAR", help="read the password from this env variable")
     add.add_argument("--test", action="store_true", help="test the connection after adding it")
     lst = conn.add_parser("list", help="list connections")
@@ -300,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("name")
     rm.add_argument("--keep-secrets", action="store_true")
 
-    alerts = groups.add_parser("alerts", help="alert deliveries").add_subparsers(dest="command", required=True)
+    alerts = groups.add_parser("alerts", help="alert deliveries").add_subparsers(
+        dest="command", required=True
+    )
     al = alerts.add_parser("list", help="list deliveries")
     al.add_argument("--connection")
     al.add_argument("--status", choices=[s.value for s in DeliveryStatus])
@@ -314,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--id", action="append", help="a delivery id (repeatable; needs --connection)")
     rd.add_argument("--status", default="failed", choices=["failed", "pending"])
     rd.add_argument("--limit", type=int, default=500)
+
+    sync = groups.add_parser("sync", help="work-item sync").add_subparsers(dest="command", required=True)
+    run = sync.add_parser("run", help="sync incidents and change requests now")
+    run.add_argument("--connection", help="only this connection (default: every connection that syncs)")
+    run.add_argument("--type", action="append", choices=["incidents", "change_requests"], help="repeatable")
     return parser
 
 
@@ -326,6 +370,7 @@ COMMANDS: dict[tuple[str, str], Callable[[Cli, argparse.Namespace], int]] = {
     ("alerts", "list"): Cli.alerts_list,
     ("alerts", "show"): Cli.alerts_show,
     ("alerts", "redrive"): Cli.alerts_redrive,
+    ("sync", "run"): Cli.sync_run,
 }
 
 

@@ -1,0 +1,106 @@
+"""The SyncState table: one row per connection and work-item type, holding the sync watermark.
+
+The watermark is the keyset position (update time, then id) just past the last page whose rows
+are committed to every sink. The row doubles as a lease, so the timer and an on-demand run of
+the same connection and type never page through the feed at the same time: every write is a
+conditional insert or an ETag-matched replace, never a blind write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+from azure.data.tables import TableClient
+from pydantic import BaseModel, ConfigDict
+
+from shared_code.itsm.base import SyncCursor
+from shared_code.state.tables import get_entity, insert_entity, query_entities, replace_if_match
+
+TABLE = "SyncState"
+ERROR_LIMIT = 2000
+
+
+class SyncStateRow(BaseModel):
+    """Where the sync of one connection and work-item type stands."""
+
+    model_config = ConfigDict(frozen=True)
+
+    connection: str
+    item_type: str  # WorkItemType.sync_name: incidents | change_requests
+    watermark_updated_at: datetime | None = None
+    watermark_last_id: str = ""
+    last_run_at: datetime | None = None
+    last_success_at: datetime | None = None
+    last_outcome: str = ""
+    last_error: str = ""
+    last_run_synced: int = 0
+    last_run_rejected: int = 0
+    synced_total: int = 0
+    rejected_total: int = 0
+    lease_owner: str = ""
+    lease_until: datetime | None = None
+    etag: str = ""
+
+    @property
+    def watermark(self) -> SyncCursor | None:
+        if self.watermark_updated_at is None:
+            return None
+        return SyncCursor(updated_at=self.watermark_updated_at, last_id=self.watermark_last_id)
+
+    def leased_by_other(self, owner: str, now: datetime) -> bool:
+        return bool(self.lease_owner) and self.lease_owner != owner and (self.lease_until or now) > now
+
+
+def _to_entity(row: SyncStateRow) -> dict[str, object]:
+    entity: dict[str, object] = {"PartitionKey": row.connection, "RowKey": row.item_type}
+    for name, value in row.model_dump(exclude={"etag", "connection", "item_type"}).items():
+        if value is None:
+            continue
+        entity[name] = value[:ERROR_LIMIT] if name == "last_error" else value
+    return entity
+
+
+def _from_entity(entity: dict[str, object]) -> SyncStateRow:
+    data: dict[str, object] = {name: value for name, value in entity.items() if name[0].islower()}
+    data.pop("_etag", None)
+    for name, value in list(data.items()):
+        if isinstance(value, datetime) and value.tzinfo is None:
+            data[name] = value.replace(tzinfo=UTC)
+    return SyncStateRow.model_validate(
+        {
+            **data,
+            "connection": entity["PartitionKey"],
+            "item_type": entity["RowKey"],
+            "etag": entity.get("_etag", ""),
+        }
+    )
+
+
+class SyncStateRepository:
+    """Conditional reads and writes of SyncState rows (the engine holds the lease logic)."""
+
+    def __init__(self, table: TableClient) -> None:
+        self._table = table
+
+    def get(self, connection: str, item_type: str) -> SyncStateRow | None:
+        entity = get_entity(self._table, connection, item_type)
+        return None if entity is None else _from_entity(entity)
+
+    def insert(self, row: SyncStateRow) -> SyncStateRow:
+        """Conditional insert: AlreadyExistsError when another run created the row first."""
+        etag = insert_entity(self._table, _to_entity(row))
+        return row.model_copy(update={"etag": etag})
+
+    def replace(self, row: SyncStateRow) -> SyncStateRow:
+        """ETag-matched replace; EtagConflict when another run wrote since ``row`` was read."""
+        etag = replace_if_match(self._table, _to_entity(row), row.etag)
+        return row.model_copy(update={"etag": etag})
+
+    def list(self, connection: str | None = None) -> Iterator[SyncStateRow]:
+        if connection is None:
+            rows = query_entities(self._table, "PartitionKey ne @none", {"none": ""})
+        else:
+            rows = query_entities(self._table, "PartitionKey eq @c", {"c": connection})
+        for entity in rows:
+            yield _from_entity(entity)

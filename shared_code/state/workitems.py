@@ -1,0 +1,153 @@
+"""The WorkItems table: the synced incidents and change requests, one row per work item.
+
+Partitions are ``<connection>-<type>-<bucket>`` with the bucket hashed from the source id: a page
+of a thousand rows becomes a few partitions whose batch transactions (at most 100 rows and well
+under the 4 MiB request limit each) are written in parallel, while one item is still found from
+its id alone. Rows are replaced whole, so writing the same version twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from azure.data.tables import TableClient
+
+from shared_code.state.tables import Entity, bucket_of, get_entity, query_entities, upsert_batch
+from shared_code.workitems.model import WorkItem, WorkItemType
+
+TABLE = "WorkItems"
+BUCKETS = 8
+BATCH_ROWS = 100
+BATCH_BYTES = 3_000_000  # the service allows 4 MiB per transaction request
+TEXT_LIMIT = 16_000  # characters; a string property may hold at most 64 KiB (UTF-16)
+_FORBIDDEN = {"/": "%2F", "\\": "%5C", "#": "%23", "?": "%3F", "%": "%25"}
+
+
+def partition_of(connection: str, item_type: WorkItemType, source_id: str) -> str:
+    return f"{connection}-{item_type.sync_name}-{bucket_of(source_id, BUCKETS):02d}"
+
+
+def row_key(source_id: str) -> str:
+    """The source id with the characters a RowKey may not hold percent-encoded."""
+    out = []
+    for char in source_id:
+        if char in _FORBIDDEN:
+            out.append(_FORBIDDEN[char])
+        elif ord(char) < 32 or 127 <= ord(char) < 160:
+            out.append(f"%{ord(char):02X}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def to_entity(item: WorkItem) -> Entity:
+    entity: Entity = {
+        "PartitionKey": partition_of(item.connection, item.item_type, item.source_id),
+        "RowKey": row_key(item.source_id),
+    }
+    for name, value in item.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, str) and len(value) > TEXT_LIMIT:
+            entity[name] = value[: TEXT_LIMIT - 1] + "…"
+        else:
+            entity[name] = value.value if isinstance(value, WorkItemType) else value
+    return entity
+
+
+def from_entity(entity: dict[str, Any]) -> WorkItem:
+    data = {name: value for name, value in entity.items() if name[0].islower()}
+    data.pop("_etag", None)
+    for name, value in list(data.items()):
+        if isinstance(value, datetime) and value.tzinfo is None:
+            data[name] = value.replace(tzinfo=UTC)
+    return WorkItem.model_validate(data)
+
+
+def _size(entity: Entity) -> int:
+    return 200 + sum(
+        len(name) + (len(value) * 2 if isinstance(value, str) else 16) for name, value in entity.items()
+    )
+
+
+def transactions(entities: Sequence[Entity]) -> Iterator[list[Entity]]:
+    """Split one partition's rows into transactions of at most 100 rows and ~3 MB."""
+    chunk: list[Entity] = []
+    size = 0
+    for entity in entities:
+        entity_size = _size(entity)
+        if chunk and (len(chunk) >= BATCH_ROWS or size + entity_size > BATCH_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(entity)
+        size += entity_size
+    if chunk:
+        yield chunk
+
+
+class WorkItemRepository:
+    """Batched, idempotent upserts of work items; partitions are written in parallel."""
+
+    def __init__(self, table: TableClient, *, parallelism: int = BUCKETS) -> None:
+        self._table = table
+        self._parallelism = max(1, parallelism)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._parallelism, thread_name_prefix="workitems")
+            return self._pool
+
+    def upsert_many(self, items: Sequence[WorkItem]) -> int:
+        """Write ``items`` (replacing whole rows); returns how many distinct rows were written.
+
+        A work item seen twice in ``items`` is written once, in its newest version: one
+        transaction may not touch a row twice.
+        """
+        newest: dict[tuple[str, str], Entity] = {}
+        stamps: dict[tuple[str, str], datetime] = {}
+        for item in items:
+            entity = to_entity(item)
+            key = (str(entity["PartitionKey"]), str(entity["RowKey"]))
+            if key not in stamps or item.updated_at >= stamps[key]:
+                newest[key] = entity
+                stamps[key] = item.updated_at
+        partitions: dict[str, list[Entity]] = {}
+        for (partition, _), entity in newest.items():
+            partitions.setdefault(partition, []).append(entity)
+        chunks = [chunk for rows in partitions.values() for chunk in transactions(rows)]
+        if len(chunks) <= 1:
+            for chunk in chunks:
+                upsert_batch(self._table, chunk)
+        else:
+            futures = [self._executor().submit(upsert_batch, self._table, chunk) for chunk in chunks]
+            errors = [f.exception() for f in futures]
+            for error in errors:
+                if error is not None:
+                    raise error
+        return len(newest)
+
+    def get(self, connection: str, item_type: WorkItemType, source_id: str) -> WorkItem | None:
+        entity = get_entity(self._table, partition_of(connection, item_type, source_id), row_key(source_id))
+        return None if entity is None else from_entity(entity)
+
+    def list(self, connection: str, item_type: WorkItemType) -> Iterator[WorkItem]:
+        """Every stored item of one connection and type (all buckets), in no particular order."""
+        prefix = f"{connection}-{item_type.sync_name}-"
+        # the column filters keep out a connection whose name extends this one's ("a" vs "a-incidents")
+        query = "PartitionKey ge @lo and PartitionKey lt @hi and connection eq @c and item_type eq @t"
+        params = {"lo": prefix, "hi": prefix[:-1] + ".", "c": connection, "t": item_type.value}
+        for entity in query_entities(self._table, query, params):
+            yield from_entity(entity)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None

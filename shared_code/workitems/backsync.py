@@ -1,0 +1,292 @@
+"""Backward sync: a work item the alert path created was resolved or closed in the ITSM product.
+
+The alert path stamps its incidents with ``azmon-<key>-g<generation>``. When such an item comes
+through the sync resolved or closed, and the problem's correlation row still says this generation
+is OPEN, the row learns the new state (ETag-matched replace, so a concurrent alert wins and we
+decide again), and, where the connection enables it, every Azure alert id on the row is closed
+through the Alerts Management API first. Alerts are closed before the row changes: if we crash in
+between, the next run sees the row still OPEN and closes again (idempotent at ARM); once the row
+has changed, later runs see it is no longer OPEN and close nothing a second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+from urllib.parse import quote, urlsplit
+
+import httpx
+from azure.core.credentials import AccessToken, TokenCredential
+from azure.core.exceptions import AzureError
+
+from shared_code.connections import Connection
+from shared_code.errors import BusyError, ConnectorAppError
+from shared_code.state.correlations import Correlation, CorrelationState
+from shared_code.state.tables import EtagConflict
+from shared_code.workitems.model import WorkItem
+
+log = logging.getLogger(__name__)
+
+CORRELATION_ID = re.compile(r"^azmon-(?P<key>[0-9A-Za-z]{8,64})-g(?P<generation>[1-9][0-9]{0,8})$")
+ALERT_ID = re.compile(
+    r"^/subscriptions/[0-9A-Za-z-]+(/[^/?#%\s]+)*/providers/Microsoft\.AlertsManagement/alerts/[0-9A-Za-z-]+$",
+    re.IGNORECASE,
+)
+API_VERSION = "2019-05-05-preview"
+PUBLIC_ARM_SCOPE = "https://management.azure.com/.default"
+SOVEREIGN_ARM_HOSTS = ("management.usgovcloudapi.net", "management.chinacloudapi.cn")
+RESOLVED_STATES = {"resolved", "6"}
+CLOSED_STATES = {"closed", "canceled", "cancelled", "7", "8"}
+
+
+class AlertsApiError(ConnectorAppError):
+    """The Alerts Management API failed. ``permanent`` errors (403, 400) are logged and skipped;
+    others (429, 5xx, transport) make the page fail so the next run tries again."""
+
+    def __init__(self, message: str, *, permanent: bool, status: int | None = None) -> None:
+        self.permanent = permanent
+        self.status = status
+        super().__init__(message)
+
+
+class CloseOutcome(StrEnum):
+    CLOSED = "closed"
+    NOT_FOUND = "not_found"  # deleted or past its 30-day retention: nothing left to close
+
+
+class AlertCloser(Protocol):
+    def close_alert(self, alert_id: str) -> CloseOutcome: ...
+
+
+class CorrelationStore(Protocol):
+    def get(self, connection: str, key: str) -> Correlation | None: ...
+
+    def replace(self, row: Correlation) -> Correlation: ...
+
+
+def parse_correlation_id(value: str) -> tuple[str, int] | None:
+    """``(key, generation)`` of an alert-path correlation id, or None for anything else."""
+    match = CORRELATION_ID.match(value.strip())
+    if not match:
+        return None
+    return match["key"], int(match["generation"])
+
+
+def finished_state(item: WorkItem) -> CorrelationState | None:
+    """RESOLVED or CLOSED when the product says the item is done; None while it is open."""
+    state = item.state.strip().lower()
+    if state in CLOSED_STATES:
+        return CorrelationState.CLOSED
+    if state in RESOLVED_STATES:
+        return CorrelationState.RESOLVED
+    if not state:
+        if item.closed_at is not None:
+            return CorrelationState.CLOSED
+        if item.resolved_at is not None:
+            return CorrelationState.RESOLVED
+    return None
+
+
+def arm_scope(arm_endpoint: str) -> str:
+    host = urlsplit(arm_endpoint).hostname or ""
+    return f"https://{host}/.default" if host in SOVEREIGN_ARM_HOSTS else PUBLIC_ARM_SCOPE
+
+
+class AlertsManagementClient:
+    """``POST {arm}{alertId}/changestate?newState=Closed`` with the app's token, bounded retries."""
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        credential: TokenCredential,
+        arm_endpoint: str,
+        *,
+        scope: str | None = None,
+        max_attempts: int = 4,
+        max_wait_seconds: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._http = http
+        self._credential = credential
+        self._arm = arm_endpoint.rstrip("/")
+        self._scope = scope or arm_scope(arm_endpoint)
+        self._max_attempts = max(1, max_attempts)
+        self._max_wait = max_wait_seconds
+        self._sleep = sleep
+        self._token: AccessToken | None = None
+        self._lock = threading.Lock()
+
+    def _bearer(self) -> str:
+        with self._lock:
+            if self._token is None or self._token.expires_on - 300 < time.time():
+                try:
+                    self._token = self._credential.get_token(self._scope)
+                except AzureError as exc:
+                    raise AlertsApiError(
+                        f"could not get a token for Azure Resource Manager ({type(exc).__name__})",
+                        permanent=False,
+                    ) from exc
+            return self._token.token
+
+    def close_alert(self, alert_id: str) -> CloseOutcome:
+        if not ALERT_ID.match(alert_id):
+            raise AlertsApiError(f"not an Azure Monitor alert id: {alert_id[:200]!r}", permanent=True)
+        url = f"{self._arm}{quote(alert_id, safe='/-_.')}/changestate"
+        params = {"api-version": API_VERSION, "newState": "Closed"}
+        delay = 1.0
+        for attempt in range(1, self._max_attempts + 1):
+            last = attempt == self._max_attempts
+            try:
+                response = self._http.post(
+                    url, params=params, headers={"Authorization": f"Bearer {self._bearer()}"}
+                )
+            except httpx.TransportError as exc:
+                if last:
+                    raise AlertsApiError(
+                        f"closing alert {alert_id}: {type(exc).__name__} after {attempt} attempts",
+                        permanent=False,
+                    ) from exc
+                self._sleep(delay)
+                delay = min(delay * 2, self._max_wait)
+                continue
+            status = response.status_code
+            if status < 300:
+                return CloseOutcome.CLOSED
+            if status == 404:
+                return CloseOutcome.NOT_FOUND
+            if status == 401 and not last:
+                with self._lock:
+                    self._token = None  # expired or revoked early: fetch a fresh one
+                continue
+            if status == 429 or status >= 500:
+                if last:
+                    raise AlertsApiError(
+                        f"closing alert {alert_id}: HTTP {status} after {attempt} attempts",
+                        permanent=False,
+                        status=status,
+                    )
+                self._sleep(min(_retry_after(response) or delay, self._max_wait))
+                delay = min(delay * 2, self._max_wait)
+                continue
+            hint = (
+                "; the app's identity needs 'Monitoring Contributor' on the alerts' scope"
+                if status in (401, 403)
+                else ""
+            )
+            raise AlertsApiError(
+                f"closing alert {alert_id}: HTTP {status} {_error_text(response)}{hint}",
+                permanent=True,
+                status=status,
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "")))
+    except ValueError:
+        return None
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        error = response.json().get("error", {})
+        return str(error.get("code") or error.get("message") or "")[:200]
+    except (ValueError, AttributeError):
+        return ""
+
+
+@dataclass
+class BackSyncReport:
+    correlations_updated: int = 0
+    alerts_closed: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (source id, message)
+
+
+class BackSync:
+    """Applies resolved/closed alert-path work items to their correlation rows and Azure alerts."""
+
+    def __init__(
+        self,
+        correlations: CorrelationStore,
+        alerts: AlertCloser | None,
+        clock: Callable[[], datetime],
+        *,
+        max_races: int = 20,
+    ) -> None:
+        self._correlations = correlations
+        self._alerts = alerts
+        self._clock = clock
+        self._max_races = max_races
+
+    def apply(self, connection: Connection, items: Sequence[WorkItem]) -> BackSyncReport:
+        """Handle one committed page. Transient failures raise (the page is retried next run)."""
+        report = BackSyncReport()
+        for item, key, generation, state in self._candidates(items):
+            self._apply_one(connection, item, (key, generation), state, report)
+        return report
+
+    @staticmethod
+    def _candidates(items: Sequence[WorkItem]) -> Iterator[tuple[WorkItem, str, int, CorrelationState]]:
+        for item in items:
+            if not item.correlation_id:
+                continue
+            parsed = parse_correlation_id(item.correlation_id)
+            state = finished_state(item)
+            if parsed is None or state is None:
+                continue
+            yield item, parsed[0], parsed[1], state
+
+    def _apply_one(
+        self,
+        connection: Connection,
+        item: WorkItem,
+        identity: tuple[str, int],
+        state: CorrelationState,
+        report: BackSyncReport,
+    ) -> None:
+        key, generation = identity
+        closed: set[str] = set()
+        for _ in range(self._max_races):
+            row = self._correlations.get(connection.name, key)
+            if row is None or row.generation != generation or row.state is not CorrelationState.OPEN:
+                return  # not ours any more: a new generation, or the alert path resolved it already
+            if connection.close_azure_alerts and self._alerts is not None:
+                for alert_id in dict.fromkeys(row.alert_ids):
+                    if alert_id in closed:
+                        continue
+                    try:
+                        outcome = self._alerts.close_alert(alert_id)
+                    except AlertsApiError as exc:
+                        if not exc.permanent:
+                            raise
+                        report.problems.append((item.source_id, str(exc)))
+                        outcome = CloseOutcome.NOT_FOUND
+                    closed.add(alert_id)
+                    if outcome is CloseOutcome.CLOSED:
+                        report.alerts_closed += 1
+            resolved_at = item.resolved_at or item.closed_at or item.updated_at or self._clock()
+            try:
+                self._correlations.replace(
+                    row.model_copy(update={"state": state, "resolved_at": resolved_at})
+                )
+            except EtagConflict:
+                continue  # the alert path wrote in between: read again and decide again
+            report.correlations_updated += 1
+            log.info(
+                "backward sync: %s %s is %s; correlation %s updated, %d alert(s) closed",
+                connection.name,
+                item.number,
+                state.value,
+                row.key_text,
+                len(closed),
+            )
+            return
+        raise BusyError(f"correlation {key} of {item.number} kept changing; the page is retried next run")

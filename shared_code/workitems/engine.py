@@ -1,0 +1,503 @@
+"""The work-item sync engine: ITSM change feed -> sinks, with a watermark that never runs ahead.
+
+For each connection and work-item type:
+
+1. Take the SyncState row's lease (conditional insert / ETag replace), so two runs of the same
+   connection and type never page at once; a run that dies leaves a lease that simply expires.
+2. Start at ``watermark - overlap`` (first run: ``now - sync_scope_days``). The overlap re-reads the
+   last seconds of the feed, so a row committed late with an update time we had already passed
+   (ServiceNow keeps whole seconds) is not missed; rows read twice are idempotent upserts.
+3. Page through the connector's keyset feed (update time, then id). While page N is written, page
+   N+1 is already being fetched on one background thread, so throughput approaches plain paging;
+   at most two pages are in memory at any time.
+4. A page is committed when every sink stored its good rows, backward sync handled them, and its
+   rejected rows are in the error log. Only then does the watermark move to the page's cursor
+   (never backwards). A failure anywhere leaves the watermark at the last committed page: the next
+   run reads from there again, so there is no gap, and upserts mean no duplicate.
+
+Failures are per connection and type: they are recorded in Runs, SyncState and the error log, and
+the engine goes on with the next one. Nothing here raises for a single connection's trouble.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Protocol
+
+from shared_code.connections import Connection
+from shared_code.errors import (
+    AlreadyExistsError,
+    BusyError,
+    ConnectorAppError,
+    ItsmAuthError,
+    ItsmError,
+    StateError,
+)
+from shared_code.itsm.base import ItsmConnector, SyncCursor, SyncPage
+from shared_code.state.runs import RunRecord
+from shared_code.state.syncerrors import SyncErrorKind, SyncErrorRecord
+from shared_code.state.syncstate import SyncStateRow
+from shared_code.state.tables import EtagConflict
+from shared_code.workitems.backsync import AlertsApiError, BackSync
+from shared_code.workitems.model import WorkItemType
+from shared_code.workitems.sinks import ErrorLog, WorkItemSink
+
+log = logging.getLogger(__name__)
+
+JOB = "sync"
+
+
+class SyncOutcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    INCOMPLETE = "incomplete"  # stopped at the time budget with more to read; the next run goes on
+    FAILED = "failed"
+    SKIPPED = "skipped"  # another run holds the lease, or the type is not synced for the connection
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    connection: str
+    item_type: WorkItemType
+    outcome: SyncOutcome
+    run_id: str
+    synced: int = 0
+    rejected: int = 0
+    pages: int = 0
+    correlations_updated: int = 0
+    alerts_closed: int = 0
+    duration_seconds: float = 0.0
+    error: str = ""
+    watermark: SyncCursor | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            "synced": self.synced,
+            "rejected": self.rejected,
+            "pages": self.pages,
+            "correlations_updated": self.correlations_updated,
+            "alerts_closed": self.alerts_closed,
+        }
+
+
+@dataclass(frozen=True)
+class SyncProgress:
+    """Reported after every committed page (and once when a connection and type is done)."""
+
+    connection: str
+    item_type: WorkItemType
+    pages: int
+    synced: int
+    rejected: int
+    watermark: SyncCursor | None
+    done: bool = False
+
+
+ProgressCallback = Callable[[SyncProgress], None]
+
+
+class ConnectionSource(Protocol):
+    def get(self, name: str) -> Connection: ...
+
+    def list(self) -> list[Connection]: ...
+
+
+class SyncStateStore(Protocol):
+    def get(self, connection: str, item_type: str) -> SyncStateRow | None: ...
+
+    def insert(self, row: SyncStateRow) -> SyncStateRow: ...
+
+    def replace(self, row: SyncStateRow) -> SyncStateRow: ...
+
+
+class RunLog(Protocol):
+    def record(self, run: RunRecord) -> None: ...
+
+
+def _later(a: SyncCursor | None, b: SyncCursor) -> SyncCursor:
+    """The further of two keyset positions (a watermark never moves backwards)."""
+    if a is None or (b.updated_at, b.last_id) > (a.updated_at, a.last_id):
+        return b
+    return a
+
+
+@dataclass
+class _Run:
+    """One sync of one connection and type: what it is about and what it has done so far."""
+
+    connection: Connection
+    item_type: WorkItemType
+    run_id: str
+    progress: ProgressCallback | None
+    deadline: datetime | None
+    synced: int = 0
+    rejected: int = 0
+    pages: int = 0
+    correlations_updated: int = 0
+    alerts_closed: int = 0
+    watermark: SyncCursor | None = None
+    complete: bool = False
+    errors: list[SyncErrorRecord] = field(default_factory=list)
+
+
+class SyncEngine:
+    """Syncs work items of every (or one) connection; collaborators are injected, none is global."""
+
+    def __init__(
+        self,
+        *,
+        connections: ConnectionSource,
+        connector_for: Callable[[Connection], ItsmConnector],
+        sync_state: SyncStateStore,
+        sinks: Sequence[WorkItemSink],
+        errors: ErrorLog,
+        runs: RunLog,
+        clock: Callable[[], datetime],
+        page_size: int = 1000,
+        overlap: timedelta = timedelta(seconds=120),
+        backsync: BackSync | None = None,
+        lease: timedelta = timedelta(minutes=5),
+    ) -> None:
+        if not sinks:
+            raise ValueError("the sync engine needs at least one sink")
+        self._connections = connections
+        self._connector_for = connector_for
+        self._state = sync_state
+        self._sinks = list(sinks)
+        self._errors = errors
+        self._runs = runs
+        self._clock = clock
+        self._page_size = page_size
+        self._overlap = overlap
+        self._backsync = backsync
+        self._lease = lease
+
+    # -- public --------------------------------------------------------------------------------
+
+    def run(
+        self,
+        connection: str | None = None,
+        item_types: Collection[WorkItemType] | None = None,
+        progress: ProgressCallback | None = None,
+        *,
+        trigger: str = "manual",
+        time_budget: timedelta | None = None,
+    ) -> list[SyncResult]:
+        """Sync ``connection`` (default: every connection that syncs anything) and return one result
+        per connection and type. Raises only when the connection list itself cannot be read or a
+        named connection does not exist."""
+        deadline = self._clock() + time_budget if time_budget is not None else None
+        if connection is not None:
+            targets = [self._connections.get(connection)]
+        else:
+            targets = [c for c in self._connections.list() if c.sync_data]
+        results: list[SyncResult] = []
+        for target in targets:
+            enabled = {WorkItemType.from_sync_name(s.value) for s in target.sync_data}
+            wanted = list(item_types) if item_types is not None else sorted(enabled)
+            for item_type in wanted:
+                if item_type not in enabled:
+                    results.append(self._not_enabled(target, item_type))
+                    continue
+                results.append(self._sync_one(target, item_type, progress, trigger, deadline))
+        return results
+
+    # -- one connection and type ---------------------------------------------------------------
+
+    def _sync_one(
+        self,
+        connection: Connection,
+        item_type: WorkItemType,
+        progress: ProgressCallback | None,
+        trigger: str,
+        deadline: datetime | None,
+    ) -> SyncResult:
+        run_id = uuid.uuid4().hex[:12]
+        owner = f"{JOB}:{run_id}"
+        started = self._clock()
+        run = _Run(connection, item_type, run_id, progress, deadline)
+        outcome = SyncOutcome.FAILED
+        error = ""
+        kind: SyncErrorKind | None = None
+        state: SyncStateRow | None = None
+        try:
+            state = self._acquire(connection.name, item_type, owner)
+            run.watermark = state.watermark
+            state = self._page_through(run, state)
+            outcome = SyncOutcome.SUCCEEDED if run.complete else SyncOutcome.INCOMPLETE
+        except BusyError as exc:
+            outcome, error = SyncOutcome.SKIPPED, str(exc)
+        except ItsmAuthError as exc:
+            kind = SyncErrorKind.REAUTHORISE
+            error = (
+                f"re-authorise this connection: {connection.name!r} was refused by the ITSM product ({exc}). "
+                "Store fresh credentials for it, then run the sync again"
+            )
+        except ItsmError as exc:
+            kind, error = SyncErrorKind.ITSM, f"the ITSM product failed: {exc}"
+        except AlertsApiError as exc:
+            kind, error = SyncErrorKind.BACKSYNC, f"backward sync failed: {exc}"
+        except ConnectorAppError as exc:
+            kind, error = SyncErrorKind.SINK, str(exc)
+        except Exception as exc:  # one connection's bug must not stop the others
+            log.exception("sync of %s %s failed unexpectedly", connection.name, item_type.sync_name)
+            kind, error = SyncErrorKind.INTERNAL, f"unexpected {type(exc).__name__}; see the app's logs"
+        finally:
+            finished = self._clock()
+            if state is not None:
+                self._release(run, state, owner=owner, started=started, outcome=outcome, error=error)
+        if kind is not None:
+            log.error("sync of %s %s failed: %s", connection.name, item_type.sync_name, error)
+            run.errors.append(self._error(run, kind, error))
+        result = SyncResult(
+            connection=connection.name,
+            item_type=item_type,
+            outcome=outcome,
+            run_id=run_id,
+            synced=run.synced,
+            rejected=run.rejected,
+            pages=run.pages,
+            correlations_updated=run.correlations_updated,
+            alerts_closed=run.alerts_closed,
+            duration_seconds=(finished - started).total_seconds(),
+            error=error,
+            watermark=run.watermark,
+        )
+        if run.errors:
+            self._best_effort("recording sync errors", lambda: self._errors.record(run.errors))
+        self._record_run(result, started, finished, trigger)
+        self._report(run, done=True)
+        return result
+
+    def _page_through(self, run: _Run, state: SyncStateRow) -> SyncStateRow:
+        connection, item_type, deadline = run.connection, run.item_type, run.deadline
+        connector = self._connector_for(connection)
+        cursor = self._start_cursor(connection, state)
+        pool = ThreadPoolExecutor(1 + len(self._sinks), thread_name_prefix=f"sync-{connection.name}")
+        pending: Future[SyncPage] | None = None
+        try:
+            pending = pool.submit(connector.fetch_changes, item_type, cursor, self._page_size)
+            while pending is not None:
+                page = pending.result()
+                pending = None
+                self._check_progress(cursor, page)
+                out_of_time = deadline is not None and self._clock() >= deadline
+                if not page.is_last and not out_of_time:
+                    # fetch the next page while this one is written: the feed's order makes that safe
+                    pending = pool.submit(
+                        connector.fetch_changes, item_type, page.next_cursor, self._page_size
+                    )
+                self._commit(run, pool, page)
+                state = self._advance(state, page.next_cursor)
+                run.watermark = state.watermark
+                run.pages += 1
+                cursor = page.next_cursor
+                self._report(run)
+                if page.is_last:
+                    run.complete = True
+                elif deadline is not None and self._clock() >= deadline:
+                    break
+        finally:
+            if pending is not None:
+                pending.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+        return state
+
+    def _start_cursor(self, connection: Connection, state: SyncStateRow) -> SyncCursor:
+        watermark = state.watermark
+        if watermark is None:
+            return SyncCursor(updated_at=self._clock() - timedelta(days=connection.sync_scope_days))
+        if not self._overlap:
+            return watermark
+        return SyncCursor(updated_at=watermark.updated_at - self._overlap, last_id="")
+
+    @staticmethod
+    def _check_progress(cursor: SyncCursor, page: SyncPage) -> None:
+        """A connector that returns the same position with more to come would loop for ever."""
+        if not page.is_last and not page.items and not page.rejected and page.next_cursor == cursor:
+            raise ItsmError("the ITSM connector returned an empty page without moving its cursor")
+
+    def _commit(self, run: _Run, pool: ThreadPoolExecutor, page: SyncPage) -> None:
+        """Store one page everywhere; raises if any part fails (the watermark then stays put)."""
+        connection, item_type = run.connection, run.item_type
+        items = page.items
+        if items:
+            if len(self._sinks) == 1:
+                self._sinks[0].write(items)
+            else:
+                futures = [pool.submit(sink.write, items) for sink in self._sinks]
+                failures = [f.exception() for f in futures]
+                for failure in failures:
+                    if failure is not None:
+                        raise failure
+        records = [
+            self._error(run, SyncErrorKind.REJECTED_ROW, row.error, row.source_id) for row in page.rejected
+        ]
+        for row in page.rejected:
+            log.warning(
+                "skipped %s %s row %s: %s", connection.name, item_type.sync_name, row.source_id, row.error
+            )
+        if self._backsync is not None and items:
+            report = self._backsync.apply(connection, items)
+            run.correlations_updated += report.correlations_updated
+            run.alerts_closed += report.alerts_closed
+            records += [
+                self._error(run, SyncErrorKind.BACKSYNC, message, source_id)
+                for source_id, message in report.problems
+            ]
+        self._errors.record(records)
+        run.synced += len(items)
+        run.rejected += len(page.rejected)
+
+    # -- SyncState lease and watermark -----------------------------------------------------------
+
+    def _acquire(self, connection: str, item_type: WorkItemType, owner: str) -> SyncStateRow:
+        for _ in range(10):
+            now = self._clock()
+            row = self._state.get(connection, item_type.sync_name)
+            try:
+                if row is None:
+                    return self._state.insert(
+                        SyncStateRow(
+                            connection=connection,
+                            item_type=item_type.sync_name,
+                            lease_owner=owner,
+                            lease_until=now + self._lease,
+                        )
+                    )
+                if row.leased_by_other(owner, now):
+                    until = row.lease_until.isoformat(timespec="seconds") if row.lease_until else "?"
+                    raise BusyError(
+                        f"another sync of {connection} {item_type.sync_name} is running "
+                        f"(its lease lasts until {until})"
+                    )
+                return self._state.replace(
+                    row.model_copy(update={"lease_owner": owner, "lease_until": now + self._lease})
+                )
+            except (AlreadyExistsError, EtagConflict):
+                continue
+        raise BusyError(f"could not take the sync lease of {connection} {item_type.sync_name}")
+
+    def _advance(self, state: SyncStateRow, cursor: SyncCursor) -> SyncStateRow:
+        watermark = _later(state.watermark, cursor)
+        update = {
+            "watermark_updated_at": watermark.updated_at,
+            "watermark_last_id": watermark.last_id,
+            "lease_until": self._clock() + self._lease,
+        }
+        try:
+            return self._state.replace(state.model_copy(update=update))
+        except EtagConflict as exc:
+            raise StateError(
+                f"another sync of {state.connection} {state.item_type} took over (this run's lease expired); "
+                "stopping here, the other run goes on"
+            ) from exc
+
+    def _release(
+        self,
+        run: _Run,
+        state: SyncStateRow,
+        *,
+        owner: str,
+        started: datetime,
+        outcome: SyncOutcome,
+        error: str,
+    ) -> None:
+        """Record the run on the SyncState row and drop the lease (best effort: it also expires)."""
+
+        def write() -> None:
+            for _ in range(5):
+                row = self._state.get(state.connection, state.item_type)
+                if row is None or row.lease_owner != owner:
+                    return  # taken over: the other run owns the row now
+                ok = outcome in (SyncOutcome.SUCCEEDED, SyncOutcome.INCOMPLETE)
+                update: dict[str, object] = {
+                    "lease_owner": "",
+                    "lease_until": None,
+                    "last_run_at": started,
+                    "last_outcome": outcome.value,
+                    "last_error": error,
+                    "last_run_synced": run.synced,
+                    "last_run_rejected": run.rejected,
+                    "synced_total": row.synced_total + run.synced,
+                    "rejected_total": row.rejected_total + run.rejected,
+                }
+                if ok:
+                    update["last_success_at"] = started
+                try:
+                    self._state.replace(row.model_copy(update=update))
+                    return
+                except EtagConflict:
+                    continue
+
+        self._best_effort("releasing the sync lease", write)
+
+    # -- records -------------------------------------------------------------------------------
+
+    def _error(self, run: _Run, kind: SyncErrorKind, message: str, source_id: str = "") -> SyncErrorRecord:
+        return SyncErrorRecord(
+            connection=run.connection.name,
+            item_type=run.item_type.sync_name,
+            kind=kind,
+            message=message,
+            source_id=source_id,
+            run_id=run.run_id,
+            occurred_at=self._clock(),
+        )
+
+    @staticmethod
+    def _report(run: _Run, *, done: bool = False) -> None:
+        if run.progress is not None:
+            run.progress(
+                SyncProgress(
+                    connection=run.connection.name,
+                    item_type=run.item_type,
+                    pages=run.pages,
+                    synced=run.synced,
+                    rejected=run.rejected,
+                    watermark=run.watermark,
+                    done=done,
+                )
+            )
+
+    def _not_enabled(self, connection: Connection, item_type: WorkItemType) -> SyncResult:
+        return SyncResult(
+            connection=connection.name,
+            item_type=item_type,
+            outcome=SyncOutcome.SKIPPED,
+            run_id="",
+            error=f"connection {connection.name!r} does not sync {item_type.sync_name}",
+        )
+
+    def _record_run(self, result: SyncResult, started: datetime, finished: datetime, trigger: str) -> None:
+        run = RunRecord(
+            job=JOB,
+            run_id=result.run_id,
+            trigger=trigger,
+            connection=result.connection,
+            item_type=result.item_type.sync_name,
+            started_at=started,
+            finished_at=finished,
+            duration_seconds=result.duration_seconds,
+            outcome=result.outcome.value,
+            counts=result.counts,
+            error=result.error,
+            detail=f"watermark {result.watermark.updated_at.isoformat()} {result.watermark.last_id}"
+            if result.watermark
+            else "",
+        )
+        self._best_effort("recording the run", lambda: self._runs.record(run))
+
+    @staticmethod
+    def _best_effort(what: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - bookkeeping must not turn a result into a crash
+            reason = str(exc) if isinstance(exc, ConnectorAppError) else type(exc).__name__
+            log.warning("%s failed: %s", what, reason)

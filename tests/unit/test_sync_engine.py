@@ -1,0 +1,682 @@
+"""The sync engine with a hand-written keyset feed and in-memory sinks and repositories."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from azure.core.credentials import AccessToken
+
+from shared_code.connections import Connection, SyncData
+from shared_code.errors import (
+    AlreadyExistsError,
+    ItsmAuthError,
+    ItsmUnavailableError,
+    NotFoundError,
+    StateError,
+)
+from shared_code.itsm.base import RejectedRow, SyncCursor, SyncPage
+from shared_code.state.correlations import Correlation, CorrelationState
+from shared_code.state.runs import RunRecord
+from shared_code.state.syncerrors import SyncErrorKind, SyncErrorRecord
+from shared_code.state.syncstate import SyncStateRow
+from shared_code.state.tables import EtagConflict
+from shared_code.workitems.backsync import (
+    AlertsApiError,
+    AlertsManagementClient,
+    BackSync,
+    CloseOutcome,
+    parse_correlation_id,
+)
+from shared_code.workitems.engine import SyncEngine, SyncOutcome, SyncProgress
+from shared_code.workitems.model import WorkItem, WorkItemType
+from tests.fakes.state import InMemoryCorrelations
+
+NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+INC = WorkItemType.INCIDENT
+CHG = WorkItemType.CHANGE_REQUEST
+
+
+# -- fakes ---------------------------------------------------------------------------------------
+
+
+def connection(name: str = "snow", **extra: object) -> Connection:
+    data: dict[str, object] = {
+        "name": name,
+        "partner_type": "servicenow",
+        "server_url": f"https://{name}.service-now.com",
+        "client_id": "cid",
+        "username": "integration",
+        "sync_data": ["incidents"],
+        "sync_scope_days": 30,
+    }
+    data.update(extra)
+    return Connection.model_validate(data)
+
+
+def item(conn: str, n: int, updated_at: datetime, **extra: object) -> WorkItem:
+    data: dict[str, object] = {
+        "connection": conn,
+        "item_type": INC,
+        "source_id": f"sys{n:05d}",
+        "number": f"INC{n:07d}",
+        "updated_at": updated_at,
+        "state": "In Progress",
+        "title": f"incident {n}",
+    }
+    data.update(extra)
+    return WorkItem.model_validate(data)
+
+
+class FakeFeed:
+    """A keyset change feed over (updated_at, source_id); ``bad`` ids come back as rejected rows."""
+
+    def __init__(self, conn: str = "snow") -> None:
+        self.conn = conn
+        self.rows: dict[str, WorkItem] = {}
+        self.bad: set[str] = set()
+        self.cursors: list[SyncCursor] = []
+        self.fail_on_call: dict[int, Exception] = {}
+        self.on_fetch: Callable[[int], None] | None = None
+        self._lock = threading.Lock()
+
+    def add(self, n: int, updated_at: datetime, **extra: object) -> WorkItem:
+        row = item(self.conn, n, updated_at, **extra)
+        self.rows[row.source_id] = row
+        return row
+
+    def fetch_changes(self, item_type: WorkItemType, cursor: SyncCursor, page_size: int) -> SyncPage:
+        with self._lock:
+            call = len(self.cursors)
+            self.cursors.append(cursor)
+        if self.on_fetch is not None:
+            self.on_fetch(call)
+        if call in self.fail_on_call:
+            raise self.fail_on_call[call]
+        ordered = sorted(self.rows.values(), key=lambda r: (r.updated_at, r.source_id))
+        after = [r for r in ordered if (r.updated_at, r.source_id) > (cursor.updated_at, cursor.last_id)]
+        chunk = after[:page_size]
+        next_cursor = (
+            SyncCursor(updated_at=chunk[-1].updated_at, last_id=chunk[-1].source_id) if chunk else cursor
+        )
+        return SyncPage(
+            items=[r for r in chunk if r.source_id not in self.bad],
+            rejected=[
+                RejectedRow(source_id=r.source_id, error="bad date") for r in chunk if r.source_id in self.bad
+            ],
+            next_cursor=next_cursor,
+            is_last=len(after) <= page_size,
+        )
+
+    def close(self) -> None:
+        return None
+
+
+class MemorySink:
+    def __init__(self, name: str = "memory") -> None:
+        self.name = name
+        self.rows: dict[str, WorkItem] = {}
+        self.writes: list[list[str]] = []
+        self.fail_at_write: int | None = None
+        self.before_write: Callable[[int], None] | None = None
+
+    def write(self, items: Sequence[WorkItem]) -> None:
+        index = len(self.writes)
+        if self.before_write is not None:
+            self.before_write(index)
+        if self.fail_at_write is not None and index >= self.fail_at_write:
+            raise StateError("storage went away")
+        self.writes.append([i.source_id for i in items])
+        for i in items:
+            self.rows[i.source_id] = i
+
+
+class MemorySyncState:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], SyncStateRow] = {}
+        self._etags = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def get(self, connection: str, item_type: str) -> SyncStateRow | None:
+        return self.rows.get((connection, item_type))
+
+    def insert(self, row: SyncStateRow) -> SyncStateRow:
+        with self._lock:
+            if (row.connection, row.item_type) in self.rows:
+                raise AlreadyExistsError("exists")
+            stored = row.model_copy(update={"etag": str(next(self._etags))})
+            self.rows[(row.connection, row.item_type)] = stored
+            return stored
+
+    def replace(self, row: SyncStateRow) -> SyncStateRow:
+        with self._lock:
+            current = self.rows.get((row.connection, row.item_type))
+            if current is None or current.etag != row.etag:
+                raise EtagConflict("changed")
+            stored = row.model_copy(update={"etag": str(next(self._etags))})
+            self.rows[(row.connection, row.item_type)] = stored
+            return stored
+
+
+class MemoryErrors:
+    def __init__(self) -> None:
+        self.records: list[SyncErrorRecord] = []
+
+    def record(self, records: Sequence[SyncErrorRecord]) -> None:
+        self.records.extend(records)
+
+
+class MemoryRuns:
+    def __init__(self) -> None:
+        self.runs: list[RunRecord] = []
+
+    def record(self, run: RunRecord) -> None:
+        self.runs.append(run)
+
+
+class Connections:
+    def __init__(self, *connections: Connection) -> None:
+        self.by_name = {c.name: c for c in connections}
+
+    def get(self, name: str) -> Connection:
+        if name not in self.by_name:
+            raise NotFoundError(f"no ITSM connection named {name!r}")
+        return self.by_name[name]
+
+    def list(self) -> list[Connection]:
+        return sorted(self.by_name.values(), key=lambda c: c.name)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class Harness:
+    def __init__(
+        self, *connections: Connection, sinks: int = 1, overlap: int = 120, page_size: int = 10
+    ) -> None:
+        self.connections = Connections(*(connections or (connection(),)))
+        self.feeds = {name: FakeFeed(name) for name in self.connections.by_name}
+        self.sinks = [MemorySink(f"sink{i}") for i in range(sinks)]
+        self.state = MemorySyncState()
+        self.errors = MemoryErrors()
+        self.runs = MemoryRuns()
+        self.clock = Clock()
+        self.correlations = InMemoryCorrelations()
+        self.closer = FakeCloser()
+        self.engine = SyncEngine(
+            connections=self.connections,
+            connector_for=lambda c: self.feeds[c.name],  # type: ignore[arg-type,return-value]
+            sync_state=self.state,
+            sinks=self.sinks,
+            errors=self.errors,
+            runs=self.runs,
+            clock=self.clock,
+            page_size=page_size,
+            overlap=timedelta(seconds=overlap),
+            backsync=BackSync(self.correlations, self.closer, self.clock),
+        )
+
+    @property
+    def feed(self) -> FakeFeed:
+        return next(iter(self.feeds.values()))
+
+    def watermark(self, conn: str = "snow", item_type: WorkItemType = INC) -> SyncCursor | None:
+        row = self.state.get(conn, item_type.sync_name)
+        return row.watermark if row else None
+
+
+class FakeCloser:
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+        self.fail: Exception | None = None
+
+    def close_alert(self, alert_id: str) -> CloseOutcome:
+        if self.fail is not None:
+            raise self.fail
+        self.closed.append(alert_id)
+        return CloseOutcome.CLOSED
+
+
+def seed(
+    feed: FakeFeed, count: int, start: datetime | None = None, step: timedelta = timedelta(minutes=1)
+) -> None:
+    moment = start or NOW - timedelta(days=2)
+    for n in range(count):
+        feed.add(n, moment + step * n)
+
+
+# -- first run, overlap, watermark -------------------------------------------------------------
+
+
+def test_first_run_reads_the_connection_scope_and_syncs_everything_in_it() -> None:
+    h = Harness(connection(sync_scope_days=10))
+    h.feed.add(1, NOW - timedelta(days=11))  # outside the scope: never read
+    seed(h.feed, 25, start=NOW - timedelta(days=9))
+    [result] = h.engine.run()
+    assert h.feed.cursors[0] == SyncCursor(updated_at=NOW - timedelta(days=10), last_id="")
+    assert result.outcome is SyncOutcome.SUCCEEDED
+    assert result.synced == 25
+    assert result.pages == 3
+    assert set(h.sinks[0].rows) == {f"sys{n:05d}" for n in range(25)}
+    newest = max(h.feed.rows.values(), key=lambda r: r.updated_at)
+    assert h.watermark() == SyncCursor(updated_at=newest.updated_at, last_id=newest.source_id)
+
+
+def test_incremental_run_starts_overlap_seconds_before_the_watermark_and_picks_up_changes() -> None:
+    h = Harness(overlap=120)
+    seed(h.feed, 15)
+    h.engine.run()
+    first = h.watermark()
+    assert first is not None
+    h.clock.now += timedelta(minutes=15)
+    h.feed.cursors.clear()
+    h.sinks[0].writes.clear()
+    changed = h.feed.add(3, NOW + timedelta(minutes=5), state="Resolved")
+    [result] = h.engine.run()
+    assert h.feed.cursors[0] == SyncCursor(updated_at=first.updated_at - timedelta(seconds=120), last_id="")
+    assert h.sinks[0].rows["sys00003"] == changed
+    # the overlap re-reads the rows of the last two minutes before the watermark (12, 13, 14 minutes
+    # into the seed, inclusive), then the change
+    assert result.synced == 4
+    assert h.sinks[0].writes == [["sys00012", "sys00013", "sys00014", "sys00003"]]
+    assert h.watermark() == SyncCursor(updated_at=changed.updated_at, last_id="sys00003")
+
+
+def test_a_same_second_row_committed_after_the_watermark_passed_is_caught_by_the_overlap() -> None:
+    h = Harness(overlap=2)
+    moment = NOW - timedelta(hours=1)
+    h.feed.add(5, moment)
+    h.engine.run()
+    assert h.watermark() == SyncCursor(updated_at=moment, last_id="sys00005")
+    h.feed.add(2, moment)  # same second, smaller id: behind the keyset position
+    h.engine.run()
+    assert "sys00002" in h.sinks[0].rows
+
+
+def test_watermark_moves_only_after_every_sink_committed_the_page() -> None:
+    h = Harness(sinks=2, page_size=5)
+    seed(h.feed, 12)
+    seen: list[SyncCursor | None] = []
+    h.sinks[1].before_write = lambda index: seen.append(h.watermark())
+    h.engine.run()
+    ordered = sorted(h.feed.rows.values(), key=lambda r: (r.updated_at, r.source_id))
+    # while page N is written, the stored watermark is still the end of page N-1
+    assert seen == [
+        None,
+        SyncCursor(updated_at=ordered[4].updated_at, last_id=ordered[4].source_id),
+        SyncCursor(updated_at=ordered[9].updated_at, last_id=ordered[9].source_id),
+    ]
+
+
+def test_a_sink_failing_mid_run_leaves_the_watermark_at_the_last_committed_page_and_a_rerun_fills_in() -> (
+    None
+):
+    h = Harness(sinks=2, page_size=5)
+    seed(h.feed, 23)
+    h.sinks[1].fail_at_write = 2  # the third page fails in the second sink only
+    [failed] = h.engine.run()
+    ordered = sorted(h.feed.rows.values(), key=lambda r: (r.updated_at, r.source_id))
+    assert failed.outcome is SyncOutcome.FAILED
+    assert "storage went away" in failed.error
+    assert h.watermark() == SyncCursor(updated_at=ordered[9].updated_at, last_id=ordered[9].source_id)
+    assert len(h.sinks[1].rows) == 10
+    h.sinks[1].fail_at_write = None
+    h.clock.now += timedelta(minutes=15)
+    [rerun] = h.engine.run()
+    assert rerun.outcome is SyncOutcome.SUCCEEDED
+    for sink in h.sinks:
+        assert sink.rows == h.feed.rows  # same set, latest versions, one row per id
+    assert h.watermark() == SyncCursor(updated_at=ordered[-1].updated_at, last_id=ordered[-1].source_id)
+
+
+def test_rejected_rows_are_logged_and_skipped_and_good_rows_after_them_are_synced() -> None:
+    h = Harness(page_size=5)
+    seed(h.feed, 12)
+    h.feed.bad = {"sys00002", "sys00006"}
+    [result] = h.engine.run()
+    assert result.outcome is SyncOutcome.SUCCEEDED
+    assert result.synced == 10
+    assert result.rejected == 2
+    assert set(h.sinks[0].rows) == {f"sys{n:05d}" for n in range(12)} - h.feed.bad
+    rejected = [r for r in h.errors.records if r.kind is SyncErrorKind.REJECTED_ROW]
+    assert sorted(r.source_id for r in rejected) == ["sys00002", "sys00006"]
+    assert all(r.message == "bad date" and r.run_id == result.run_id for r in rejected)
+    last = max(h.feed.rows.values(), key=lambda r: r.updated_at)
+    assert h.watermark() == SyncCursor(updated_at=last.updated_at, last_id=last.source_id)
+
+
+def test_an_error_log_failure_keeps_the_watermark_before_the_page_with_the_rejected_row() -> None:
+    h = Harness(page_size=5)
+    seed(h.feed, 10)
+    h.feed.bad = {"sys00007"}
+
+    def broken(records: Sequence[SyncErrorRecord]) -> None:
+        if any(r.kind is SyncErrorKind.REJECTED_ROW for r in records):
+            raise StateError("SyncErrors unavailable")
+
+    h.errors.record = broken  # type: ignore[method-assign]
+    [result] = h.engine.run()
+    ordered = sorted(h.feed.rows.values(), key=lambda r: (r.updated_at, r.source_id))
+    assert result.outcome is SyncOutcome.FAILED
+    assert h.watermark() == SyncCursor(updated_at=ordered[4].updated_at, last_id=ordered[4].source_id)
+
+
+def test_the_next_page_is_fetched_while_the_current_one_is_written() -> None:
+    h = Harness(page_size=5)
+    seed(h.feed, 15)
+    second_fetch_started = threading.Event()
+    h.feed.on_fetch = lambda call: second_fetch_started.set() if call == 1 else None
+    overlapped: list[bool] = []
+    h.sinks[0].before_write = lambda index: (
+        overlapped.append(second_fetch_started.wait(2)) if index == 0 else None
+    )
+    [result] = h.engine.run()
+    assert result.outcome is SyncOutcome.SUCCEEDED
+    assert overlapped == [True]
+
+
+def test_a_time_budget_stops_after_a_committed_page_and_the_next_run_continues() -> None:
+    h = Harness(page_size=5)
+    seed(h.feed, 20)
+
+    def slow(index: int) -> None:
+        h.clock.now += timedelta(seconds=40)
+
+    h.sinks[0].before_write = slow
+    [partial] = h.engine.run(time_budget=timedelta(seconds=60))
+    assert partial.outcome is SyncOutcome.INCOMPLETE
+    assert partial.pages == 2
+    h.sinks[0].before_write = None
+    [rest] = h.engine.run()
+    assert rest.outcome is SyncOutcome.SUCCEEDED
+    assert h.sinks[0].rows == h.feed.rows
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+
+def test_an_expired_refresh_token_is_recorded_as_re_authorise_in_runs_state_and_error_log() -> None:
+    h = Harness()
+    seed(h.feed, 3)
+    h.feed.fail_on_call[0] = ItsmAuthError("refresh token expired; re-authorise the connection", status=401)
+    [result] = h.engine.run(trigger="timer")
+    assert result.outcome is SyncOutcome.FAILED
+    assert "re-authorise this connection" in result.error
+    [run] = h.runs.runs
+    assert run.outcome == "failed"
+    assert "re-authorise this connection" in run.error
+    assert run.trigger == "timer"
+    row = h.state.get("snow", "incidents")
+    assert row is not None
+    assert "re-authorise" in row.last_error
+    assert row.lease_owner == ""
+    assert row.watermark is None
+    assert [r.kind for r in h.errors.records] == [SyncErrorKind.REAUTHORISE]
+
+
+def test_one_failing_connection_does_not_stop_the_others() -> None:
+    h = Harness(connection("alpha"), connection("beta", sync_data=["incidents", "change_requests"]))
+    h.feeds["alpha"].fail_on_call[0] = ItsmUnavailableError("HTTP 503 after 4 attempts", status=503)
+    seed(h.feeds["beta"], 4)
+    results = h.engine.run()
+    outcomes = {(r.connection, r.item_type): r.outcome for r in results}
+    assert outcomes == {
+        ("alpha", INC): SyncOutcome.FAILED,
+        ("beta", INC): SyncOutcome.SUCCEEDED,
+        ("beta", CHG): SyncOutcome.SUCCEEDED,
+    }
+    assert {r.connection for r in h.runs.runs} == {"alpha", "beta"}
+    assert len(h.sinks[0].rows) == 4
+
+
+def test_an_unexpected_exception_is_reported_without_its_text() -> None:
+    h = Harness()
+    h.feed.fail_on_call[0] = RuntimeError("password=hunter2")
+    [result] = h.engine.run()
+    assert result.outcome is SyncOutcome.FAILED
+    assert "hunter2" not in result.error
+    assert "RuntimeError" in result.error
+
+
+def test_a_run_finding_the_lease_held_is_skipped_and_leaves_the_watermark_alone() -> None:
+    h = Harness()
+    seed(h.feed, 3)
+    h.state.insert(
+        SyncStateRow(
+            connection="snow",
+            item_type="incidents",
+            lease_owner="sync:other",
+            lease_until=NOW + timedelta(minutes=1),
+        )
+    )
+    [result] = h.engine.run()
+    assert result.outcome is SyncOutcome.SKIPPED
+    assert h.feed.cursors == []
+    h.clock.now += timedelta(minutes=2)  # the crashed run's lease has expired
+    [result] = h.engine.run()
+    assert result.outcome is SyncOutcome.SUCCEEDED
+    assert result.synced == 3
+
+
+def test_named_connection_and_types() -> None:
+    h = Harness(connection("alpha"), connection("beta"))
+    with pytest.raises(NotFoundError):
+        h.engine.run("gamma")
+    [result] = h.engine.run("alpha", [CHG])
+    assert result.outcome is SyncOutcome.SKIPPED
+    assert "does not sync change_requests" in result.error
+    events: list[SyncProgress] = []
+    seed(h.feeds["beta"], 12)
+    h.engine.run("beta", [INC], progress=events.append)
+    assert [e.synced for e in events] == [10, 12, 12]
+    assert events[-1].done
+    assert not events[0].done
+
+
+def test_sync_data_without_incidents_is_not_synced_by_the_timer() -> None:
+    h = Harness(connection("alpha", sync_data=[]), connection("beta", sync_data=[SyncData.CHANGE_REQUESTS]))
+    results = h.engine.run()
+    assert [(r.connection, r.item_type) for r in results] == [("beta", CHG)]
+
+
+# -- backward sync -------------------------------------------------------------------------------
+
+KEY = "a" * 40
+ALERT_1 = "/subscriptions/0000/providers/Microsoft.AlertsManagement/alerts/1111"
+ALERT_2 = "/subscriptions/0000/providers/Microsoft.AlertsManagement/alerts/2222"
+
+
+def open_correlation(
+    h: Harness, generation: int = 2, state: CorrelationState = CorrelationState.OPEN
+) -> None:
+    h.correlations.insert(
+        Correlation(
+            connection="snow",
+            key=KEY,
+            key_text="rule|cpu|ci|vm1",
+            state=state,
+            work_item_id="sys00001",
+            work_item_number="INC0000001",
+            generation=generation,
+            alert_ids=(ALERT_1, ALERT_2, ALERT_1),
+        )
+    )
+
+
+def test_parse_correlation_id() -> None:
+    assert parse_correlation_id(f"azmon-{KEY}-g12") == (KEY, 12)
+    assert parse_correlation_id("azmon--g1") is None
+    assert parse_correlation_id("something else") is None
+
+
+def test_a_resolved_alert_work_item_closes_each_azure_alert_once_and_updates_its_correlation() -> None:
+    h = Harness(connection(close_azure_alerts=True))
+    open_correlation(h)
+    resolved_at = NOW - timedelta(minutes=3)
+    h.feed.add(
+        1,
+        NOW - timedelta(minutes=2),
+        state="Resolved",
+        correlation_id=f"azmon-{KEY}-g2",
+        resolved_at=resolved_at,
+    )
+    [result] = h.engine.run()
+    assert h.closer.closed == [ALERT_1, ALERT_2]
+    assert result.alerts_closed == 2
+    assert result.correlations_updated == 1
+    row = h.correlations.get("snow", KEY)
+    assert row is not None
+    assert row.state is CorrelationState.RESOLVED
+    assert row.resolved_at == resolved_at
+    h.clock.now += timedelta(minutes=1)
+    h.engine.run()  # the overlap reads the item again: the row is no longer OPEN, nothing is closed twice
+    assert h.closer.closed == [ALERT_1, ALERT_2]
+
+
+def test_closed_items_of_another_generation_or_a_not_open_row_are_left_alone() -> None:
+    h = Harness(connection(close_azure_alerts=True))
+    open_correlation(h, generation=3)
+    h.feed.add(1, NOW - timedelta(minutes=2), state="Closed", correlation_id=f"azmon-{KEY}-g2")
+    h.engine.run()
+    row = h.correlations.get("snow", KEY)
+    assert row is not None
+    assert row.state is CorrelationState.OPEN
+    assert h.closer.closed == []
+
+
+def test_without_close_azure_alerts_the_correlation_learns_the_state_but_no_alert_is_closed() -> None:
+    h = Harness(connection(close_azure_alerts=False))
+    open_correlation(h)
+    h.feed.add(1, NOW - timedelta(minutes=2), state="Closed", correlation_id=f"azmon-{KEY}-g2")
+    [result] = h.engine.run()
+    row = h.correlations.get("snow", KEY)
+    assert row is not None
+    assert row.state is CorrelationState.CLOSED
+    assert h.closer.closed == []
+    assert result.alerts_closed == 0
+
+
+def test_a_transient_alerts_api_failure_fails_the_page_and_the_next_run_retries() -> None:
+    h = Harness(connection(close_azure_alerts=True))
+    open_correlation(h)
+    h.feed.add(1, NOW - timedelta(minutes=2), state="Resolved", correlation_id=f"azmon-{KEY}-g2")
+    h.closer.fail = AlertsApiError("HTTP 503 after 4 attempts", permanent=False, status=503)
+    [failed] = h.engine.run()
+    assert failed.outcome is SyncOutcome.FAILED
+    assert "backward sync failed" in failed.error
+    assert h.watermark() is None
+    h.closer.fail = None
+    [ok] = h.engine.run()
+    assert ok.outcome is SyncOutcome.SUCCEEDED
+    assert h.closer.closed == [ALERT_1, ALERT_2]
+
+
+def test_a_permanent_alerts_api_failure_is_logged_and_the_correlation_still_updated() -> None:
+    h = Harness(connection(close_azure_alerts=True))
+    open_correlation(h)
+    h.feed.add(1, NOW - timedelta(minutes=2), state="Resolved", correlation_id=f"azmon-{KEY}-g2")
+    h.closer.fail = AlertsApiError("HTTP 403 AuthorizationFailed", permanent=True, status=403)
+    [result] = h.engine.run()
+    assert result.outcome is SyncOutcome.SUCCEEDED
+    assert [(r.kind, r.source_id) for r in h.errors.records] == [(SyncErrorKind.BACKSYNC, "sys00001")] * 2
+    row = h.correlations.get("snow", KEY)
+    assert row is not None
+    assert row.state is CorrelationState.RESOLVED
+
+
+# -- Alerts Management client --------------------------------------------------------------------
+
+
+class StaticCredential:
+    def __init__(self) -> None:
+        self.scopes: list[str] = []
+
+    def get_token(self, *scopes: str, **kwargs: object) -> AccessToken:
+        self.scopes.extend(scopes)
+        return AccessToken("tok", int(NOW.timestamp()) + 10**9)
+
+
+def alerts_client(
+    handler: Callable[[httpx.Request], httpx.Response],
+) -> tuple[AlertsManagementClient, list[float]]:
+    sleeps: list[float] = []
+    client = AlertsManagementClient(
+        httpx.Client(transport=httpx.MockTransport(handler)),
+        StaticCredential(),
+        "https://management.azure.com",
+        sleep=sleeps.append,
+    )
+    return client, sleeps
+
+
+def test_alerts_client_posts_changestate_with_a_bearer_token_and_retries_429() -> None:
+    requests: list[httpx.Request] = []
+    answers = iter([httpx.Response(429, headers={"Retry-After": "3"}), httpx.Response(200, json={})])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return next(answers)
+
+    client, sleeps = alerts_client(handler)
+    assert client.close_alert(ALERT_1) is CloseOutcome.CLOSED
+    assert sleeps == [3.0]
+    request = requests[-1]
+    assert request.method == "POST"
+    assert request.url.path == f"{ALERT_1}/changestate"
+    assert dict(request.url.params) == {"api-version": "2019-05-05-preview", "newState": "Closed"}
+    assert request.headers["Authorization"] == "Bearer tok"
+
+
+def test_alerts_client_maps_404_403_and_persistent_5xx() -> None:
+    client, _ = alerts_client(lambda r: httpx.Response(404))
+    assert client.close_alert(ALERT_1) is CloseOutcome.NOT_FOUND
+    client, _ = alerts_client(lambda r: httpx.Response(403, json={"error": {"code": "AuthorizationFailed"}}))
+    with pytest.raises(AlertsApiError) as denied:
+        client.close_alert(ALERT_1)
+    assert denied.value.permanent
+    assert "AuthorizationFailed" in str(denied.value)
+    client, sleeps = alerts_client(lambda r: httpx.Response(503))
+    with pytest.raises(AlertsApiError) as down:
+        client.close_alert(ALERT_1)
+    assert not down.value.permanent
+    assert len(sleeps) == 3
+    with pytest.raises(AlertsApiError):
+        client.close_alert("https://evil.example/steal")
+
+
+# -- the CLI command ------------------------------------------------------------------------------
+
+
+def test_sync_run_shows_progress_on_a_terminal_and_a_summary_and_fails_on_failure() -> None:
+    import io
+    import types
+
+    from shared_code.errors import InvalidInputError
+    from shared_code.workitems.commands import sync_run
+
+    h = Harness(connection("alpha"), connection("beta"), page_size=5)
+    seed(h.feeds["alpha"], 12)
+    h.feeds["beta"].fail_on_call[0] = ItsmAuthError("refresh token expired", status=401)
+    container = types.SimpleNamespace(sync_engine=h.engine)
+    out = io.StringIO()
+    code = sync_run(container, None, None, out, True)  # type: ignore[arg-type]
+    text = out.getvalue()
+    assert code == 1
+    assert "\ralpha incidents: 10 rows in 2 pages" in text
+    assert "alpha incidents: succeeded, 12 synced" in text
+    assert "beta incidents: failed" in text
+    assert "re-authorise this connection" in text
+    piped = io.StringIO()
+    assert sync_run(container, "alpha", ["incidents"], piped, False) == 0  # type: ignore[arg-type]
+    assert "\r" not in piped.getvalue()
+    with pytest.raises(InvalidInputError):
+        sync_run(container, "alpha", ["problems"], piped, False)  # type: ignore[arg-type]
