@@ -73,7 +73,9 @@ class LoopbackServer:
         return f"{scheme}://{self.host}:{self.port}"
 
     def start(self) -> LoopbackServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name=type(self).__name__, daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name=type(self).__name__, daemon=True
+        )
         self._thread.start()
         return self
 
