@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import cached_property
+from urllib.parse import urlsplit
 
 import certifi
 import httpx
@@ -41,13 +42,30 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def build_credential(settings: Settings) -> TokenCredential:
+# Entra ID authority hosts of the public and national clouds; MSAL validates any other host with an
+# "instance discovery" call to login.microsoftonline.com, which fails for a private authority
+# (Azure Stack Hub, AD FS, a test Entra) and leaks its name, so discovery is off for those.
+KNOWN_AUTHORITY_HOSTS = frozenset(
+    {
+        "login.microsoftonline.com",
+        "login.microsoftonline.us",
+        "login.chinacloudapi.cn",
+        "login.partner.microsoftonline.cn",
+    }
+)
+
+
+def build_credential(settings: Settings, environ: Mapping[str, str] | None = None) -> TokenCredential:
     """The app's Azure identity: managed identity in Azure, env / developer sign-in locally."""
     from azure.identity import DefaultAzureCredential  # noqa: PLC0415 - imported only when needed
 
+    environ = os.environ if environ is None else environ
     kwargs: dict[str, object] = {}
     if settings.tls_ca_bundle:
         kwargs["connection_verify"] = settings.tls_ca_bundle
+    authority = environ.get("AZURE_AUTHORITY_HOST", "")
+    if authority and (urlsplit(authority).hostname or "") not in KNOWN_AUTHORITY_HOSTS:
+        kwargs["disable_instance_discovery"] = True
     return DefaultAzureCredential(**kwargs)
 
 

@@ -43,9 +43,11 @@ class Cli:
         out: IO[str] | None = None,
         stdin: IO[str] | None = None,
         environ: dict[str, str] | None = None,
+        err: IO[str] | None = None,
     ) -> None:
         self._container_factory = container_factory
         self.out = out or sys.stdout
+        self.err = err or sys.stderr
         self.stdin = stdin or sys.stdin
         self.environ = environ if environ is not None else dict(os.environ)
 
@@ -381,11 +383,11 @@ def main(argv: Sequence[str] | None = None, cli: Cli | None = None) -> int:
     try:
         return COMMANDS[(args.group, args.command)](cli, args)
     except InvalidInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=cli.err)
         return EXIT_USAGE
     except ConnectorAppError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=cli.err)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted", file=cli.err)
         return EXIT_FAILED

@@ -47,9 +47,22 @@ class FunctionHost:
     def __init__(
         self, app: func.FunctionApp, queues: QueueServiceClient | None = None, max_dequeue_count: int = 5
     ):
-        self.functions = {f.get_function_name(): f for f in app.get_functions()}
+        self.functions = {str(f.get_function_name()): f for f in app.get_functions()}
         self.queues = queues
         self.max_dequeue_count = max_dequeue_count
+        if queues is not None:  # the host creates the queues its bindings name
+            for function in self.functions:
+                for queue_name in self._queue_names(function):
+                    client = queues.get_queue_client(queue_name)
+                    if not _exists(client):
+                        client.create_queue()
+
+    def _queue_names(self, name: str) -> list[str]:
+        names = list(self._queue_outputs(name).values())
+        trigger = self.functions[name].get_trigger()
+        if trigger is not None and trigger.get_dict_repr().get("type") == "queueTrigger":
+            names.append(str(trigger.get_dict_repr()["queueName"]))
+        return names
 
     def user_function(self, name: str) -> Callable[..., Any]:
         return self.functions[name].get_user_function()
@@ -59,7 +72,8 @@ class FunctionHost:
         outputs = {}
         for binding in self.functions[name].get_bindings():
             data = binding.get_dict_repr()
-            if data.get("type") == "queue" and data.get("direction") == "OUT":
+            direction = data.get("direction")
+            if data.get("type") == "queue" and getattr(direction, "name", direction) == "OUT":
                 outputs[data["name"]] = data["queueName"]
         return outputs
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import gzip
 import json
 import statistics
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,7 +35,7 @@ from azure.monitor.ingestion import LogsIngestionClient
 from azure.storage.queue import QueueClient
 
 from tests.loopback.alerts_management import AlertsManagementLoopback
-from tests.loopback.azurite import Azurite, AzuriteError
+from tests.loopback.azurite import Azurite
 from tests.loopback.entra import EntraLoopback, StaticTokenCredential
 from tests.loopback.keyvault import KeyVaultLoopback
 from tests.loopback.logs_ingestion import LogsIngestionLoopback
@@ -48,46 +46,8 @@ STREAM = "Custom-ItsmWorkItems_CL"
 SUBSCRIPTION = "3b540246-808d-4331-99aa-917b808a9166"
 ARM_SCOPE = "https://management.azure.com/.default"
 
-# -- network guard -------------------------------------------------------------------------------
-_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-_foreign: list[Any] = []
-_guard = threading.Event()
-
-
-def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if not _guard.is_set():
-        return
-    if event == "socket.connect":
-        address = args[1]
-        if isinstance(address, tuple) and address and address[0] not in _LOOPBACK:
-            _foreign.append(address)
-    elif event == "socket.getaddrinfo" and args and args[0] not in _LOOPBACK and args[0] is not None:
-        _foreign.append(("dns", args[0]))
-
-
-sys.addaudithook(_audit)  # audit hooks cannot be removed; inert unless _guard is set
-
-
-@pytest.fixture(autouse=True)
-def loopback_only() -> Iterator[None]:
-    _foreign.clear()
-    _guard.set()
-    yield
-    _guard.clear()
-    assert not _foreign, f"non-loopback network access: {_foreign[:5]}"
-
 
 # -- fixtures ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def azurite() -> Iterator[Azurite]:
-    try:
-        server = Azurite().start()
-    except AzuriteError as exc:
-        pytest.skip(str(exc))
-    yield server
-    server.stop()
-
-
 @pytest.fixture(scope="module")
 def ca_path() -> str:
     return loopback_tls().ca_bundle_path
