@@ -42,9 +42,21 @@ def _when(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def ci_name(ci: str) -> str:
+    """What people call a configuration item: an ARM resource id (as log search alerts V2 send
+    it) becomes its resource name, which is also what a CMDB server record is named."""
+    if ci.startswith("/subscriptions/") and "/providers/" in ci:
+        return ci.rstrip("/").rsplit("/", 1)[-1]
+    return ci
+
+
+def ci_names(signal: AlertSignal) -> list[str]:
+    return list(dict.fromkeys(ci_name(ci) for ci in signal.configuration_items))
+
+
 def short_description(signal: AlertSignal) -> str:
     """Rule, severity and target, whole where they fit (the old connector cut at 40 characters)."""
-    target = ", ".join(signal.configuration_items) or "(no target)"
+    target = ", ".join(ci_names(signal)) or "(no target)"
     return _clip(f"[{signal.severity.value}] {signal.rule} on {target}", SHORT_DESCRIPTION_LIMIT)
 
 
@@ -55,7 +67,7 @@ def incident_description(signal: AlertSignal, impact: int, urgency: int) -> str:
         f"Severity: {signal.severity.value} (impact {impact}, urgency {urgency})",
         f"Monitoring service: {signal.monitoring_service}"
         + (f" / signal type: {signal.signal_type}" if signal.signal_type else ""),
-        f"Affected: {', '.join(signal.configuration_items) or '(none named)'}",
+        f"Affected: {', '.join(ci_names(signal)) or '(none named)'}",
         f"Fired: {_when(signal.fired_at)}",
     ]
     if signal.description:
@@ -81,7 +93,7 @@ def incident_draft(
         urgency=mapping.urgency,
         correlation_id=correlation,
         correlation_display=_clip(key_text, 100),
-        configuration_item=signal.primary_ci or None,
+        configuration_item=ci_name(signal.primary_ci) or None,
         create_configuration_item=connection.create_configuration_items,
         assignment_group=connection.assignment_group or None,
         caller=connection.caller or None,
@@ -89,13 +101,13 @@ def incident_draft(
 
 
 def refire_note(signal: AlertSignal, firings: int, since: datetime | None, new_cis: tuple[str, ...]) -> str:
-    since_text = f" since {_when(since)}" if since else ""
+    count = f"{firings} firing{'s' if firings != 1 else ''}"
+    since_text = f" since the last update at {_when(since)}" if since else ""
     lines = [
-        f"Azure Monitor: the alert fired {firings} more time{'s' if firings != 1 else ''}{since_text}; "
-        f"latest at {_when(signal.fired_at)}."
+        f"Azure Monitor: the alert fired again ({count}{since_text}); latest fired at {_when(signal.fired_at)}."
     ]
     if new_cis:
-        lines.append(f"Also affecting: {', '.join(new_cis)}")
+        lines.append(f"Also affecting: {', '.join(dict.fromkeys(ci_name(ci) for ci in new_cis))}")
     if signal.context_summary:
         lines += ["", _clip(signal.context_summary, NOTE_CONTEXT_LIMIT)]
     if signal.portal_link:

@@ -104,7 +104,7 @@ def test_refire_is_coalesced_within_the_interval_then_noted_with_the_count(world
     assert result.outcome is Outcome.NOTED
     (incident,) = itsm.incidents.values()
     assert incident.notes
-    assert "fired 5 more times" in incident.notes[0]
+    assert "fired again (5 firings since the last update" in incident.notes[0]
     (row,) = repo.rows.values()
     assert row.unnoted_fires == 0
     assert row.fire_count == 6
