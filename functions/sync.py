@@ -19,7 +19,6 @@ from shared_code.connections import CONNECTION_NAME
 from shared_code.errors import NotFoundError
 from shared_code.workitems.commands import parse_item_types
 from shared_code.workitems.engine import SyncOutcome, SyncResult
-from shared_code.workitems.wiring import engine_for
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def sync_work_items(timer: func.TimerRequest) -> None:
     """Sync every connection that syncs incidents or change requests."""
     if timer.past_due:
         log.info("the sync timer is past due; running now")
-    results = engine_for(get_container()).run(trigger="timer", time_budget=TIMER_BUDGET)
+    results = get_container().sync_engine.run(trigger="timer", time_budget=TIMER_BUDGET)
     for result in results:
         if result.outcome is SyncOutcome.FAILED:
             log.error("sync %s %s failed: %s", result.connection, result.item_type.sync_name, result.error)
@@ -74,7 +73,7 @@ def sync_connection(req: func.HttpRequest) -> func.HttpResponse:
             raise NotFoundError(f"no ITSM connection named {name!r}")
         wanted = req.params.get("type")
         types = parse_item_types([wanted]) if wanted else None
-        results = engine_for(get_container()).run(name, types, trigger="http", time_budget=HTTP_BUDGET)
+        results = get_container().sync_engine.run(name, types, trigger="http", time_budget=HTTP_BUDGET)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a clear HTTP answer
         return error_response(exc)
     body: dict[str, object] = {"connection": name, "results": [result_body(r) for r in results]}

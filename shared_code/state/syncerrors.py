@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared_code.state.runs import inverted_key
 from shared_code.state.tables import query_entities, upsert_batch
+from shared_code.workitems.model import WorkItemType
 
 TABLE = "SyncErrors"
 MESSAGE_LIMIT = 4000
@@ -52,7 +53,7 @@ class SyncErrorRecord(BaseModel):
         return {
             "TimeGenerated": self.occurred_at.isoformat(),
             "ServiceDeskConnectionName_s": self.connection,
-            "ServiceDeskWorkItemType_s": self.item_type,
+            "ServiceDeskWorkItemType_s": _work_item_type(self.item_type),
             "Kind_s": self.kind.value,
             "SourceId_s": self.source_id,
             "Message_s": self.message[:MESSAGE_LIMIT],
@@ -108,3 +109,11 @@ class SyncErrorRepository:
             if count >= limit:
                 return
             yield _from_entity(entity)
+
+
+def _work_item_type(sync_name: str) -> str:
+    """``incidents`` -> ``Incident``: the same value ``ServiceDesk_CL`` carries, so the two tables join."""
+    try:
+        return WorkItemType.from_sync_name(sync_name).value
+    except ValueError:
+        return sync_name

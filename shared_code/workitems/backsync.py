@@ -258,6 +258,10 @@ class BackSync:
             row = self._correlations.get(connection.name, key)
             if row is None or row.generation != generation or row.state is not CorrelationState.OPEN:
                 return  # not ours any more: a new generation, or the alert path resolved it already
+            if row.work_item_id and row.work_item_id != item.source_id:
+                # the same key and generation on another work item (another connection to this instance,
+                # with a row keyed before keys included the connection): it says nothing of this problem
+                return
             if connection.close_azure_alerts and self._alerts is not None:
                 for alert_id in dict.fromkeys(row.alert_ids):
                     if alert_id in closed:

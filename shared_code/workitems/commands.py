@@ -12,7 +12,6 @@ from typing import IO, TYPE_CHECKING
 from shared_code.errors import InvalidInputError
 from shared_code.workitems.engine import SyncOutcome, SyncProgress, SyncResult
 from shared_code.workitems.model import WorkItemType
-from shared_code.workitems.wiring import engine_for
 
 if TYPE_CHECKING:
     from shared_code.bootstrap import Container
@@ -83,7 +82,7 @@ def sync_run(
 ) -> int:
     """Run the sync for one or every connection; 1 when any connection and type failed."""
     types = parse_item_types(item_types)
-    engine = engine_for(container)
+    engine = container.sync_engine
     progress = _ProgressLine(out) if isatty else None
     results = engine.run(connection, types, progress, trigger="cli")
     if not results:

@@ -67,14 +67,19 @@ class WorkItem(BaseModel):
     work_start: datetime | None = None
     work_end: datetime | None = None
 
-    def to_service_desk_record(self) -> dict[str, Any]:
-        """The row for the ``ServiceDesk_CL`` custom table (ITSMC column names)."""
+    def to_service_desk_record(self, observed_at: datetime) -> dict[str, Any]:
+        """The row for the ``ServiceDesk_CL`` custom table (ITSMC column names).
+
+        ``TimeGenerated`` is when the sync read this version (as ITSMC stamped its imports), not the
+        item's own update time: a first sync reaches 120 days back, and Log Analytics does not keep
+        a record's old ``TimeGenerated``. The update time is ``LastModifiedDate_t``.
+        """
 
         def iso(value: datetime | None) -> str | None:
             return value.isoformat() if value else None
 
         record: dict[str, Any] = {
-            "TimeGenerated": self.updated_at.isoformat(),
+            "TimeGenerated": observed_at.isoformat(),
             "ServiceDeskConnectionName_s": self.connection,
             "ServiceDeskWorkItemType_s": self.item_type.value,
             "ServiceDeskId_s": self.number,

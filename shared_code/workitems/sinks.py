@@ -3,7 +3,7 @@
 A sink's ``write`` either stores every item it was given or raises: the engine moves the watermark
 only after every sink returned, so a sink that fails half-way is simply written again from the
 same page next run (all writes are idempotent upserts or, for Log Analytics, a re-ingested row
-that queries deduplicate with ``arg_max(TimeGenerated, *) by ServiceDeskSysId_s``).
+that queries deduplicate with ``arg_max(LastModifiedDate_t, *) by ServiceDeskSysId_s``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from azure.core.credentials import TokenCredential
@@ -121,12 +122,16 @@ class LogAnalyticsSink:
 
     name = "log_analytics"
 
-    def __init__(self, uploader: LogsUploader, stream: str) -> None:
+    def __init__(
+        self, uploader: LogsUploader, stream: str, clock: Callable[[], datetime] | None = None
+    ) -> None:
         self._uploader = uploader
         self._stream = stream
+        self._clock = clock or (lambda: datetime.now(UTC))
 
     def write(self, items: Sequence[WorkItem]) -> None:
-        self._uploader.upload(self._stream, [item.to_service_desk_record() for item in items])
+        now = self._clock()
+        self._uploader.upload(self._stream, [item.to_service_desk_record(now) for item in items])
 
 
 class SyncErrorLog:

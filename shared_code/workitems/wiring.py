@@ -6,8 +6,6 @@ result as ``container.sync_engine``. Nothing here runs at import time.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -41,7 +39,7 @@ def build_sync_engine(container: Container) -> SyncEngine:
             ca_bundle=settings.tls_ca_bundle,
             timeout=settings.http_timeout_seconds,
         )
-        sinks.append(LogAnalyticsSink(uploader, settings.logs_ingestion_stream))
+        sinks.append(LogAnalyticsSink(uploader, settings.logs_ingestion_stream, container.clock))
     errors = SyncErrorLog(
         SyncErrorRepository(tables.table(syncerrors_table.TABLE)),
         uploader,
@@ -60,20 +58,3 @@ def build_sync_engine(container: Container) -> SyncEngine:
         overlap=timedelta(seconds=settings.sync_overlap_seconds),
         backsync=BackSync(container.correlations, alerts, container.clock),
     )
-
-
-_engines: weakref.WeakKeyDictionary[Container, SyncEngine] = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
-
-
-def engine_for(container: Container) -> SyncEngine:
-    """``container.sync_engine`` where the container offers it, else one engine per container."""
-    offered = getattr(container, "sync_engine", None)
-    if isinstance(offered, SyncEngine):
-        return offered
-    with _lock:
-        engine = _engines.get(container)
-        if engine is None:
-            engine = build_sync_engine(container)
-            _engines[container] = engine
-        return engine

@@ -73,8 +73,9 @@ class LoopbackServer:
         return f"{scheme}://{self.host}:{self.port}"
 
     def start(self) -> LoopbackServer:
+        httpd = self._httpd  # poll for shutdown every 50 ms so stop() returns quickly
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name=type(self).__name__, daemon=True
+            target=lambda: httpd.serve_forever(poll_interval=0.05), name=type(self).__name__, daemon=True
         )
         self._thread.start()
         return self

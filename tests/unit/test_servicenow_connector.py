@@ -811,7 +811,9 @@ def test_change_request_row_mapping() -> None:
     assert item.computer == ""
     assert item.closed_at is None
     assert item.resolved_at is None
-    record = item.to_service_desk_record()
+    record = item.to_service_desk_record(utc(2024, 3, 6, 0, 0, 0))
+    assert record["TimeGenerated"] == "2024-03-06T00:00:00+00:00"
+    assert record["LastModifiedDate_t"] == item.updated_at.isoformat()
     assert record["CRState_s"] == "Implement"
     assert record["Type_s"] == "Normal"
     assert set(CHANGE_ROW) == set(SYNC_FIELDS[WorkItemType.CHANGE_REQUEST])
