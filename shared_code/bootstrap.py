@@ -146,6 +146,13 @@ class Container:
             self._connectors[connection.name] = (connection, connector)
             return connector
 
+    def forget_connector(self, name: str) -> None:
+        """Drop a cached connector (its credentials changed), so the next use builds a fresh one."""
+        with self._lock:
+            cached = self._connectors.pop(name, None)
+        if cached is not None:
+            cached[1].close()
+
     @cached_property
     def alert_intake(self) -> AlertIntake:
         return AlertIntake(self.connections, self.deliveries, self.clock)

@@ -1,6 +1,6 @@
 """The operator's command line: the same services as the Functions app, without the host.
 
-    python -m shared_code connections add|list|show|test|remove
+    python -m shared_code connections add|list|show|test|reauthorise|remove
     python -m shared_code alerts list|show|redrive
     python -m shared_code sync run [--connection NAME] [--type incidents|change_requests]
 
@@ -176,6 +176,20 @@ class Cli:
         self.say(f"OK: {connection.name}: {verdict}")
         return EXIT_OK
 
+    def connections_reauthorise(self, args: argparse.Namespace) -> int:
+        """New client secret and password for a connection whose credentials were refused."""
+        container = self.container
+        connection = container.connections.get(args.name)
+        secrets = self._read_secrets(connection, args)
+        for name, value in secrets.items():
+            container.secrets.set(name, value)
+        if connection.auth_method is AuthMethod.OAUTH:
+            # the old refresh token belongs to the old credentials: start again with the password grant
+            container.secrets.delete(connection.refresh_token_secret_name)
+        container.forget_connector(connection.name)
+        self.say(f"stored new credentials of {connection.name} in Key Vault: {', '.join(sorted(secrets))}")
+        return self._test(connection) if args.test else EXIT_OK
+
     def connections_remove(self, args: argparse.Namespace) -> int:
         container = self.container
         connection = container.connections.get(args.name)
@@ -283,6 +297,17 @@ def parse_severity_map(text: str) -> dict[str, dict[str, int]]:
     return result
 
 
+def add_secret_options(parser: argparse.ArgumentParser) -> None:
+    """Where secrets come from: never argv (shell history, process lists)."""
+    parser.add_argument(
+        "--secrets-stdin", action="store_true", help="read client secret then password from stdin"
+    )
+    parser.add_argument(
+        "--client-secret-env", metavar="VAR", help="read the client secret from this env variable"
+    )
+    parser.add_argument("--password-env", metavar="VAR", help="read the password from this env variable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shared_code", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -323,18 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--close-azure-alerts", action="store_true", help="close the Azure alert when resolved in ITSM"
     )
-    add.add_argument(
-        "--secrets-stdin", action="store_true", help="read client secret then password from stdin"
-    )
-    add.add_argument(
-        "--client-secret-env", metavar="VAR", help="read the client secret from this env variable"
-    )
-    add.add_argument("--password-env", metavar="VAR", help="read the password from this env variable")
+    add_secret_options(add)
     add.add_argument("--test", action="store_true", help="test the connection after adding it")
     lst = conn.add_parser("list", help="list connections")
     lst.add_argument("--json", action="store_true")
     for verb, text in (("show", "show one connection"), ("test", "make an authenticated call")):
         conn.add_parser(verb, help=text).add_argument("name")
+    reauth = conn.add_parser(
+        "reauthorise", help="store a new client secret and password (after 're-authorise' errors)"
+    )
+    reauth.add_argument("name")
+    add_secret_options(reauth)
+    reauth.add_argument("--test", action="store_true", help="test the connection afterwards")
     rm = conn.add_parser("remove", help="remove a connection and its secrets")
     rm.add_argument("name")
     rm.add_argument("--keep-secrets", action="store_true")
@@ -368,6 +393,7 @@ COMMANDS: dict[tuple[str, str], Callable[[Cli, argparse.Namespace], int]] = {
     ("connections", "list"): Cli.connections_list,
     ("connections", "show"): Cli.connections_show,
     ("connections", "test"): Cli.connections_test,
+    ("connections", "reauthorise"): Cli.connections_reauthorise,
     ("connections", "remove"): Cli.connections_remove,
     ("alerts", "list"): Cli.alerts_list,
     ("alerts", "show"): Cli.alerts_show,

@@ -237,7 +237,8 @@ class SyncEngine:
             kind = SyncErrorKind.REAUTHORISE
             error = (
                 f"re-authorise this connection: {connection.name!r} was refused by the ITSM product ({exc}). "
-                "Store fresh credentials for it, then run the sync again"
+                "Store fresh credentials with 'python -m shared_code connections reauthorise "
+                f"{connection.name}', then run the sync again"
             )
         except ItsmError as exc:
             kind, error = SyncErrorKind.ITSM, f"the ITSM product failed: {exc}"
