@@ -14,11 +14,13 @@ from shared_code.alerts.delivery import DeliveryMessage
 from shared_code.bootstrap import get_container
 from shared_code.connections import CONNECTION_NAME
 from shared_code.errors import NotFoundError
-from shared_code.state.deliveries import DeliveryStatus
+from shared_code.state.deliveries import Delivery, DeliveryStatus
 
 log = logging.getLogger(__name__)
 
 ALERT_QUEUE = "alert-deliveries"
+MAX_MESSAGE_BYTES = 40_000
+"""A queue message holds 64 KiB, base64-encoded by the Functions host: 48 KiB of text, less room."""
 REDRIVE_SCHEDULE = os.environ.get("ALERT_REDRIVE_SCHEDULE", "0 */10 * * * *")
 
 bp = func.Blueprint()  # type: ignore[no-untyped-call]
@@ -43,11 +45,7 @@ def receive_alert(req: func.HttpRequest, delivery: func.Out[str]) -> func.HttpRe
         return error_response(exc)
     stored = receipt.delivery
     if receipt.enqueue:
-        delivery.set(
-            DeliveryMessage(
-                connection=stored.connection, delivery_id=stored.delivery_id, signal=stored.signal
-            ).to_json()
-        )
+        delivery.set(_delivery_message(stored))
     return json_response(
         202,
         {
@@ -57,6 +55,15 @@ def receive_alert(req: func.HttpRequest, delivery: func.Out[str]) -> func.HttpRe
             "statusUrl": f"/api/alerts/{stored.connection}/{stored.delivery_id}",
         },
     )
+
+
+def _delivery_message(stored: Delivery) -> str:
+    """The queue message, with the alert in it when it fits (then the delivery need not read it)."""
+    full = DeliveryMessage(connection=stored.connection, delivery_id=stored.delivery_id, signal=stored.signal)
+    text = full.to_json()
+    if len(text.encode()) <= MAX_MESSAGE_BYTES:
+        return text
+    return DeliveryMessage(connection=stored.connection, delivery_id=stored.delivery_id).to_json()
 
 
 @bp.function_name("alert_status")

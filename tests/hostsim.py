@@ -9,14 +9,34 @@ function raises, and the poison queue after ``max_dequeue_count`` attempts.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import azure.functions as func
+from azure.functions.decorators.function_app import Function
 from azure.functions.queue import QueueMessage
 from azure.functions.timer import TimerRequest
 from azure.storage.queue import QueueServiceClient
+
+_indexed: dict[int, tuple[func.FunctionApp, list[Function]]] = {}
+_index_lock = threading.Lock()
+
+
+def indexed_functions(app: func.FunctionApp) -> list[Function]:
+    """The app's functions, indexed once per process as the Functions host does.
+
+    azure-functions remembers the names ``get_functions()`` has seen and refuses them the next
+    time, so every ``FunctionHost`` of one process must share one indexing of the app.
+    """
+    with _index_lock:
+        entry = _indexed.get(id(app))
+        if entry is None or entry[0] is not app:
+            app.functions_bindings = None  # indexed before without us: index it afresh
+            entry = (app, app.get_functions())
+            _indexed[id(app)] = entry
+        return entry[1]
 
 
 class OutValue(func.Out[str]):
@@ -47,7 +67,7 @@ class FunctionHost:
     def __init__(
         self, app: func.FunctionApp, queues: QueueServiceClient | None = None, max_dequeue_count: int = 5
     ):
-        self.functions = {str(f.get_function_name()): f for f in app.get_functions()}
+        self.functions = {str(f.get_function_name()): f for f in indexed_functions(app)}
         self.queues = queues
         self.max_dequeue_count = max_dequeue_count
         if queues is not None:  # the host creates the queues its bindings name

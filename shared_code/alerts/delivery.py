@@ -9,6 +9,7 @@ cannot be fixed by waiting, or that used up its attempts, ends ``failed``: liste
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -56,6 +57,7 @@ class AlertDelivery:
     connector_for: Callable[[Connection], ItsmConnector]
     clock: Callable[[], datetime]
     max_attempts: int = 5
+    sleep: Callable[[float], None] = time.sleep
 
     def deliver(self, message: DeliveryMessage, attempt: int = 1) -> Delivery | None:
         """Deliver one stored alert. Returns the updated delivery, or None when it was not found."""
@@ -78,6 +80,10 @@ class AlertDelivery:
             return self._failed_attempt(message, signal, stored, attempt, exc, transient=True)
         except Exception as exc:  # noqa: BLE001 - anything else cannot be fixed by waiting: end it failed
             return self._failed_attempt(message, signal, stored, attempt, exc, transient=False)
+        if result.repeat:
+            recorded = self._recorded_elsewhere(message)
+            if recorded is not None:
+                return recorded  # keep what the handling that had the effect recorded ("created"...)
         now = self.clock()
         ref = result.work_item
         done = Delivery(
@@ -102,6 +108,21 @@ class AlertDelivery:
             ref.number if ref else "",
         )
         return done
+
+    def _recorded_elsewhere(self, message: DeliveryMessage, waits: int = 10) -> Delivery | None:
+        """The row as recorded by the handling of this notification that had its effect.
+
+        A redelivered message finds its effect done: the handling that did it records its result
+        right after, so wait briefly for that rather than overwrite it with "duplicate". None when
+        nothing is recorded (that handling died in between): then this one records the delivery.
+        """
+        for attempt in range(waits + 1):
+            if attempt:
+                self.sleep(0.05)
+            row = self.deliveries.get(message.connection, message.delivery_id)
+            if row is not None and row.status is DeliveryStatus.DELIVERED:
+                return row
+        return None
 
     def _failed_attempt(
         self,

@@ -52,6 +52,8 @@ def decode_json_body(body: bytes, content_type: str | None, limit: int = MAX_BOD
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise MalformedPayloadError(f"the body is not valid JSON{where}") from None
+    except RecursionError:  # "[[[[..." fits in the size limit but not on the decoder's stack
+        raise MalformedPayloadError("the body is not valid JSON: it is nested too deeply") from None
 
 
 @dataclass

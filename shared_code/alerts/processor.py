@@ -15,6 +15,7 @@ effect, so a redelivered notification is recognised and not counted twice.
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -49,6 +50,8 @@ class ProcessResult:
     work_item: WorkItemRef | None
     correlation_key: str
     detail: str = ""
+    repeat: bool = False
+    """This very notification was handled before (a redelivered message), so it changed nothing."""
 
 
 class _LeaseHeld(Exception):
@@ -68,21 +71,33 @@ class AlertProcessor:
         self, connection: Connection, connector: ItsmConnector, delivery_id: str, signal: AlertSignal
     ) -> ProcessResult:
         key_text = render.correlation_key_text(connection.correlation, signal)
-        key = render.digest(key_text)
+        key = render.correlation_key(connection.name, key_text)
         step = _Step(self, connection, connector, delivery_id, signal, key, key_text)
         deadline = time.monotonic() + self.busy_budget_seconds
         pause = 0.02
-        for _ in range(self.max_races):
+        races = 0
+        while True:
             try:
                 return step.run()
             except (EtagConflict, AlreadyExistsError):
-                continue  # lost a race with another instance: read again and decide again
+                # lost a race with another instance: read again and decide again. Under a storm on
+                # one problem every instance races for the same row; a short random pause spreads
+                # them out, and the race is only given up after max_races AND the busy budget
+                races += 1
+                if races >= self.max_races and time.monotonic() >= deadline:
+                    break
+                self.sleep(race_pause(races))
             except _LeaseHeld:
                 if time.monotonic() + pause > deadline:
                     break
                 self.sleep(pause)
                 pause = min(pause * 2, 0.5)
         raise BusyError(f"correlation {key_text!r} is busy in another instance; delivery will be retried")
+
+
+def race_pause(races: int) -> float:
+    """Seconds to wait after losing ``races`` ETag races in a row: full jitter, 4 ms doubling to 100 ms."""
+    return random.uniform(0.0, min(0.002 * 2 ** min(races, 6), 0.1))  # noqa: S311 - not cryptographic
 
 
 class _Step:
@@ -100,6 +115,7 @@ class _Step:
     ) -> None:
         self.repo = owner.correlations
         self.clock = owner.clock
+        self.sleep = owner.sleep
         self.lease = timedelta(seconds=owner.lease_seconds)
         self.connection = connection
         self.connector = connector
@@ -125,13 +141,14 @@ class _Step:
                 )
             return self.create_first(now)
         if row.seen(self.delivery_id):
-            return self.result(Outcome.DUPLICATE, row, "this notification was handled already")
+            detail = "this notification was handled already"
+            return ProcessResult(Outcome.DUPLICATE, row.ref, self.key_text, detail, repeat=True)
         if row.leased_by_other(self.token, now):
             if row.lease_owner.startswith(f"{self.delivery_id}:"):
                 raise _LeaseHeld  # this very notification is in flight elsewhere: never count it twice
-            counts_only = fired and row.state in (CorrelationState.OPEN, CorrelationState.CREATING)
-            if counts_only and not self.new_cis(row):
-                return self.count_firing(row, now)
+            if fired and row.state in (CorrelationState.OPEN, CorrelationState.CREATING):
+                # counted, never waited for: new configuration items wait on the row for the next note
+                return self.count_firing(row, now, pending=self.new_cis(row))
             raise _LeaseHeld
         if row.state is CorrelationState.CREATING:
             return self.take_over_create(row, now)
@@ -154,10 +171,20 @@ class _Step:
             row.model_copy(update={"lease_owner": self.token, "lease_until": now + self.lease, **changes})
         )
 
-    def release(self, change: Callable[[Correlation], dict[str, object]]) -> Correlation | None:
-        """Apply ``change`` and drop the lease, re-reading as often as others' counts interleave."""
-        for _ in range(50):
-            row = self.repo.get(self.connection.name, self.key)
+    def release(
+        self, change: Callable[[Correlation], dict[str, object]], held: Correlation | None = None
+    ) -> Correlation | None:
+        """Apply ``change`` and drop the lease, re-reading as often as others' counts interleave.
+
+        ``held`` is the row as this step last wrote it: unless someone counted a firing since, it is
+        current, and the release needs no read.
+        """
+        row = held
+        for races in range(50):
+            if races:
+                self.sleep(race_pause(races))
+            if row is None:
+                row = self.repo.get(self.connection.name, self.key)
             if row is None:
                 return None
             if row.lease_owner != self.token:
@@ -170,7 +197,7 @@ class _Step:
             try:
                 return self.repo.replace(row.model_copy(update=update))
             except EtagConflict:
-                continue
+                row = None
         raise BusyError(f"could not record the result for {self.key_text!r}: too much contention")
 
     def abandon(self) -> None:
@@ -188,7 +215,7 @@ class _Step:
         )
         return self.result(outcome, row, detail)
 
-    def count_firing(self, row: Correlation, now: datetime) -> ProcessResult:
+    def count_firing(self, row: Correlation, now: datetime, pending: tuple[str, ...] = ()) -> ProcessResult:
         row = self.repo.replace(
             row.model_copy(
                 update={
@@ -196,11 +223,13 @@ class _Step:
                     "unnoted_fires": row.unnoted_fires + 1,
                     "last_fired_at": max(row.last_fired_at or self.signal.fired_at, self.signal.fired_at),
                     "recent_deliveries": row.with_delivery(self.delivery_id),
+                    "pending_cis": (*row.pending_cis, *pending),
                 }
             )
         )
+        waiting = f" and {len(row.pending_cis)} new configuration item(s)" if row.pending_cis else ""
         return self.result(
-            Outcome.COALESCED, row, f"counted; {row.unnoted_fires} firing(s) wait for the next note"
+            Outcome.COALESCED, row, f"counted; {row.unnoted_fires} firing(s){waiting} wait for the next note"
         )
 
     # -- actions -------------------------------------------------------------------------------
@@ -250,11 +279,11 @@ class _Step:
                 "resolved_at": None,
             }
 
-        done = self.release(opened)
+        done = self.release(opened, row)
         return self.result(Outcome.CREATED, done, "recovered the work item" if recover and done else "")
 
     def refire(self, row: Correlation, now: datetime) -> ProcessResult:
-        new_cis = self.new_cis(row)
+        new_cis = (*row.pending_cis, *self.new_cis(row))
         interval = timedelta(minutes=self.connection.note_interval_minutes)
         due = bool(new_cis) or row.last_note_at is None or now - row.last_note_at >= interval
         if not due:
@@ -276,11 +305,15 @@ class _Step:
                 "unnoted_fires": max(current.unnoted_fires - taken.unnoted_fires, 0),
                 "last_note_at": now,
                 "last_fired_at": max(current.last_fired_at or self.signal.fired_at, self.signal.fired_at),
-                "configuration_items": (*current.configuration_items, *new_cis),
+                "configuration_items": (
+                    *current.configuration_items,
+                    *(ci for ci in new_cis if ci not in current.configuration_items),
+                ),
+                "pending_cis": tuple(ci for ci in current.pending_cis if ci not in new_cis),
                 "alert_ids": (*current.alert_ids, self.signal.alert_id)[-20:],
             }
 
-        return self.result(Outcome.NOTED, self.release(noted), f"note for {firings} firing(s)")
+        return self.result(Outcome.NOTED, self.release(noted, taken), f"note for {firings} firing(s)")
 
     def fire_after_close(self, row: Correlation, now: datetime) -> ProcessResult:
         if row.resolved_alert_fired_at is not None and self.signal.fired_at <= row.resolved_alert_fired_at:
@@ -308,7 +341,7 @@ class _Step:
                     "alert_ids": (*current.alert_ids, self.signal.alert_id)[-20:],
                 }
 
-            return self.result(Outcome.REOPENED, self.release(reopened))
+            return self.result(Outcome.REOPENED, self.release(reopened, taken))
         taken = self.take_lease(row, now)
         return self.start_new_generation(taken, now)
 
@@ -362,5 +395,5 @@ class _Step:
                 change |= {"state": CorrelationState.RESOLVED, "resolved_at": now}
             return change
 
-        done = self.release(resolved)
+        done = self.release(resolved, taken)
         return self.result(Outcome.RESOLVED if auto else Outcome.NOTED, done)

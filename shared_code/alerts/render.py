@@ -29,6 +29,16 @@ def digest(text: str, length: int = 40) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def correlation_key(connection: str, key_text: str) -> str:
+    """The problem's row key, and the heart of the correlation id stamped on its work item.
+
+    The connection is part of it: connections on one instance (one per team, say) must never
+    find each other's work items when they recover a create by correlation id, nor resolve each
+    other's problems when they sync the instance back.
+    """
+    return digest(f"{connection}|{key_text}")
+
+
 def correlation_id(key: str, generation: int) -> str:
     """Stamped on the work item so a crashed create can be found again instead of repeated."""
     return f"azmon-{key}-g{generation}"
@@ -104,7 +114,8 @@ def refire_note(signal: AlertSignal, firings: int, since: datetime | None, new_c
     count = f"{firings} firing{'s' if firings != 1 else ''}"
     since_text = f" since the last update at {_when(since)}" if since else ""
     lines = [
-        f"Azure Monitor: the alert fired again ({count}{since_text}); latest fired at {_when(signal.fired_at)}."
+        f"Azure Monitor: the alert fired again ({count}{since_text}); "
+        f"latest fired at {_when(signal.fired_at)}."
     ]
     if new_cis:
         lines.append(f"Also affecting: {', '.join(dict.fromkeys(ci_name(ci) for ci in new_cis))}")

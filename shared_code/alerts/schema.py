@@ -34,6 +34,10 @@ PORTAL_ALERT_URL = (
     "https://portal.azure.com/#view/Microsoft_Azure_Monitoring_Alerts/AlertDetails.ReactView/alertId~/"
 )
 MAX_SUMMARY_CHARS = 4_000
+MAX_STORED_SIGNAL_UNITS = 30_000
+"""The normalised alert is stored as one Table Storage string property, which holds at most 64 KiB
+of UTF-16 (32,768 code units): serialised, it is kept below this."""
+MAX_LINK_CHARS = 2_000
 ENABLE_COMMON_SCHEMA_HINT = (
     "Enable the common alert schema in the action group: edit the webhook action and set "
     "'Enable the common alert schema' to Yes."
@@ -222,7 +226,7 @@ def to_signal(parsed: CommonAlertPayload) -> AlertSignal:
     """The normalised signal for an already validated payload."""
     essentials = parsed.data.essentials
     resolved = essentials.monitor_condition is MonitorCondition.RESOLVED
-    return AlertSignal(
+    signal = AlertSignal(
         alert_id=essentials.alert_id,
         origin_alert_id=essentials.origin_alert_id or "",
         rule=essentials.alert_rule,
@@ -242,6 +246,34 @@ def to_signal(parsed: CommonAlertPayload) -> AlertSignal:
         ),
         portal_link=portal_link_for(essentials),
     )
+    return bounded_signal(signal)
+
+
+def _utf16_units(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def bounded_signal(signal: AlertSignal, limit: int = MAX_STORED_SIGNAL_UNITS) -> AlertSignal:
+    """The signal, shortened only as far as it must be to fit ``limit`` once serialised.
+
+    Only outsized payloads are touched (a rule description of many KiB, hundreds of targets or
+    configuration items): free text is cut first, then the lists; the ids that identify the alert
+    never are. One whose ids alone are that large is refused: no Azure id comes near it.
+    """
+    description, summary = signal.description, signal.context_summary
+    targets, items = signal.target_ids, signal.configuration_items
+    steps: list[dict[str, object]] = [
+        {"description": _clip(description, 2_000)},
+        {"target_ids": targets[:_MAX_ITEMS], "configuration_items": items[:50]},
+        {"context_summary": _clip(summary, 1_000), "description": _clip(description, 300)},
+        {"target_ids": targets[:1], "configuration_items": items[:5]},
+        {"context_summary": "", "description": "", "target_ids": (), "configuration_items": ()},
+    ]
+    for changes in [{}, *steps]:
+        signal = signal.model_copy(update=changes)
+        if _utf16_units(signal.model_dump_json()) <= limit:
+            return signal
+    raise AlertSchemaError("data.essentials", "the alert's ids and names are too long to store")
 
 
 def _require_common_schema(payload: object) -> None:
@@ -379,7 +411,7 @@ def rule_id_for(essentials: Essentials) -> str:
 def portal_link_for(essentials: Essentials) -> str:
     """investigationLink when it is an https link; otherwise the alert's details blade in the portal."""
     link = (essentials.investigation_link or "").strip()
-    if link.lower().startswith("https://"):
+    if link.lower().startswith("https://") and len(link) <= MAX_LINK_CHARS:
         return link
     return PORTAL_ALERT_URL + quote(essentials.alert_id, safe="")
 

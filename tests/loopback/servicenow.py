@@ -536,6 +536,7 @@ class ServiceNowLoopback(LoopbackServer):
         self._passwords: dict[str, str] = {username: password}
         self._access: dict[str, tuple[str, datetime]] = {}
         self._refresh: dict[str, tuple[str, datetime]] = {}
+        self._issued: list[str] = []
         self._faults: list[_Fault] = []
         self._store: dict[str, dict[str, Record]] = {name: {} for name in TABLES}
         self._index: dict[str, list[tuple[str, str]]] = {name: [] for name in TABLES}
@@ -585,6 +586,12 @@ class ServiceNowLoopback(LoopbackServer):
         """Every refresh token issued so far is revoked (the refresh grant answers 401)."""
         with self._lock:
             self._refresh.clear()
+
+    def issued_tokens(self) -> list[str]:
+        """Every access and refresh token issued so far, expired or revoked ones included (for
+        tests that check that none of them leaks)."""
+        with self._lock:
+            return list(self._issued)
 
     # -- fault injection and request log -------------------------------------------------------------
     def fail_next(
@@ -859,11 +866,13 @@ class ServiceNowLoopback(LoopbackServer):
     def _issue_access(self, user: str) -> str:
         token = secrets.token_urlsafe(64)
         self._access[token] = (user, self._now() + timedelta(seconds=ACCESS_TOKEN_LIFESPAN))
+        self._issued.append(token)
         return token
 
     def _issue_refresh(self, user: str) -> str:
         token = secrets.token_urlsafe(64)
         self._refresh[token] = (user, self._now() + timedelta(seconds=REFRESH_TOKEN_LIFESPAN))
+        self._issued.append(token)
         return token
 
     def _authenticate(self, authorization: str | None) -> str | None:

@@ -292,3 +292,26 @@ def test_work_item_ref_roundtrip_in_result(world):
     result = processor.process(connection(), itsm, "d1", signal())
     assert isinstance(result.work_item, WorkItemRef)
     assert result.work_item.number.startswith("INC")
+
+
+def test_a_new_configuration_item_under_another_instances_lease_is_counted_then_noted(world):
+    clock, repo, itsm, processor = world
+    conn = connection(correlation=CorrelationMode.PER_RULE)
+    processor.process(conn, itsm, "d1", signal("a1", ci="vm-1"))
+    (key,) = repo.rows
+    held = repo.rows[key].model_copy(
+        update={"lease_owner": "other:1", "lease_until": clock.now + timedelta(seconds=60)}
+    )
+    repo.rows[key] = held
+    result = processor.process(conn, itsm, "d2", signal("a2", ci="vm-2"))
+    assert result.outcome is Outcome.COALESCED  # never waits for the lease, never ends busy
+    assert repo.rows[key].pending_cis == ("vm-2",)
+    assert itsm.calls == ["create"]
+    repo.rows[key] = repo.rows[key].model_copy(update={"lease_owner": "", "lease_until": None})
+    result = processor.process(conn, itsm, "d3", signal("a3", ci="vm-1"))
+    assert result.outcome is Outcome.NOTED
+    (incident,) = itsm.incidents.values()
+    assert "Also affecting: vm-2" in incident.notes[0]
+    row = repo.rows[key]
+    assert (row.configuration_items, row.pending_cis) == (("vm-1", "vm-2"), ())
+    assert processor.process(conn, itsm, "d4", signal("a4", ci="vm-2")).outcome is Outcome.COALESCED
