@@ -90,7 +90,7 @@ class ItsmConnector(Protocol):
         ...
 
     def find_by_correlation(self, correlation_id: str) -> WorkItemRef | None:
-        """The newest work item stamped with ``correlation_id``, if any (crash recovery of a create)."""
+        """The newest open work item stamped with ``correlation_id``, if any (crash recovery of a create)."""
         ...
 
     def add_note(self, ref: WorkItemRef, text: str) -> None:

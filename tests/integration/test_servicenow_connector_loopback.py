@@ -137,6 +137,7 @@ def test_incident_lifecycle(
     connector.resolve(ref, "the alert resolved")
     assert snow.write_count() == writes + 1
     assert connector.get_state(ref) is WorkItemState.RESOLVED
+    assert connector.find_by_correlation("azmon:1") is None  # a resolved incident is never taken over
     connector.reopen(ref, "fired after resolution")
     assert connector.get_state(ref) is WorkItemState.OPEN
     notes = [entry["value"] for entry in snow.journal(ref.id) if entry["element"] == "work_notes"]

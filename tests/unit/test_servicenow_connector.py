@@ -600,7 +600,7 @@ def test_find_by_correlation() -> None:
     assert ref is not None
     assert ref.number == "INC0010001"
     p = params(setup.instance.api_requests[0])
-    assert p["sysparm_query"] == "correlation_id=azmon:a^^b^ORDERBYDESCsys_created_on"
+    assert p["sysparm_query"] == "correlation_id=azmon:a^^b^active=true^ORDERBYDESCsys_created_on"
     assert p["sysparm_limit"] == "1"
     assert setup.connector.find_by_correlation("  ") is None
     with pytest.raises(ItsmRejectedError, match="line breaks"):

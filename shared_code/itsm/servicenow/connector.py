@@ -122,7 +122,13 @@ class ServiceNowConnector:
     def find_by_correlation(self, correlation_id: str) -> WorkItemRef | None:
         if not correlation_id.strip():
             return None  # an empty value would match every incident without a correlation id
-        query = self._query(lambda q: q.eq("correlation_id", correlation_id).order_by_desc("sys_created_on"))
+        # open ones only: a create being recovered is seconds old, and an old resolved incident with
+        # the same id (state tables recreated, generations counted again) must not be taken over
+        query = self._query(
+            lambda q: (
+                q.eq("correlation_id", correlation_id).eq("active", "true").order_by_desc("sys_created_on")
+            )
+        )
         rows = self._list(INCIDENT_TABLE, query, ["sys_id", "number"], 1, display_values=False)
         return self._ref(rows[0]) if rows else None
 
@@ -222,13 +228,13 @@ class ServiceNowConnector:
     ) -> SyncPage:
         items: list[WorkItem] = []
         rejected: list[RejectedRow] = []
-        position = cursor
         for row in rows:
             try:
                 items.append(row_to_work_item(self.connection_name, item_type, row))
             except ValueError as exc:
                 rejected.append(RejectedRow(source_id=_row_id(row), error=str(exc)[:MAX_ERROR_TEXT]))
-            position = _row_position(row) or position
+        # the page ends at its last row that can say where it sits (the rows come in feed order)
+        position = next(filter(None, map(_row_position, reversed(rows))), cursor)
         if not is_last and position == cursor and rows:
             raise ItsmError(
                 f"ServiceNow {TABLES[item_type]} rows of connection {self.connection_name!r} carry no "
