@@ -14,7 +14,7 @@ from shared_code.alerts.delivery import DeliveryMessage
 from shared_code.bootstrap import get_container
 from shared_code.connections import CONNECTION_NAME
 from shared_code.errors import NotFoundError
-from shared_code.state.deliveries import Delivery, DeliveryStatus
+from shared_code.state.deliveries import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,7 @@ ALERT_QUEUE = "alert-deliveries"
 MAX_MESSAGE_BYTES = 40_000
 """A queue message holds 64 KiB, base64-encoded by the Functions host: 48 KiB of text, less room."""
 REDRIVE_SCHEDULE = os.environ.get("ALERT_REDRIVE_SCHEDULE", "0 */10 * * * *")
+STALE_AFTER = timedelta(minutes=10)
 
 bp = func.Blueprint()  # type: ignore[no-untyped-call]
 
@@ -116,9 +117,10 @@ def deliver_alert(msg: func.QueueMessage) -> None:
 
 @bp.function_name("redrive_stale_alerts")
 @bp.timer_trigger(arg_name="timer", schedule=REDRIVE_SCHEDULE, run_on_startup=False)
-def redrive_stale_alerts(timer: func.TimerRequest) -> None:
-    """Deliver alerts still pending long after receipt (their queue message was lost)."""
-    delivery = get_container().alert_delivery
-    redriven = list(delivery.redrive(status=DeliveryStatus.PENDING, older_than=timedelta(minutes=10)))
-    if redriven:
-        log.warning("redrove %d stale pending alert deliveries", len(redriven))
+@bp.queue_output(arg_name="deliveries", queue_name=ALERT_QUEUE, connection="AzureWebJobsStorage")
+def redrive_stale_alerts(timer: func.TimerRequest, deliveries: func.Out[list[str]]) -> None:
+    """Queue again the alerts still pending long after receipt (their queue message was lost)."""
+    messages = get_container().alert_delivery.requeue_stale(older_than=STALE_AFTER)
+    if messages:
+        deliveries.set([message.to_json() for message in messages])
+        log.warning("queued %d stale pending alert deliveries again", len(messages))

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import azure.functions as func
 from azure.functions.decorators.function_app import Function
@@ -39,21 +40,23 @@ def indexed_functions(app: func.FunctionApp) -> list[Function]:
         return entry[1]
 
 
-class OutValue(func.Out[str]):
-    def __init__(self) -> None:
-        self.value: str | None = None
+class OutValue(func.Out[Any]):
+    """An output binding's value: one message (str) or several (list of str)."""
 
-    def set(self, val: str) -> None:
+    def __init__(self) -> None:
+        self.value: Any = None
+
+    def set(self, val: Any) -> None:
         self.value = val
 
-    def get(self) -> str:
-        return self.value or ""
+    def get(self) -> Any:
+        return self.value
 
 
 @dataclass
 class HttpCall:
     response: func.HttpResponse
-    outputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def status(self) -> int:
@@ -108,17 +111,24 @@ class FunctionHost:
         route_params: dict[str, str] | None = None,
         send_outputs: bool = True,
     ) -> HttpCall:
+        query = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
         request = func.HttpRequest(
-            method, url, headers=headers or {}, route_params=route_params or {}, body=body
+            method, url, headers=headers or {}, params=query, route_params=route_params or {}, body=body
         )
         outs = {arg: OutValue() for arg in self._queue_outputs(name)}
         response = self.user_function(name)(request, **outs)
+        return HttpCall(response, self._produced(name, outs, send=send_outputs))
+
+    def _produced(self, name: str, outs: dict[str, OutValue], *, send: bool) -> dict[str, Any]:
+        """What the output bindings were set to; sent to their queues as the host would."""
         produced = {arg: out.value for arg, out in outs.items() if out.value is not None}
-        if send_outputs and self.queues is not None:
+        if send and self.queues is not None:
             queue_names = self._queue_outputs(name)
             for arg, value in produced.items():
-                self.queues.get_queue_client(queue_names[arg]).send_message(value)
-        return HttpCall(response, produced)
+                client = self.queues.get_queue_client(queue_names[arg])
+                for message in value if isinstance(value, list) else [value]:
+                    client.send_message(message)
+        return produced
 
     def queue_name_of(self, name: str) -> str:
         trigger = self.functions[name].get_trigger()
@@ -163,8 +173,11 @@ class FunctionHost:
                 queue.delete_message(message)
         return calls
 
-    def timer(self, name: str) -> None:
-        self.user_function(name)(TimerRequest(past_due=False))
+    def timer(self, name: str, *, past_due: bool = False) -> dict[str, Any]:
+        """Fire a timer trigger; returns (and queues) what its output bindings were set to."""
+        outs = {arg: OutValue() for arg in self._queue_outputs(name)}
+        self.user_function(name)(TimerRequest(past_due=past_due), **outs)
+        return self._produced(name, outs, send=True)
 
 
 def _exists(queue: Any) -> bool:

@@ -59,8 +59,12 @@ class AlertDelivery:
     max_attempts: int = 5
     sleep: Callable[[float], None] = time.sleep
 
-    def deliver(self, message: DeliveryMessage, attempt: int = 1) -> Delivery | None:
-        """Deliver one stored alert. Returns the updated delivery, or None when it was not found."""
+    def deliver(self, message: DeliveryMessage, attempt: int = 1, *, final: bool = False) -> Delivery | None:
+        """Deliver one stored alert. Returns the updated delivery, or None when it was not found.
+
+        ``final``: no retry follows (a redrive in this process), so a transient failure ends it
+        ``failed`` instead of raising ``RetryLaterError`` for the queue.
+        """
         signal = message.signal
         stored: Delivery | None = None
         if signal is None:
@@ -77,7 +81,7 @@ class AlertDelivery:
                 connection, self.connector_for(connection), message.delivery_id, signal
             )
         except TRANSIENT as exc:
-            return self._failed_attempt(message, signal, stored, attempt, exc, transient=True)
+            return self._failed_attempt(message, signal, stored, attempt, exc, transient=not final)
         except Exception as exc:  # noqa: BLE001 - anything else cannot be fixed by waiting: end it failed
             return self._failed_attempt(message, signal, stored, attempt, exc, transient=False)
         if result.repeat:
@@ -146,6 +150,9 @@ class AlertDelivery:
             attempts=attempts,
             last_error=error,
             outcome=stored.outcome if stored else "",
+            work_item_id=stored.work_item_id if stored else "",
+            work_item_number=stored.work_item_number if stored else "",
+            correlation_key=stored.correlation_key if stored else "",
             received_at=stored.received_at if stored else now,
             updated_at=now,
             signal=signal,
@@ -193,9 +200,22 @@ class AlertDelivery:
                 connection=row.connection, delivery_id=row.delivery_id, signal=row.signal
             )
             # a redrive is one more attempt, in this process: if it fails it ends failed again
-            result = self.deliver(message, attempt=self.max_attempts)
+            result = self.deliver(message, attempt=row.attempts + 1, final=True)
             if result is not None:
                 yield result
+
+    def requeue_stale(self, *, older_than: timedelta, limit: int = 500) -> list[DeliveryMessage]:
+        """Pending deliveries received long ago (their queue message was lost): messages to queue
+        again, through the queue so they get the host's normal retries. Each is stamped so the
+        next sweep leaves it alone while it is in flight."""
+        now = self.clock()
+        messages: list[DeliveryMessage] = []
+        for row in self.deliveries.list(status=DeliveryStatus.PENDING, limit=limit):
+            if now - row.updated_at < older_than:
+                continue
+            self.deliveries.touch(row, now)
+            messages.append(DeliveryMessage(connection=row.connection, delivery_id=row.delivery_id))
+        return messages
 
 
 def signal_time(signal: AlertSignal, now: datetime) -> datetime:

@@ -6,6 +6,7 @@ one connection spreads over 16 partitions and a delivery is still found from its
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -15,6 +16,8 @@ from pydantic import BaseModel, ConfigDict
 
 from shared_code.alerts.signal import AlertSignal
 from shared_code.state.tables import bucket_of, get_entity, insert_entity, merge_entity, query_entities
+
+log = logging.getLogger(__name__)
 
 TABLE = "AlertDeliveries"
 BUCKETS = 16
@@ -88,7 +91,7 @@ def _from_entity(entity: dict[str, object]) -> Delivery:
         work_item_id=str(entity.get("WorkItemId", "")),
         work_item_number=str(entity.get("WorkItemNumber", "")),
         correlation_key=str(entity.get("CorrelationKey", "")),
-        received_at=_as_utc(entity["ReceivedAt"]),
+        received_at=_as_utc(entity.get("ReceivedAt") or entity["UpdatedAt"]),
         updated_at=_as_utc(entity["UpdatedAt"]),
         signal=AlertSignal.model_validate_json(str(entity["Signal"])),
     )
@@ -110,22 +113,21 @@ class DeliveryRepository:
         merge_entity(self._table, _to_entity(delivery))
 
     def save_result(self, delivery: Delivery) -> None:
-        """Record the outcome columns only (the stored alert and receipt time stay as they are)."""
+        """Record the outcome columns (and the alert, which does not change); the receipt time
+        stays as stored. A row deleted meanwhile comes back whole enough to be listed."""
         entity = _to_entity(delivery)
-        keep = (
-            "PartitionKey",
-            "RowKey",
-            "Connection",
-            "Status",
-            "Attempts",
-            "Outcome",
-            "WorkItemId",
-            "WorkItemNumber",
-            "CorrelationKey",
-            "UpdatedAt",
-            "LastError",
+        merge_entity(self._table, {name: value for name, value in entity.items() if name != "ReceivedAt"})
+
+    def touch(self, delivery: Delivery, now: datetime) -> None:
+        """Stamp ``UpdatedAt`` (a pending delivery was queued again: not stale for a while)."""
+        merge_entity(
+            self._table,
+            {
+                "PartitionKey": partition_of(delivery.connection, delivery.delivery_id),
+                "RowKey": delivery.delivery_id,
+                "UpdatedAt": now,
+            },
         )
-        merge_entity(self._table, {name: entity[name] for name in keep})
 
     def list(
         self, *, connection: str | None = None, status: DeliveryStatus | None = None, limit: int = 1000
@@ -141,7 +143,16 @@ class DeliveryRepository:
             clauses.append("Status eq @status")
             params["status"] = status.value
         query = " and ".join(clauses) or "PartitionKey ne ''"
-        for count, entity in enumerate(query_entities(self._table, query, params)):
+        count = 0
+        for entity in query_entities(self._table, query, params):
             if count >= limit:
                 return
-            yield _from_entity(entity)
+            try:
+                delivery = _from_entity(entity)
+            except (KeyError, ValueError) as exc:  # one damaged row must not hide the others
+                log.warning(
+                    "skipping unreadable delivery row %s: %s", entity.get("RowKey"), type(exc).__name__
+                )
+                continue
+            count += 1
+            yield delivery

@@ -576,14 +576,17 @@ def test_a_retried_post_whose_queue_message_was_lost_is_queued_again_once_stale(
     assert len(flow.deliveries()) == 1
 
 
-def test_the_redrive_timer_delivers_a_pending_alert_whose_message_was_lost(flow: Flow) -> None:
+def test_the_redrive_timer_queues_a_pending_alert_whose_message_was_lost_once(flow: Flow) -> None:
     flow.connect()
     delivery_id = flow.accepted(alert(alert_id="timer", fired_at=T0), send=False).json()["deliveryId"]
 
-    flow.host.timer("redrive_stale_alerts")
-    assert flow.delivery(delivery_id).status is DeliveryStatus.PENDING  # young: maybe still queued
+    assert flow.host.timer("redrive_stale_alerts") == {}  # young: its message may still be queued
+    assert flow.delivery(delivery_id).status is DeliveryStatus.PENDING
     flow.clock.advance(minutes=11)
-    flow.host.timer("redrive_stale_alerts")
+    queued = flow.host.timer("redrive_stale_alerts")
+    assert [json.loads(m)["deliveryId"] for m in queued["deliveries"]] == [delivery_id]
+    assert flow.host.timer("redrive_stale_alerts") == {}  # in flight now: not queued twice
+    assert flow.deliver() == 1
 
     row = flow.delivery(delivery_id)
     assert row.status is DeliveryStatus.DELIVERED
@@ -846,6 +849,13 @@ def test_a_persistent_servicenow_failure_ends_failed_and_alerts_redrive_delivers
     assert delivery_id in listing
     assert "HTTP 503" in listing
 
+    # a redrive while the outage lasts is one more attempt, counted as such, and ends failed again
+    code, output = flow.stack.cli("alerts", "redrive", "--connection", flow.name)
+    assert code == 1, output
+    assert "redrove 1: 0 delivered, 1 failed" in output
+    assert flow.delivery(delivery_id).attempts == 3
+    assert flow.delivery(delivery_id).status is DeliveryStatus.FAILED
+
     flow.snow.clear_faults()
     code, output = flow.stack.cli("alerts", "redrive", "--connection", flow.name)
 
@@ -854,6 +864,7 @@ def test_a_persistent_servicenow_failure_ends_failed_and_alerts_redrive_delivers
     incident = flow.incident()
     done = flow.delivery(delivery_id)
     assert done.status is DeliveryStatus.DELIVERED
+    assert done.attempts == 4
     assert done.work_item_number == incident["number"]
     assert flow.correlation().work_item_id == incident["sys_id"]
     assert flow.stack.cli("alerts", "list", "--status", "failed")[1].strip() == "no deliveries match"
