@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -66,6 +67,19 @@ class AlertProcessor:
     busy_budget_seconds: float = 5.0
     sleep: Callable[[float], None] = time.sleep
     max_races: int = 50
+    known_keys: int = 10_000
+    _known: dict[str, None] = field(default_factory=dict, init=False, repr=False)
+    _known_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def first_sight(self, key: str) -> bool:
+        """True the first time this process handles ``key`` (a bounded memory; only a hint)."""
+        with self._known_lock:
+            if key in self._known:
+                return False
+            if len(self._known) >= self.known_keys:
+                del self._known[next(iter(self._known))]
+            self._known[key] = None
+            return True
 
     def process(
         self, connection: Connection, connector: ItsmConnector, delivery_id: str, signal: AlertSignal
@@ -113,6 +127,7 @@ class _Step:
         key: str,
         key_text: str,
     ) -> None:
+        self.owner = owner
         self.repo = owner.correlations
         self.clock = owner.clock
         self.sleep = owner.sleep
@@ -132,8 +147,17 @@ class _Step:
 
     def run(self) -> ProcessResult:
         now = self.clock()
-        row = self.repo.get(self.connection.name, self.key)
         fired = self.signal.condition is MonitorCondition.FIRED
+        if fired and self.owner.first_sight(self.key):
+            # likely a new problem: the conditional insert asks and answers at once, one table call
+            # less on the way to the incident; when the row exists it fails and the read follows
+            try:
+                created = self.insert_new(now)
+            except AlreadyExistsError:
+                pass
+            else:
+                return self.create(created, now, recover=False)
+        row = self.repo.get(self.connection.name, self.key)
         if row is None:
             if not fired:
                 return self.result(
@@ -235,7 +259,11 @@ class _Step:
     # -- actions -------------------------------------------------------------------------------
 
     def create_first(self, now: datetime) -> ProcessResult:
-        row = self.repo.insert(
+        return self.create(self.insert_new(now), now, recover=False)
+
+    def insert_new(self, now: datetime) -> Correlation:
+        """The problem's row, leased to this step for the create (AlreadyExistsError if it exists)."""
+        return self.repo.insert(
             Correlation(
                 connection=self.connection.name,
                 key=self.key,
@@ -249,7 +277,6 @@ class _Step:
                 alert_ids=(self.signal.alert_id,),
             )
         )
-        return self.create(row, now, recover=False)
 
     def take_over_create(self, row: Correlation, now: datetime) -> ProcessResult:
         if self.signal.condition is MonitorCondition.RESOLVED:

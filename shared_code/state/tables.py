@@ -8,6 +8,7 @@ hierarchy, so repositories and services never import ``azure.core.exceptions``.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, TypeVar
@@ -20,7 +21,12 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
+from azure.core.pipeline.transport import RequestsTransport
 from azure.data.tables import TableClient, TableServiceClient, TransactionOperation, UpdateMode
+from requests import Session
+from requests.adapters import HTTPAdapter
+from requests.utils import get_environ_proxies
+from urllib3.util.retry import Retry
 
 from shared_code.errors import AlreadyExistsError, StateError
 from shared_code.settings import DEVELOPMENT_STORAGE, Settings
@@ -45,6 +51,34 @@ def bucket_of(value: str, buckets: int) -> int:
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=4).digest(), "big") % buckets
 
 
+POOL_SIZE = 64
+"""Connections kept open to the account: as many as the host runs invocations at once (the
+``requests`` default of 10 makes a busier host open and drop a connection per call)."""
+
+
+def transport_options(endpoint: str) -> dict[str, Any]:
+    """Client options: a connection pool sized for a busy host, and the environment read once.
+
+    By default ``requests`` re-reads the whole process environment on every request (proxies,
+    NO_PROXY, REQUESTS_CA_BUNDLE, ~/.netrc): about 0.4 ms of CPU per table operation in a Functions
+    host's environment, a quarter of each call's cost. The account endpoint is fixed, so the answer
+    is the same every time: work it out here and turn the per-request lookup off.
+    """
+    verify: bool | str = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+    session = Session()
+    session.trust_env = False
+    # retries stay with the SDK's own retry policy, as in the transport's default session
+    adapter = HTTPAdapter(
+        pool_maxsize=POOL_SIZE, max_retries=Retry(total=False, redirect=False, raise_on_status=False)
+    )
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return {
+        "transport": RequestsTransport(session=session, session_owner=True, connection_verify=verify),
+        "proxies": get_environ_proxies(endpoint) or None,  # {} when NO_PROXY covers the endpoint
+    }
+
+
 class TableStore:
     """Lazily created table clients over one storage account."""
 
@@ -59,12 +93,16 @@ class TableStore:
         if settings.state_table_endpoint:
             if credential is None:
                 raise StateError("STATE_TABLE_ENDPOINT needs an Azure credential")
-            service = TableServiceClient(endpoint=settings.state_table_endpoint, credential=credential)
+            endpoint = settings.state_table_endpoint
+            service = TableServiceClient(
+                endpoint=endpoint, credential=credential, **transport_options(endpoint)
+            )
         else:
             conn = settings.storage_connection
             if conn.strip() == DEVELOPMENT_STORAGE:
                 conn = AZURITE_CONNECTION_STRING
-            service = TableServiceClient.from_connection_string(conn)
+            endpoint = TableServiceClient.from_connection_string(conn).url
+            service = TableServiceClient.from_connection_string(conn, **transport_options(endpoint))
         return cls(service, settings.table_prefix)
 
     def table(self, name: str) -> TableClient:

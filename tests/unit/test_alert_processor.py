@@ -315,3 +315,15 @@ def test_a_new_configuration_item_under_another_instances_lease_is_counted_then_
     row = repo.rows[key]
     assert (row.configuration_items, row.pending_cis) == (("vm-1", "vm-2"), ())
     assert processor.process(conn, itsm, "d4", signal("a4", ci="vm-2")).outcome is Outcome.COALESCED
+
+
+def test_a_problem_another_process_opened_is_recognised_despite_the_insert_first(world):
+    clock, repo, itsm, processor = world
+    conn = connection()
+    processor.process(conn, itsm, "d1", signal("a1"))
+    elsewhere = AlertProcessor(repo, clock, lease_seconds=60, busy_budget_seconds=0.3)
+    result = elsewhere.process(conn, itsm, "d2", signal("a2"))
+    assert result.outcome is Outcome.COALESCED
+    assert itsm.calls == ["create"]
+    (row,) = repo.rows.values()
+    assert row.fire_count == 2
