@@ -160,9 +160,7 @@ class _Step:
         row = self.repo.get(self.connection.name, self.key)
         if row is None:
             if not fired:
-                return self.result(
-                    Outcome.IGNORED, None, "resolved, but no work item is open for this problem"
-                )
+                return self.remember_resolution()
             return self.create_first(now)
         if row.seen(self.delivery_id):
             detail = "this notification was handled already"
@@ -257,6 +255,29 @@ class _Step:
         )
 
     # -- actions -------------------------------------------------------------------------------
+
+    def remember_resolution(self) -> ProcessResult:
+        """A resolution that overtook its firing (the firing's delivery is being retried): no work
+        item to touch, but the row remembers it, so that late firing does not open an incident
+        that nothing would ever resolve. A firing of a later time still opens one."""
+        row = self.repo.insert(
+            Correlation(
+                connection=self.connection.name,
+                key=self.key,
+                key_text=self.key_text,
+                state=CorrelationState.RESOLVED,
+                generation=0,
+                first_fired_at=self.signal.fired_at,
+                last_fired_at=self.signal.fired_at,
+                resolved_alert_fired_at=self.signal.fired_at,
+                configuration_items=self.signal.configuration_items,
+                alert_ids=(self.signal.alert_id,),
+                recent_deliveries=(self.delivery_id,),
+            )
+        )
+        return self.result(
+            Outcome.IGNORED, row, "resolved before any work item was opened for this problem; nothing to do"
+        )
 
     def create_first(self, now: datetime) -> ProcessResult:
         return self.create(self.insert_new(now), now, recover=False)

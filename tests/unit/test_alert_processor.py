@@ -213,12 +213,20 @@ def test_a_late_fired_notification_after_its_resolution_is_ignored(world):
     assert itsm.calls == ["create", "resolve"]
 
 
-def test_resolved_without_an_open_incident_writes_nothing(world):
-    _clock, repo, itsm, processor = world
-    result = processor.process(connection(), itsm, "r1", signal(condition=MonitorCondition.RESOLVED))
+def test_a_resolution_that_overtook_its_firing_keeps_the_late_firing_from_opening_an_incident(world):
+    _clock, _repo, itsm, processor = world
+    conn = connection()
+    result = processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
     assert result.outcome is Outcome.IGNORED
+    assert result.work_item is None
+    late = processor.process(conn, itsm, "f1", signal("a1"))  # its firing, delivered after a retry
+    assert late.outcome is Outcome.IGNORED
     assert itsm.calls == []
-    assert repo.rows == {}
+    again = processor.process(conn, itsm, "f2", signal("a2", fired_at=T0 + timedelta(minutes=30)))
+    assert again.outcome is Outcome.CREATED
+    assert itsm.calls == ["create"]
+    (incident,) = itsm.incidents.values()
+    assert incident.draft.correlation_id.endswith("-g1")
 
 
 def test_a_lost_create_response_is_recovered_not_repeated(world):
