@@ -16,7 +16,8 @@ from typing import Any
 
 from azure.data.tables import TableClient
 
-from shared_code.state.tables import Entity, bucket_of, get_entity, query_entities, upsert_batch
+from shared_code.state.tablebatch import upsert_transaction
+from shared_code.state.tables import Entity, bucket_of, get_entity, query_entities
 from shared_code.workitems.model import WorkItem, WorkItemType
 
 TABLE = "WorkItems"
@@ -33,6 +34,8 @@ def partition_of(connection: str, item_type: WorkItemType, source_id: str) -> st
 
 def row_key(source_id: str) -> str:
     """The source id with the characters a RowKey may not hold percent-encoded."""
+    if source_id.isalnum() and source_id.isascii():
+        return source_id  # a ServiceNow sys_id (32 hex digits): nothing to encode
     out = []
     for char in source_id:
         if char in _FORBIDDEN:
@@ -52,10 +55,12 @@ def to_entity(item: WorkItem) -> Entity:
     for name, value in item.model_dump().items():
         if value is None:
             continue
-        if isinstance(value, str) and len(value) > TEXT_LIMIT:
+        if isinstance(value, WorkItemType):
+            entity[name] = value.value
+        elif isinstance(value, str) and len(value) > TEXT_LIMIT:
             entity[name] = value[: TEXT_LIMIT - 1] + "…"
         else:
-            entity[name] = value.value if isinstance(value, WorkItemType) else value
+            entity[name] = value
     return entity
 
 
@@ -69,9 +74,10 @@ def from_entity(entity: dict[str, Any]) -> WorkItem:
 
 
 def _size(entity: Entity) -> int:
-    return 200 + sum(
-        len(name) + (len(value) * 2 if isinstance(value, str) else 16) for name, value in entity.items()
-    )
+    size = 200
+    for name, value in entity.items():
+        size += len(name) + (len(value) * 2 if isinstance(value, str) else 16)
+    return size
 
 
 def transactions(entities: Sequence[Entity]) -> Iterator[list[Entity]]:
@@ -124,9 +130,9 @@ class WorkItemRepository:
         chunks = [chunk for rows in partitions.values() for chunk in transactions(rows)]
         if len(chunks) <= 1:
             for chunk in chunks:
-                upsert_batch(self._table, chunk)
+                upsert_transaction(self._table, chunk)
         else:
-            futures = [self._executor().submit(upsert_batch, self._table, chunk) for chunk in chunks]
+            futures = [self._executor().submit(upsert_transaction, self._table, chunk) for chunk in chunks]
             errors = [f.exception() for f in futures]
             for error in errors:
                 if error is not None:

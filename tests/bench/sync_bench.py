@@ -1,418 +1,619 @@
-"""Work-item sync benchmark: throughput against plain keyset paging, incremental latency, memory.
+"""Work-item sync benchmark: the real sync against plain paging, incremental runs, peak memory.
 
-    .venv/bin/python -m tests.bench.sync_bench
+    .venv/bin/python -m tests.bench.sync_bench        (``make bench`` runs it with the others)
 
-Prints ``sync.initial_ratio_to_raw`` (our rows/s over plain httpx keyset paging of the same feed,
-runs alternated so noise hits both), ``sync.incremental_s`` (median of a few incremental runs after
-touching 1,000 rows) and ``sync.peak_rss_mb_10k`` / ``sync.peak_rss_mb_100k`` (peak RSS of a fresh
-child process syncing that many rows: flat memory means these stay close).
+What runs where (every address is 127.0.0.1):
 
-TEMPORARY: until the loopback ServiceNow (``tests/loopback/servicenow.py``, ``--seed`` mode) and
-the ServiceNow connector land, the feed is a small keyset server in a subprocess (this module's
-``--serve`` mode, ServiceNow-like JSON rows) read by a minimal httpx connector; swap both in then.
+* the loopback ServiceNow in its own process (``python -m tests.loopback.servicenow --seed ...``),
+  so its CPU is not in this process: 100,000 incidents for the throughput and incremental figures,
+  and a second one with 10,000 for the small memory figure. Their ``sys_updated_on`` spread over
+  119.9 days: the connection's 120-day scope minus a margin, so no row ages out of the scope while
+  the benchmark runs. They share this process's throwaway CA (``LOOPBACK_TLS_DIR``): HTTPS, as
+  ServiceNow is;
+* Azurite (``tests/loopback/azurite.py``, in memory) and the loopback Entra ID and Key Vault of
+  ``LoopbackStack`` in this process; connections are added with the operator's CLI
+  (``connections add``), secrets going to the loopback Key Vault;
+* the product as the app builds it: the app container's ``sync_engine`` (``build_sync_engine``:
+  the ServiceNow connector from the registry with OAuth, the ``SyncEngine`` with its page prefetch,
+  the ``TableSink`` over the WorkItems table, SyncState leases and watermarks, Runs, SyncErrors,
+  backward sync). Log Analytics is not configured (``LOGS_INGESTION_*`` empty), so the table is
+  the one sink.
+
+Figures (stdout, ``name: value``; progress and detail on stderr):
+
+``sync.initial_ratio_to_raw``
+    rows/s of the initial sync of all 100,000 rows over rows/s of plain paging of the same rows,
+    median over median of ``SYNC_BENCH_ROUNDS`` (default 5) full runs of each, alternated
+    (raw, ours, raw, ours, ...) so the machine's noise hits both. *Raw* is an ``httpx.Client``
+    (same TLS, one OAuth token) sending exactly the connector's keyset queries (the drain of the
+    cursor's second, then ``sys_updated_on>T``, same ``sysparm_*``, page size ``SYNC_PAGE_SIZE``)
+    and parsing each answer's JSON: HTTP paging + JSON parsing, nothing stored. *Ours* is
+    ``sync_engine.run`` of a new connection, timed from call to return: the same HTTP paging and
+    JSON parsing, plus normalising every row to a ``WorkItem``, batched upserts into Azurite (at
+    most 100 rows per partition transaction), a watermark commit (ETag replace of the SyncState
+    row) after every page, the lease, and the Runs record. Each run writes to a fresh table prefix
+    (an empty WorkItems table, as a first sync of a new deployment). CPU seconds of this process,
+    the ServiceNow process and Azurite during each run go to stderr, to show where the time goes.
+
+    Reading it: Azurite is one Node.js thread spending ~0.17 ms of CPU per upserted entity (LokiJS
+    index upkeep, entity normalisation, multipart parsing), i.e. ~17 s per 100,000 rows, more
+    than twice the whole raw pass (~6-9 s). This process spends ~14 s (paging, parsing,
+    normalising, serialising) and the ServiceNow process ~4.5 s, so on two cores a run cannot take
+    much less than ~18 s, and the ratio cannot pass ~0.35 here whatever the engine does; against
+    Table Storage the service's time is off this machine and this process's CPU is the bound.
+``sync.incremental_s``
+    median of 3 incremental runs of the connection of the last throughput round (its WorkItems
+    table holds the 100,000 rows), each after 1,000 random rows were touched (``/__loopback/touch``:
+    state moved on, a work note; ``sys_updated_on`` now). These runs use ``SYNC_OVERLAP_SECONDS=2``
+    and, before each touch, one untimed run after touching a single row moves the watermark on (as
+    other activity does between timer runs); with the default 120 s overlap a run started seconds
+    after the previous one would read the previous 1,000 rows again. Each timed run reads the 1,000
+    rows plus that one row.
+``sync.peak_rss_mb_10k`` / ``sync.peak_rss_mb_100k``
+    peak RSS (``VmHWM``) of a fresh child process (``--child``: settings from its environment,
+    the app's container, nothing else) running a full initial sync of 10,000 / 100,000 rows, each
+    with its own connection and table prefix (the 10,000 rows from their own ServiceNow process,
+    the 100,000 from the first one). Flat memory means these stay close; their ratio goes to
+    stderr. Not ``ru_maxrss``, which a child inherits from its parent across fork/exec.
+
+The benchmark exits 1 (printing no figures) when any sync does not end ``succeeded``, when an
+initial sync's count differs from the rows the ServiceNow process holds, when an incremental run
+reads fewer than the touched rows, or when anything connects elsewhere than loopback. Everything
+it starts (both ServiceNow processes, Azurite, the loopback servers, child processes) is stopped
+on every exit path, SIGTERM included.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
+import contextlib
 import json
 import os
-import random
 import resource
-import socket
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import FrameType
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from azure.data.tables import TableServiceClient
 
-from shared_code.connections import Connection
-from shared_code.errors import NotFoundError
-from shared_code.itsm.base import SyncCursor, SyncPage
-from shared_code.state.runs import RunRepository
-from shared_code.state.syncerrors import SyncErrorRepository
-from shared_code.state.syncstate import SyncStateRepository
-from shared_code.state.tables import TableStore
-from shared_code.state.workitems import WorkItemRepository
-from shared_code.workitems.engine import SyncEngine, SyncOutcome
-from shared_code.workitems.model import WorkItem, WorkItemType
-from shared_code.workitems.sinks import SyncErrorLog, TableSink
+from shared_code.bootstrap import get_container
+from shared_code.itsm.servicenow.mapping import SYNC_FIELDS, TABLES
+from shared_code.workitems.engine import SyncOutcome, SyncResult
+from shared_code.workitems.model import WorkItemType
+from tests.loopback import servicenow as snow
+from tests.loopback.azurite import Azurite
+from tests.loopback.stack import LoopbackStack
+from tests.loopback.tls import loopback_tls, shared_tls_environment
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGE = 1000
+ROWS = int(os.environ.get("SYNC_BENCH_ROWS", "100000"))
+SMALL_ROWS = 10_000
+ROUNDS = int(os.environ.get("SYNC_BENCH_ROUNDS", "5"))
+SPAN_DAYS = 119.9
+SCOPE_DAYS = 120
+TOUCHED = 1000
+INCREMENTAL_RUNS = 3
+INCREMENTAL_OVERLAP_SECONDS = 2
+ITEM_TYPE = WorkItemType.INCIDENT
 TS = "%Y-%m-%d %H:%M:%S"
+# the app's settings for every run here: no Log Analytics, so the WorkItems table is the only sink
+NO_LOGS = {"LOGS_INGESTION_ENDPOINT": "", "LOGS_INGESTION_RULE_ID": ""}
+# identity variables that would steer azure-identity away from the loopback Entra (see stack.py)
+FOREIGN_IDENTITY_VARIABLES = (
+    "AZURE_REGIONAL_AUTHORITY_NAME",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_CLIENT_CERTIFICATE_PATH",
+    "AZURE_USERNAME",
+    "AZURE_PASSWORD",
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "MSI_ENDPOINT",
+    "MSI_SECRET",
+    "REQUESTS_CA_BUNDLE",
+)
+_STARTED = time.monotonic()
 
 
-# -- the feed server (subprocess) -----------------------------------------------------------------
+class BenchError(RuntimeError):
+    """A run did not do what the benchmark needs (failed, or synced the wrong number of rows)."""
 
 
-class _Feed:
-    def __init__(self, count: int, days: int) -> None:
-        rng = random.Random(7)
-        end = datetime.now(UTC).replace(microsecond=0)
-        self.rows: dict[str, dict[str, str]] = {}
-        for n in range(count):
-            updated = end - timedelta(seconds=rng.randrange(days * 86400))
-            sys_id = f"{rng.getrandbits(128):032x}"
-            self.rows[sys_id] = {
-                "sys_id": sys_id,
-                "number": f"INC{n:07d}",
-                "sys_updated_on": updated.strftime(TS),
-                "state": rng.choice(["New", "In Progress", "On Hold", "Resolved", "Closed"]),
-                "short_description": f"Disk space low on server-{n % 500:03d}",
-                "description": "Free space on volume C: dropped below 10 percent. " * 6,
-                "urgency": "2",
-                "impact": "2",
-                "priority": "3",
-                "assigned_to": "Service Desk",
-                "category": "Hardware",
-                "sys_created_on": (updated - timedelta(hours=3)).strftime(TS),
-            }
-        self.lock = threading.Lock()
-        self._reindex()
-
-    def _reindex(self) -> None:
-        self.keys = sorted((r["sys_updated_on"], r["sys_id"]) for r in self.rows.values())
-
-    def page(self, after_ts: str, after_id: str, limit: int) -> bytes:
-        with self.lock:
-            start = bisect.bisect_right(self.keys, (after_ts, after_id))
-            keys = self.keys[start : start + limit + 1]
-            rows = [self.rows[k[1]] for k in keys[:limit]]
-        return json.dumps({"result": rows, "more": len(keys) > limit}).encode()
-
-    def touch(self, count: int) -> None:
-        now = datetime.now(UTC).strftime(TS)
-        with self.lock:
-            for sys_id in random.sample(sorted(self.rows), count):
-                self.rows[sys_id]["sys_updated_on"] = now
-                self.rows[sys_id]["state"] = "In Progress"
-            self._reindex()
+def log(message: str) -> None:
+    print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def serve(count: int, days: int, port_file: str) -> None:
-    feed = _Feed(count, days)
+# -- loopback only ----------------------------------------------------------------------------------
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            return
-
-        def _send(self, body: bytes) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            query = parse_qs(urlsplit(self.path).query)
-            self._send(
-                feed.page(
-                    query.get("after_ts", [""])[0], query.get("after_id", [""])[0], int(query["limit"][0])
-                )
-            )
-
-        def do_POST(self) -> None:
-            feed.touch(int(parse_qs(urlsplit(self.path).query)["count"][0]))
-            self._send(b"{}")
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    Path(port_file).write_text(str(server.server_address[1]))
-    server.serve_forever()
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+_foreign: list[object] = []
 
 
-@contextmanager
-def feed_server(count: int, days: int = 119) -> Iterator[str]:
-    port_file = Path(f"/tmp/sync-bench-{os.getpid()}-{count}.port")
-    port_file.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.bench.sync_bench",
-            "--serve",
-            str(count),
-            "--days",
-            str(days),
-            "--port-file",
-            str(port_file),
-        ],
-        cwd=ROOT,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists() or not port_file.read_text():
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the feed server did not start")
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port_file.read_text()}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        port_file.unlink(missing_ok=True)
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if event == "socket.connect":
+        address = args[1]
+        if isinstance(address, tuple) and address and address[0] not in _LOOPBACK:
+            _foreign.append(address)
+    elif event == "socket.getaddrinfo" and args and args[0] is not None:
+        host = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
+        if host not in _LOOPBACK:
+            _foreign.append(("dns", host))
 
 
-# -- the two clients ------------------------------------------------------------------------------
+def guard_network() -> None:
+    """Record every connection (and name lookup) that is not loopback; ``check_network`` fails on one."""
+    sys.addaudithook(_audit)
 
 
-class HttpFeed:
-    """A minimal connector's ``fetch_changes`` over the feed server (parses rows into WorkItems)."""
-
-    def __init__(self, url: str, connection: str) -> None:
-        self.http = httpx.Client(base_url=url, timeout=30)
-        self.connection = connection
-
-    def fetch_changes(self, item_type: WorkItemType, cursor: SyncCursor, page_size: int) -> SyncPage:
-        params: dict[str, str | int] = {
-            "after_ts": cursor.updated_at.strftime(TS),
-            "after_id": cursor.last_id,
-            "limit": page_size,
-        }
-        data = self.http.get("/api/now/table/incident", params=params).json()
-        items = [self._item(row) for row in data["result"]]
-        last = data["result"][-1] if data["result"] else None
-        next_cursor = (
-            SyncCursor(updated_at=_ts(last["sys_updated_on"]), last_id=last["sys_id"]) if last else cursor
-        )
-        return SyncPage(items=items, next_cursor=next_cursor, is_last=not data["more"])
-
-    def _item(self, row: dict[str, str]) -> WorkItem:
-        return WorkItem(
-            connection=self.connection,
-            item_type=WorkItemType.INCIDENT,
-            source_id=row["sys_id"],
-            number=row["number"],
-            updated_at=_ts(row["sys_updated_on"]),
-            created_at=_ts(row["sys_created_on"]),
-            state=row["state"],
-            title=row["short_description"],
-            description=row["description"],
-            urgency=row["urgency"],
-            impact=row["impact"],
-            priority=row["priority"],
-            assigned_to=row["assigned_to"],
-            category=row["category"],
-        )
-
-    def close(self) -> None:
-        self.http.close()
+def check_network() -> None:
+    if _foreign:
+        raise BenchError(f"non-loopback network access: {_foreign[:5]}")
 
 
-def _ts(text: str) -> datetime:
-    return datetime.strptime(text, TS).replace(tzinfo=UTC)
+# -- CPU accounting (Linux /proc; zero elsewhere) -----------------------------------------------------
 
 
-def raw_pass(url: str) -> tuple[int, float]:
-    """Plain keyset paging of the whole feed with httpx (the upper bound for our throughput)."""
-    rows, after_ts, after_id = 0, "", ""
-    started = time.perf_counter()
-    with httpx.Client(base_url=url, timeout=30) as http:
-        while True:
-            params: dict[str, str | int] = {"after_ts": after_ts, "after_id": after_id, "limit": PAGE}
-            data = http.get("/api/now/table/incident", params=params).json()
-            rows += len(data["result"])
-            if data["result"]:
-                after_ts, after_id = data["result"][-1]["sys_updated_on"], data["result"][-1]["sys_id"]
-            if not data["more"]:
-                return rows, time.perf_counter() - started
-
-
-class _Connections:
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-
-    def get(self, name: str) -> Connection:
-        if name != self.connection.name:
-            raise NotFoundError(name)
-        return self.connection
-
-    def list(self) -> list[Connection]:
-        return [self.connection]
-
-
-def make_engine(
-    store: TableStore, url: str, name: str, overlap: timedelta = timedelta(seconds=120)
-) -> tuple[SyncEngine, HttpFeed]:
-    connection = Connection.model_validate(
-        {
-            "name": name,
-            "partner_type": "servicenow",
-            "server_url": "https://bench.service-now.com",
-            "client_id": "bench",
-            "username": "bench",
-            "sync_data": ["incidents"],
-            "sync_scope_days": 120,
-        }
-    )
-    feed = HttpFeed(url, name)
-    engine = SyncEngine(
-        connections=_Connections(connection),
-        connector_for=lambda c: feed,  # type: ignore[arg-type,return-value]
-        sync_state=SyncStateRepository(store.table("SyncState")),
-        sinks=[TableSink(WorkItemRepository(store.table("WorkItems")))],
-        errors=SyncErrorLog(SyncErrorRepository(store.table("SyncErrors"))),
-        runs=RunRepository(store.table("Runs")),
-        clock=lambda: datetime.now(UTC),
-        page_size=PAGE,
-        overlap=overlap,
-    )
-    return engine, feed
-
-
-def our_pass(store: TableStore, url: str, name: str) -> tuple[int, float]:
-    engine, feed = make_engine(store, url, name)
-    started = time.perf_counter()
-    [result] = engine.run()
-    elapsed = time.perf_counter() - started
-    feed.close()
-    if result.outcome is not SyncOutcome.SUCCEEDED:
-        raise RuntimeError(f"sync failed: {result.error}")
-    return result.synced, elapsed
-
-
-def child(url: str, azurite: str, name: str) -> None:
-    """One fresh process syncing the whole feed; prints its rows and its own peak RSS."""
-    store = TableStore(TableServiceClient.from_connection_string(azurite))
-    rows, elapsed = our_pass(store, url, name)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rows": rows, "seconds": elapsed, "peak_rss_mb": peak_kb / 1024}))
-
-
-# -- Azurite --------------------------------------------------------------------------------------
-
-
-@contextmanager
-def azurite() -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    proc = subprocess.Popen(
-        [
-            str(ROOT / "node_modules/.bin/azurite-table"),
-            "--inMemoryPersistence",
-            "--silent",
-            "--skipApiVersionCheck",
-            "--disableTelemetry",
-            "--tableHost",
-            "127.0.0.1",
-            "--tablePort",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
+def group_cpu_seconds(group: int | None) -> float:
+    """User + system CPU seconds of every live process in process group ``group``."""
+    if group is None:
+        return 0.0
+    ticks = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        yield (
-            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
-            "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
-            f"TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+                with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == group:  # pgrp
+                ticks += int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    here: float
+    servicenow: float
+    azurite: float
+
+
+class CpuMeter:
+    def __init__(self, servicenow_group: int | None, azurite_group: int | None) -> None:
+        self._groups = (servicenow_group, azurite_group)
+
+    def sample(self) -> CpuSample:
+        return CpuSample(
+            time.process_time(), group_cpu_seconds(self._groups[0]), group_cpu_seconds(self._groups[1])
         )
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+
+    def describe(self, before: CpuSample) -> str:
+        after = self.sample()
+        here, servicenow = after.here - before.here, after.servicenow - before.servicenow
+        return (
+            f"CPU s: this process {here:.1f}, ServiceNow {servicenow:.1f}, "
+            f"Azurite {after.azurite - before.azurite:.1f}"
+        )
 
 
-def run_child(url: str, conn_string: str, name: str) -> dict[str, Any]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.bench.sync_bench",
-            "--child",
-            url,
-            "--azurite",
-            conn_string,
-            "--name",
-            name,
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
+# -- the loopback ServiceNow in its own process ------------------------------------------------------
+
+
+class ServiceNowProcess:
+    """``python -m tests.loopback.servicenow --seed incident=N`` (HTTPS with this process's CA)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.url = ""
+        self._proc: subprocess.Popen[str] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> ServiceNowProcess:
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.loopback.servicenow",
+                "--seed",
+                f"{TABLES[ITEM_TYPE]}={self.rows}",
+                "--span-days",
+                str(SPAN_DAYS),
+            ],
+            cwd=ROOT,
+            env={**os.environ, **shared_tls_environment()},
+            stdin=subprocess.PIPE,  # closing it stops the server
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own group: stop() can end it whatever it started
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 180.0) -> str:
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            raise BenchError("the loopback ServiceNow was not started")
+        stdout = proc.stdout
+        result: list[str] = []
+        reader = threading.Thread(target=lambda: result.append(stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        line = result[0].split() if result else []
+        if len(line) != 2 or line[0] != "READY":
+            raise BenchError(f"the loopback ServiceNow ({self.rows} rows) did not start: {line or 'timeout'}")
+        self.url = line[1]
+        return self.url
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            if proc.stdin is not None:
+                proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def control(self, action: str, **args: object) -> dict[str, Any]:
+        """A ``/__loopback/`` control call (no auth): ``stats`` is a GET, the others POST."""
+        with httpx.Client(base_url=self.url, verify=loopback_tls().client_context(), timeout=120) as http:
+            if action == "stats":
+                response = http.get("/__loopback/stats")
+            else:
+                response = http.post(f"/__loopback/{action}", content=json.dumps(args))
+        response.raise_for_status()
+        body: dict[str, Any] = response.json()
+        return body
+
+    def count(self) -> int:
+        return int(self.control("stats")["tables"][TABLES[ITEM_TYPE]])
+
+
+# -- raw: the connector's keyset queries with plain httpx, nothing stored -----------------------------
+
+
+def raw_pass(server: ServiceNowProcess, page_size: int) -> tuple[int, int, float]:
+    """Page through every row of the scope as ``fetch_changes`` does; (rows, requests, seconds)."""
+    fields = ",".join(SYNC_FIELDS[ITEM_TYPE])
+    path = f"/api/now/table/{TABLES[ITEM_TYPE]}"
+    rows_seen = requests = 0
+    started = time.perf_counter()
+    with httpx.Client(base_url=server.url, verify=loopback_tls().client_context(), timeout=60) as http:
+        token = http.post(
+            "/oauth_token.do",
+            data={
+                "grant_type": "password",
+                "client_id": snow.DEFAULT_CLIENT_ID,
+                "client_secret": snow.DEFAULT_CLIENT_SECRET,
+                "username": snow.DEFAULT_USERNAME,
+                "password": snow.DEFAULT_PASSWORD,
+            },
+        ).json()["access_token"]
+        headers = {"Accept": "application/json", "Authorization": f"Bearer {token}"}
+
+        def page(query: str, limit: int) -> list[dict[str, Any]]:
+            nonlocal requests
+            requests += 1
+            params = {
+                "sysparm_limit": str(limit),
+                "sysparm_fields": fields,
+                "sysparm_exclude_reference_link": "true",
+                "sysparm_no_count": "true",
+                "sysparm_display_value": "all",
+                "sysparm_query": query,
+            }
+            response = http.get(path, params=params, headers=headers)
+            response.raise_for_status()
+            result: list[dict[str, Any]] = response.json()["result"]
+            return result
+
+        at = (datetime.now(UTC) - timedelta(days=SCOPE_DAYS)).strftime(TS)
+        last_id = ""
+        while True:
+            rows: list[dict[str, Any]] = []
+            if last_id:
+                rows = page(f"sys_updated_on={at}^sys_id>{last_id}^ORDERBYsys_id", page_size)
+            more: list[dict[str, Any]] = []
+            room = page_size - len(rows)
+            if room > 0:
+                more = page(f"sys_updated_on>{at}^ORDERBYsys_updated_on^ORDERBYsys_id", room)
+            rows += more
+            rows_seen += len(rows)
+            if rows:
+                at, last_id = rows[-1]["sys_updated_on"]["value"], rows[-1]["sys_id"]["value"]
+            if room > 0 and len(more) < room:
+                return rows_seen, requests, time.perf_counter() - started
+
+
+# -- ours: the app's sync engine ----------------------------------------------------------------------
+
+
+def add_connection(stack: LoopbackStack, name: str, server: ServiceNowProcess) -> None:
+    """``connections add`` (OAuth, secrets through stdin to the loopback Key Vault), inside ``app()``."""
+    code, output = stack.cli(
+        "connections",
+        "add",
+        name,
+        "--type",
+        "servicenow",
+        "--url",
+        server.url,
+        "--private-instance",
+        "--user",
+        snow.DEFAULT_USERNAME,
+        "--client-id",
+        snow.DEFAULT_CLIENT_ID,
+        "--secrets-stdin",
+        "--sync",
+        "incidents",
+        "--scope-days",
+        str(SCOPE_DAYS),
+        stdin=f"{snow.DEFAULT_CLIENT_SECRET}\n{snow.DEFAULT_PASSWORD}\n",
     )
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if code != 0:
+        raise BenchError(f"connections add {name} failed ({code}): {output}")
+
+
+def checked(result: SyncResult, what: str, *, expected: int | None = None, at_least: int = 0) -> SyncResult:
+    if result.outcome is not SyncOutcome.SUCCEEDED:
+        raise BenchError(f"{what}: the sync ended {result.outcome.value}: {result.error}")
+    if expected is not None and result.synced != expected:
+        raise BenchError(f"{what}: synced {result.synced} rows, the ServiceNow process holds {expected}")
+    if result.synced < at_least:
+        raise BenchError(f"{what}: synced {result.synced} rows, fewer than the {at_least} touched")
+    if result.rejected:
+        raise BenchError(f"{what}: {result.rejected} rows rejected")
     return result
 
 
-def main() -> None:
-    rounds = int(os.environ.get("SYNC_BENCH_ROUNDS", "2"))
-    big = int(os.environ.get("SYNC_BENCH_ROWS", "100000"))
-    with azurite() as conn_string, feed_server(big) as url, feed_server(10_000) as small_url:
-        store = TableStore(TableServiceClient.from_connection_string(conn_string))
-        raw_rates: list[float] = []
-        our_rates: list[float] = []
-        for n in range(rounds):
-            rows, seconds = raw_pass(url)
-            raw_rates.append(rows / seconds)
-            print(f"  raw keyset paging: {rows} rows in {seconds:.1f}s ({rows / seconds:,.0f} rows/s)")
-            rows, seconds = our_pass(store, url, f"bench{n}")
-            our_rates.append(rows / seconds)
-            print(f"  sync to Azurite:   {rows} rows in {seconds:.1f}s ({rows / seconds:,.0f} rows/s)")
-        ratio = statistics.median(our_rates) / statistics.median(raw_rates)
+def run_sync(stack: LoopbackStack, connection: str) -> tuple[SyncResult, float]:
+    """One ``sync_engine.run`` of the app container that ``stack.app()`` made; (result, seconds)."""
+    engine = get_container().sync_engine
+    started = time.perf_counter()
+    results = engine.run(connection, [ITEM_TYPE], trigger="bench")
+    seconds = time.perf_counter() - started
+    if len(results) != 1:
+        raise BenchError(f"sync of {connection}: {len(results)} results, expected one")
+    return results[0], seconds
 
-        # The overlap re-reads the rows at the watermark, so a run right after a burst of 1,000 touches
-        # would re-read that burst next time. Between measured runs, one untimed run after a single
-        # touch moves the watermark on (as other activity does in the 15 minutes between timer runs).
-        engine, feed = make_engine(store, url, "bench0", overlap=timedelta(seconds=2))
-        engine.run()
-        incremental: list[float] = []
-        for _ in range(3):
-            time.sleep(2.5)
-            httpx.post(f"{url}/touch", params={"count": 1}, timeout=60)
-            engine.run()
-            time.sleep(2.5)
-            httpx.post(f"{url}/touch", params={"count": 1000}, timeout=60)
-            started = time.perf_counter()
-            [result] = engine.run()
-            incremental.append(time.perf_counter() - started)
-            print(f"  incremental: {result.synced} rows in {incremental[-1]:.2f}s")
-        feed.close()
 
-        small = run_child(small_url, conn_string, "rss10k")
-        large = run_child(url, conn_string, "rss100k")
-        print(f"  child 10k:  {small['rows']} rows, peak RSS {small['peak_rss_mb']:.0f} MB")
-        print(f"  child 100k: {large['rows']} rows, peak RSS {large['peak_rss_mb']:.0f} MB")
-        store.close()
-    print(f"sync.initial_ratio_to_raw: {ratio:.2f}")
-    print(f"sync.incremental_s: {statistics.median(incremental):.2f}")
-    print(f"sync.peak_rss_mb_10k: {small['peak_rss_mb']:.0f}")
-    print(f"sync.peak_rss_mb_100k: {large['peak_rss_mb']:.0f}")
+def drop_work_items(azurite: Azurite, prefix: str) -> None:
+    """Free Azurite's memory of a finished round (untimed)."""
+    with TableServiceClient.from_connection_string(azurite.connection_string) as service:
+        service.delete_table(f"{prefix}WorkItems")
+
+
+# -- peak memory: a fresh process per size ------------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (``VmHWM``). Not ``ru_maxrss``: Linux carries the parent's
+    peak over into a child across fork/exec, so a child's ``ru_maxrss`` is at least its parent's."""
+    with contextlib.suppress(OSError), open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB (macOS: bytes)
+
+
+def child(connection: str) -> int:
+    """``--child``: the app (settings from the environment) syncs ``connection``; prints one JSON line."""
+    guard_network()
+    container = get_container()
+    try:
+        started = time.perf_counter()
+        results = container.sync_engine.run(connection, [ITEM_TYPE], trigger="bench")
+        seconds = time.perf_counter() - started
+    finally:
+        container.close()
+    print(
+        json.dumps(
+            {
+                "outcomes": [r.outcome.value for r in results],
+                "synced": sum(r.synced for r in results),
+                "errors": [r.error for r in results if r.error],
+                "seconds": seconds,
+                "peak_rss_mb": peak_rss_mb(),
+                "foreign": [str(a) for a in _foreign[:5]],
+            }
+        ),
+        flush=True,
+    )
+    return 0
+
+
+def child_environment(stack: LoopbackStack, prefix: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in FOREIGN_IDENTITY_VARIABLES}
+    env.update(stack.app_environment(TABLE_PREFIX=prefix, **NO_LOGS))
+    return env
+
+
+def peak_rss(stack: LoopbackStack, server: ServiceNowProcess, children: list[subprocess.Popen[str]]) -> float:
+    """A fresh child process syncs all of ``server``'s rows into its own table prefix; its peak RSS."""
+    prefix = f"rss{server.rows // 1000}k"
+    name = f"bench-rss-{server.rows}"
+    with stack.app(TABLE_PREFIX=prefix, **NO_LOGS):
+        add_connection(stack, name, server)
+    expected = server.count()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.bench.sync_bench", "--child", name],
+        cwd=ROOT,
+        env=child_environment(stack, prefix),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    children.append(proc)
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise BenchError(f"the {server.rows}-row child did not finish in 15 minutes") from None
+    lines = out.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise BenchError(f"the {server.rows}-row child failed ({proc.returncode}): {err.strip()[-2000:]}")
+    report: dict[str, Any] = json.loads(lines[-1])
+    if report["foreign"]:
+        raise BenchError(f"the {server.rows}-row child reached beyond loopback: {report['foreign']}")
+    if report["outcomes"] != [SyncOutcome.SUCCEEDED.value]:
+        raise BenchError(f"the {server.rows}-row child's sync ended {report['outcomes']}: {report['errors']}")
+    if report["synced"] != expected:
+        raise BenchError(f"the {server.rows}-row child synced {report['synced']} rows of {expected}")
+    log(
+        f"child {server.rows:,} rows: synced {report['synced']:,} in {report['seconds']:.1f}s "
+        f"({report['synced'] / report['seconds']:,.0f} rows/s), peak RSS {report['peak_rss_mb']:.0f} MB"
+    )
+    return float(report["peak_rss_mb"])
+
+
+# -- the benchmark ------------------------------------------------------------------------------------
+
+
+def throughput(
+    stack: LoopbackStack, azurite: Azurite, server: ServiceNowProcess, meter: CpuMeter
+) -> tuple[float, str]:
+    """Alternated full raw and full initial-sync runs; (ratio of medians, prefix of the last round)."""
+    expected = server.count()
+    raw_rates: list[float] = []
+    our_rates: list[float] = []
+    prefix = ""
+    for n in range(1, ROUNDS + 1):
+        with stack.app(**NO_LOGS) as container:
+            page_size = container.settings.sync_page_size
+        before = meter.sample()
+        rows, requests, seconds = raw_pass(server, page_size)
+        if rows != expected:
+            raise BenchError(f"raw paging read {rows} rows, the ServiceNow process holds {expected}")
+        raw_rates.append(rows / seconds)
+        log(
+            f"round {n} raw:  {rows:,} rows, {requests} requests in {seconds:.1f}s "
+            f"({rows / seconds:,.0f} rows/s); {meter.describe(before)}"
+        )
+
+        if prefix:
+            drop_work_items(azurite, prefix)
+        prefix, name = f"round{n}", f"bench-round{n}"
+        with stack.app(TABLE_PREFIX=prefix, **NO_LOGS):
+            add_connection(stack, name, server)
+            requests_before = int(server.control("stats")["request_count"])
+            before = meter.sample()
+            result, seconds = run_sync(stack, name)
+            cpu = meter.describe(before)
+            requests = int(server.control("stats")["request_count"]) - requests_before - 1
+        checked(result, f"initial sync, round {n}", expected=expected)
+        our_rates.append(result.synced / seconds)
+        log(
+            f"round {n} sync: {result.synced:,} rows, {result.pages} pages, {requests} requests in "
+            f"{seconds:.1f}s ({result.synced / seconds:,.0f} rows/s); {cpu}"
+        )
+    ratio = statistics.median(our_rates) / statistics.median(raw_rates)
+    paired = ", ".join(f"{ours / raw:.3f}" for ours, raw in zip(our_rates, raw_rates, strict=True))
+    log(
+        f"median rows/s: raw {statistics.median(raw_rates):,.0f}, sync {statistics.median(our_rates):,.0f}; "
+        f"ratio {ratio:.3f} (round by round: {paired})"
+    )
+    return ratio, prefix
+
+
+def incremental(stack: LoopbackStack, server: ServiceNowProcess, prefix: str, meter: CpuMeter) -> float:
+    """Median seconds of incremental runs, each after ``TOUCHED`` rows were touched."""
+    name = f"bench-{prefix}"
+    table = TABLES[ITEM_TYPE]
+    times: list[float] = []
+    with stack.app(TABLE_PREFIX=prefix, SYNC_OVERLAP_SECONDS=str(INCREMENTAL_OVERLAP_SECONDS), **NO_LOGS):
+        for n in range(1, INCREMENTAL_RUNS + 1):
+            # the previous touches must be older than the overlap behind the next watermark
+            time.sleep(INCREMENTAL_OVERLAP_SECONDS + 1.5)
+            server.control("touch", table=table, count=1)
+            checked(run_sync(stack, name)[0], f"incremental run {n}, moving the watermark", at_least=1)
+            server.control("touch", table=table, count=TOUCHED)
+            before = meter.sample()
+            result, seconds = run_sync(stack, name)
+            checked(result, f"incremental run {n}", at_least=TOUCHED)
+            times.append(seconds)
+            log(
+                f"incremental {n}: {result.synced:,} rows in {result.pages} pages, {seconds:.2f}s; "
+                f"{meter.describe(before)}"
+            )
+    return statistics.median(times)
+
+
+def main() -> int:
+    guard_network()
+    loopback_tls()  # made before the ServiceNow processes start, which share it
+    children: list[subprocess.Popen[str]] = []
+    with contextlib.ExitStack() as stack_of_things:
+
+        def stop_children() -> None:
+            for proc in children:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+        stack_of_things.callback(stop_children)
+        big = ServiceNowProcess(ROWS).start()
+        stack_of_things.callback(big.stop)
+        small = ServiceNowProcess(SMALL_ROWS).start()
+        stack_of_things.callback(small.stop)
+        azurite = Azurite().start()
+        stack_of_things.callback(azurite.stop)
+        stack = stack_of_things.enter_context(LoopbackStack(azurite=azurite))
+        log(f"Azurite at {azurite.table_endpoint}; seeding the loopback ServiceNow processes")
+        big.wait_ready()
+        small.wait_ready()
+        log(f"ServiceNow: {big.count():,} incidents at {big.url}, {small.count():,} at {small.url}")
+        meter = CpuMeter(big.pid, azurite.pid)
+
+        ratio, last_prefix = throughput(stack, azurite, big, meter)
+        seconds = incremental(stack, big, last_prefix, meter)
+        drop_work_items(azurite, last_prefix)
+        rss_small = peak_rss(stack, small, children)
+        rss_big = peak_rss(stack, big, children)
+        log(f"peak RSS 100k / 10k: {rss_big / rss_small:.3f}")
+        check_network()
+    print(f"sync.initial_ratio_to_raw: {ratio:.3f}")
+    print(f"sync.incremental_s: {seconds:.2f}")
+    print(f"sync.peak_rss_mb_10k: {rss_small:.1f}")
+    print(f"sync.peak_rss_mb_100k: {rss_big:.1f}")
+    return 0
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds the ExitStack: every process started is stopped
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.sync_bench")
+    parser.add_argument("--child", metavar="CONNECTION", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args.child)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return main()
+    except BenchError as exc:
+        log(f"FAILED: {exc}")
+        return 1
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--serve", type=int)
-    parser.add_argument("--days", type=int, default=120)
-    parser.add_argument("--port-file")
-    parser.add_argument("--child")
-    parser.add_argument("--azurite")
-    parser.add_argument("--name")
-    args = parser.parse_args()
-    if args.serve:
-        serve(args.serve, args.days, args.port_file)
-    elif args.child:
-        child(args.child, args.azurite, args.name)
-    else:
-        main()
+    sys.exit(run())

@@ -120,10 +120,13 @@ def field_display(row: Mapping[str, Any], name: str) -> str:
 
 def _part(row: Mapping[str, Any], name: str, key: str) -> str:
     raw = row.get(name)
-    if isinstance(raw, Mapping):
+    # ``type(...) is`` first: this runs ~40 times per synced row, and an ABC isinstance is slow
+    if type(raw) is dict or (type(raw) is not str and isinstance(raw, Mapping)):
         raw = raw.get(key)
         if raw is None and key == "display_value":
             return _part(row, name, "value")
+    if type(raw) is str:
+        return raw
     if raw is None:
         return ""
     if isinstance(raw, str):
@@ -141,6 +144,9 @@ def parse_datetime(text: str, name: str) -> datetime | None:
     if not text:
         return None
     try:
+        if len(text) == 19 and text[10] == " " and text[4] == text[7] == "-" and text[13] == text[16] == ":":
+            # the exact ``YYYY-MM-DD HH:MM:SS`` shape: fromisoformat reads it ~10x faster than strptime
+            return datetime.fromisoformat(text).replace(tzinfo=UTC)
         return datetime.strptime(text, DATETIME_FORMAT).replace(tzinfo=UTC)
     except ValueError:
         raise ValueError(f"{name}: not a ServiceNow date-time: {text[:40]!r}") from None

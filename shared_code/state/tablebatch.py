@@ -1,0 +1,153 @@
+"""Entity group transactions (``$batch``) of upserts, serialised here and sent through the SDK.
+
+``TableClient.submit_transaction`` builds each transaction as a tree of ``HttpRequest`` objects
+and reads the answer with the standard library's ``email`` parser: measured on the WorkItems rows
+(20 properties), about 0.5 ms of CPU per entity, i.e. a 100,000-row first sync spent ~50 s of CPU
+in the client alone. This module writes the same multipart body directly (one ``json.dumps`` per
+entity) and reads only the status lines of the answer: ~0.04 ms per entity.
+
+The request still goes through the client's own pipeline (``TableClient._client``, the pipeline
+``submit_transaction`` uses): the same authentication (shared key, SAS or Entra ID token), retry
+policy, timeouts and transport. The body is the documented format
+(https://learn.microsoft.com/rest/api/storageservices/performing-entity-group-transactions),
+the same one the SDK sends; property types are written the way the SDK writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+from azure.core.rest import HttpRequest
+from azure.data.tables import TableClient
+
+from shared_code.errors import StateError
+from shared_code.state.tables import Entity, translate_errors
+
+MAX_OPERATIONS = 100  # the service's limit per transaction
+_STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3})[^\r\n]*", re.MULTILINE)
+_ERROR_MESSAGE = re.compile(rb'"message"\s*:\s*\{[^{}]*?"value"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_ERROR_CODE = re.compile(rb'"code"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_INT32 = range(-(2**31), 2**31)
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")  # what ``quote(..., safe="")`` leaves as it is
+_JSON = json.JSONEncoder(separators=(",", ":"))  # ensure_ascii: characters = bytes
+
+
+def _odata(entity: Entity) -> dict[str, Any]:
+    """The entity as the service's JSON: typed where JSON alone would lose the type (as the SDK)."""
+    out: dict[str, Any] = {}
+    for name, value in entity.items():
+        if type(value) is str:
+            out[name] = value
+        elif value is None:
+            continue
+        elif isinstance(value, str | bool):
+            out[name] = value
+        elif isinstance(value, datetime):
+            moment = value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
+            out[name] = moment.isoformat(timespec="microseconds") + "Z"
+            out[f"{name}@odata.type"] = "Edm.DateTime"
+        elif isinstance(value, int):
+            if value in _INT32:
+                out[name] = value
+            else:
+                out[name] = str(value)
+                out[f"{name}@odata.type"] = "Edm.Int64"
+        elif isinstance(value, float):
+            if math.isnan(value):
+                out[name] = "NaN"
+            elif math.isinf(value):
+                out[name] = "Infinity" if value > 0 else "-Infinity"
+            else:
+                out[name] = value
+            out[f"{name}@odata.type"] = "Edm.Double"
+        else:
+            raise TypeError(f"property {name!r}: {type(value).__name__} is not a supported table type")
+    return out
+
+
+def _key(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError("PartitionKey and RowKey must be strings")
+    if _URL_SAFE.fullmatch(value):
+        return value
+    return quote(value.replace("'", "''"), safe="")
+
+
+def _body(base: str, table: str, entities: Sequence[Entity], batch: str, changeset: str) -> bytes:
+    parts = [f"--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n"]
+    prefix = f"{base}/{quote(table, safe='')}"
+    for number, entity in enumerate(entities):
+        payload = _JSON.encode(_odata(entity))
+        url = f"{prefix}(PartitionKey='{_key(entity['PartitionKey'])}',RowKey='{_key(entity['RowKey'])}')"
+        parts.append(
+            f"--{changeset}\r\n"
+            "Content-Type: application/http\r\n"
+            "Content-Transfer-Encoding: binary\r\n"
+            f"Content-ID: {number}\r\n"
+            "\r\n"
+            f"PUT {url} HTTP/1.1\r\n"
+            "Content-Type: application/json\r\n"
+            "Accept: application/json\r\n"
+            "DataServiceVersion: 3.0\r\n"
+            f"Content-Length: {len(payload)}\r\n"
+            "\r\n"
+            f"{payload}\r\n"
+        )
+    parts.append(f"--{changeset}--\r\n\r\n--{batch}--\r\n")
+    return "".join(parts).encode("ascii")
+
+
+def _failure(content: bytes) -> str:
+    code = _ERROR_CODE.search(content)
+    message = _ERROR_MESSAGE.search(content)
+    text = " ".join(
+        json.loads(b'"' + match.group(1) + b'"') for match in (code, message) if match is not None
+    )
+    return " ".join(text.split())[:300] or "no error details"
+
+
+def upsert_transaction(table: TableClient, entities: Sequence[Entity]) -> None:
+    """Replace-or-insert up to 100 entities of ONE partition atomically; StateError if refused."""
+    if not entities:
+        return
+    if len(entities) > MAX_OPERATIONS:
+        raise ValueError(f"a transaction holds at most {MAX_OPERATIONS} entities")
+    partition = entities[0]["PartitionKey"]
+    if any(entity["PartitionKey"] != partition for entity in entities):
+        raise ValueError("every entity of a transaction must be in the same partition")
+    client = table._client  # the pipeline submit_transaction uses (auth, retries, transport)
+    base = f"{table.scheme}://{table._primary_hostname}"
+    batch, changeset = f"batch_{uuid.uuid4()}", f"changeset_{uuid.uuid4()}"
+    request = HttpRequest(
+        "POST",
+        f"{base}/$batch",
+        headers={
+            "x-ms-version": table.api_version,
+            "DataServiceVersion": "3.0",
+            "MaxDataServiceVersion": "3.0;NetFx",
+            "Content-Type": f"multipart/mixed; boundary={batch}",
+            "Accept": "application/json",
+        },
+        content=_body(base, table.table_name, entities, batch, changeset),
+    )
+    action = f"writing a batch to {table.table_name}"
+    with translate_errors(action):
+        response = client.send_request(request, stream=True)
+        try:
+            content = response.read()
+        finally:
+            response.close()
+    if response.status_code != 202:
+        raise StateError(f"{action} failed: HTTP {response.status_code} {_failure(content)}")
+    statuses = [int(match) for match in _STATUS_LINE.findall(content)]
+    failed = [status for status in statuses if not 200 <= status < 300]
+    if failed or len(statuses) != len(entities):
+        detail = f"HTTP {failed[0]}" if failed else f"{len(statuses)} answers for {len(entities)} rows"
+        raise StateError(f"{action} failed: {detail} {_failure(content)}")
