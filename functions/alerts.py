@@ -13,7 +13,8 @@ from functions.http_errors import error_response, json_response
 from shared_code.alerts.delivery import DeliveryMessage
 from shared_code.bootstrap import get_container
 from shared_code.connections import CONNECTION_NAME
-from shared_code.errors import NotFoundError
+from shared_code.errors import NotFoundError, StateError
+from shared_code.settings import DEFAULT_REDRIVE_SCHEDULE
 from shared_code.state.deliveries import Delivery
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 ALERT_QUEUE = "alert-deliveries"
 MAX_MESSAGE_BYTES = 40_000
 """A queue message holds 64 KiB, base64-encoded by the Functions host: 48 KiB of text, less room."""
-REDRIVE_SCHEDULE = os.environ.get("ALERT_REDRIVE_SCHEDULE", "0 */10 * * * *")
+# read at import, before settings are validated (Settings checks the same variable's shape)
+REDRIVE_SCHEDULE = os.environ.get("ALERT_REDRIVE_SCHEDULE", DEFAULT_REDRIVE_SCHEDULE)
 STALE_AFTER = timedelta(minutes=10)
 
 bp = func.Blueprint()  # type: ignore[no-untyped-call]
@@ -74,7 +76,9 @@ def alert_status(req: func.HttpRequest) -> func.HttpResponse:
     try:
         name = _connection_name(req)
         delivery_id = req.route_params.get("delivery_id", "")
-        found = get_container().deliveries.get(name, delivery_id) if delivery_id.isalnum() else None
+        found = (
+            _stored_delivery(name, delivery_id) if delivery_id.isascii() and delivery_id.isalnum() else None
+        )
         if found is None:
             raise NotFoundError(f"no delivery {delivery_id!r} on connection {name!r}")
     except Exception as exc:  # noqa: BLE001
@@ -101,6 +105,23 @@ def alert_status(req: func.HttpRequest) -> func.HttpResponse:
             "updatedAt": found.updated_at.isoformat(),
         },
     )
+
+
+def _stored_delivery(connection: str, delivery_id: str) -> Delivery | None:
+    """The stored delivery; a row that exists but cannot be read is the app's trouble, said plainly."""
+    try:
+        return get_container().deliveries.get(connection, delivery_id)
+    except (KeyError, TypeError, ValueError) as exc:  # a missing column, a bad value, a damaged alert
+        log.error(
+            "delivery %s on connection %s is stored but cannot be read: %s",
+            delivery_id,
+            connection,
+            type(exc).__name__,
+        )
+        raise StateError(
+            f"delivery {delivery_id!r} on connection {connection!r} is stored but cannot be read "
+            f"({type(exc).__name__}); see the app's logs"
+        ) from None
 
 
 @bp.function_name("deliver_alert")

@@ -24,10 +24,11 @@ from pydantic import SecretStr
 
 from shared_code.alerts.signal import Severity
 from shared_code.bootstrap import Container, get_container
-from shared_code.connections import AuthMethod, Connection, PartnerType
+from shared_code.connections import AuthMethod, Connection, PartnerType, secret_name
 from shared_code.errors import AlreadyExistsError, ConnectorAppError, InvalidInputError
 from shared_code.itsm.base import SeverityMapping
 from shared_code.itsm.registry import SUPPORTED_PARTNERS
+from shared_code.secrets import StoredRefreshToken
 from shared_code.state.deliveries import Delivery, DeliveryStatus
 from shared_code.workitems.commands import sync_run
 
@@ -97,8 +98,20 @@ class Cli:
             pass
         else:
             raise AlreadyExistsError(f"a connection named {connection.name!r} exists; remove it first")
+        twin = next(
+            (c.name for c in container.connections.list() if c.name.lower() == connection.name.lower()), None
+        )
+        if twin is not None:
+            raise AlreadyExistsError(
+                f"a connection named {twin!r} exists, and names that differ only in case would share "
+                f"its Key Vault secrets ({secret_name(twin, '...')}): choose another name"
+            )
         for name, value in secrets.items():
             container.secrets.set(name, value)
+        if connection.auth_method is AuthMethod.OAUTH:
+            # a refresh token left by an earlier connection of this name belongs to other credentials
+            StoredRefreshToken(container.secrets, connection.refresh_token_secret_name).clear()
+        container.forget_connector(connection.name)  # one cached under this name holds other credentials
         container.connections.add(connection)
         self.say(
             f"added connection {connection.name} ({connection.partner_type.value}, {connection.server_url})"
@@ -115,7 +128,7 @@ class Cli:
         wanted.append((connection.password_secret_name, "password", args.password_env))
         stdin_lines = iter(self.stdin.read().splitlines()) if args.secrets_stdin else None
         result: dict[str, SecretStr] = {}
-        for secret_name, label, env_name in wanted:
+        for vault_name, label, env_name in wanted:
             value: str | None
             if env_name:
                 value = self.environ.get(env_name)
@@ -138,7 +151,7 @@ class Cli:
                 )
             if not value.strip():
                 raise InvalidInputError(f"the {label} is empty")
-            result[secret_name] = SecretStr(value.strip())
+            result[vault_name] = SecretStr(value.strip())
         return result
 
     def connections_list(self, args: argparse.Namespace) -> int:
@@ -184,8 +197,9 @@ class Cli:
         for name, value in secrets.items():
             container.secrets.set(name, value)
         if connection.auth_method is AuthMethod.OAUTH:
-            # the old refresh token belongs to the old credentials: start again with the password grant
-            container.secrets.delete(connection.refresh_token_secret_name)
+            # the old refresh token belongs to the old credentials: start again with the password grant.
+            # Cleared, not deleted: a soft-deleted secret could not take the next token for 90 days
+            StoredRefreshToken(container.secrets, connection.refresh_token_secret_name).clear()
         container.forget_connector(connection.name)
         self.say(f"stored new credentials of {connection.name} in Key Vault: {', '.join(sorted(secrets))}")
         return self._test(connection) if args.test else EXIT_OK
@@ -194,6 +208,7 @@ class Cli:
         container = self.container
         connection = container.connections.get(args.name)
         container.connections.remove(connection.name)
+        container.forget_connector(connection.name)
         if not args.keep_secrets:
             for name in connection.secret_names:
                 container.secrets.delete(name)

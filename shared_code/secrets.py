@@ -8,16 +8,28 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Protocol
 
 from azure.core.credentials import TokenCredential
-from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.keyvault.secrets import SecretClient
 from pydantic import SecretStr
 
 from shared_code.errors import SecretStoreError
 
 log = logging.getLogger(__name__)
+
+CLEARED_REFRESH_TOKEN = "-"  # noqa: S105 - a marker that no token is stored, not a secret
+"""The value of a refresh-token secret that holds no token (after ``connections reauthorise``).
+
+The secret is overwritten with this rather than deleted: a vault has soft delete on (it can no
+longer be turned off), and a soft-deleted name refuses every write for its retention period (90
+days by default), so the OAuth flow could not store the next refresh token. Key Vault appears to take
+an empty value too, but its API only documents ``value`` as a required string; a one-character marker
+is accepted everywhere, is visible as deliberate in the portal, and is never a ServiceNow token."""
+
+RECOVER_WAIT_SECONDS = 60.0
 
 
 class SecretStore(Protocol):
@@ -69,8 +81,33 @@ class KeyVaultSecretStore:
         return SecretStr(value) if value is not None else None
 
     def set(self, name: str, value: SecretStr) -> None:
+        """Write a new version; a soft-deleted secret of that name is recovered first (a deleted
+        name cannot be reused until it is purged, and purging needs a right the app should not have)."""
+        try:
+            self._write(name, value)
+        except ResourceExistsError as exc:
+            if not _deleted_but_recoverable(exc):
+                raise SecretStoreError(
+                    f"writing secret {name!r} to Key Vault failed: {type(exc).__name__}"
+                ) from exc
+            log.info("secret %s is deleted but recoverable: recovering it to write a new version", name)
+            try:
+                # recovery takes seconds; bounded, so a stuck one ends in the write's own error
+                self._secrets().begin_recover_deleted_secret(name).wait(timeout=RECOVER_WAIT_SECONDS)
+            except AzureError as recover_exc:
+                raise SecretStoreError(
+                    f"secret {name!r} is deleted but recoverable and recovering it failed "
+                    f"({type(recover_exc).__name__}): the identity needs the secrets recover permission, "
+                    "or purge the deleted secret"
+                ) from recover_exc
+            self._write(name, value)
+
+    def _write(self, name: str, value: SecretStr) -> None:
+        """One set_secret call; every failure but the deleted-name conflict becomes SecretStoreError."""
         try:
             self._secrets().set_secret(name, value.get_secret_value(), content_type="text/plain")
+        except ResourceExistsError:
+            raise
         except AzureError as exc:
             raise SecretStoreError(
                 f"writing secret {name!r} to Key Vault failed: {type(exc).__name__}"
@@ -95,9 +132,25 @@ class StoredRefreshToken:
         self._name = name
 
     def load(self) -> str | None:
+        """The stored token, or None when there is none (no secret, or one cleared by reauthorise)."""
         value = self._store.get(self._name)
-        return value.get_secret_value() if value else None
+        token = value.get_secret_value().strip() if value is not None else ""
+        return token if token and token != CLEARED_REFRESH_TOKEN else None
 
     def save(self, token: str) -> None:
         self._store.set(self._name, SecretStr(token))
         log.info("stored the rotated refresh token in secret %s", self._name)
+
+    def clear(self) -> None:
+        """Forget the token by writing the cleared marker as a new version (never a delete: see
+        ``CLEARED_REFRESH_TOKEN``), so the next sign-in uses the password grant."""
+        self._store.set(self._name, SecretStr(CLEARED_REFRESH_TOKEN))
+        log.info("cleared the refresh token in secret %s", self._name)
+
+
+def _deleted_but_recoverable(exc: ResourceExistsError) -> bool:
+    """Key Vault's 409 for a name that is soft-deleted (innererror ObjectIsDeletedButRecoverable)."""
+    error = getattr(exc, "error", None)
+    inner = getattr(error, "innererror", None) or {}
+    code = inner.get("code") if isinstance(inner, Mapping) else None
+    return code == "ObjectIsDeletedButRecoverable" or "deleted but recoverable" in str(exc.message or "")

@@ -6,6 +6,7 @@ by the setting's name, so an operator fixes them all in one deployment instead o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Annotated
 
@@ -14,6 +15,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from shared_code.errors import ConfigurationError
 
 DEVELOPMENT_STORAGE = "UseDevelopmentStorage=true"
+DEFAULT_SYNC_SCHEDULE = "0 */15 * * * *"
+DEFAULT_REDRIVE_SCHEDULE = "0 */10 * * * *"
+"""The timer schedules' defaults. The trigger decorators in ``functions/`` read the variables
+themselves at import (before any settings are validated); ``Settings`` checks the same values."""
 
 
 def _https_url(value: str) -> str:
@@ -22,7 +27,22 @@ def _https_url(value: str) -> str:
     return value.rstrip("/")
 
 
+_NCRONTAB_FIELD = re.compile(r"^[0-9A-Za-z*/,-]+$")
+
+
+def _ncrontab(value: str) -> str:
+    """The shape of an Azure Functions timer schedule: six fields, seconds first (a shape check only)."""
+    fields = value.split()
+    if len(fields) != 6 or not all(_NCRONTAB_FIELD.match(field) for field in fields):
+        raise ValueError(
+            "must be an NCRONTAB expression of six fields separated by spaces "
+            "({second} {minute} {hour} {day} {month} {day-of-week}), e.g. '0 */15 * * * *'"
+        )
+    return value
+
+
 HttpsUrl = Annotated[str, AfterValidator(_https_url)]
+Schedule = Annotated[str, AfterValidator(_ncrontab)]
 
 
 class Settings(BaseModel):
@@ -57,6 +77,8 @@ class Settings(BaseModel):
         default="Custom-ServiceDeskLog_CL", alias="LOGS_INGESTION_ERROR_STREAM"
     )
     arm_endpoint: HttpsUrl = Field(default="https://management.azure.com", alias="ARM_ENDPOINT")
+    sync_schedule: Schedule = Field(default=DEFAULT_SYNC_SCHEDULE, alias="SYNC_SCHEDULE")
+    alert_redrive_schedule: Schedule = Field(default=DEFAULT_REDRIVE_SCHEDULE, alias="ALERT_REDRIVE_SCHEDULE")
 
     @property
     def logs_ingestion_enabled(self) -> bool:
@@ -64,25 +86,50 @@ class Settings(BaseModel):
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
-        """Validate the environment; every problem is named in one ConfigurationError."""
+        """Validate the environment; every problem, field and cross-field, is named in one
+        ConfigurationError."""
         known = {field.alias for field in cls.model_fields.values() if field.alias}
         values = {name: value for name, value in environ.items() if name in known}
+        problems: list[str] = []
+        settings: Settings | None = None
         try:
             settings = cls.model_validate(values)
         except ValidationError as exc:
-            problems = []
             for error in exc.errors():
                 name = str(error["loc"][0]) if error["loc"] else "?"
                 message = "is required" if error["type"] == "missing" else error["msg"]
-                problems.append(f"- {name}: {message}")
-            raise ConfigurationError("Invalid app settings:\n" + "\n".join(problems)) from None
-        if not settings.storage_connection and not settings.state_table_endpoint:
-            raise ConfigurationError(
-                "Invalid app settings:\n- AzureWebJobsStorage: is required (or set STATE_TABLE_ENDPOINT)"
-            )
-        if bool(settings.logs_ingestion_endpoint) != bool(settings.logs_ingestion_rule_id):
-            raise ConfigurationError(
-                "Invalid app settings:\n- LOGS_INGESTION_ENDPOINT and LOGS_INGESTION_RULE_ID: "
+                problems.append(f"- {name}: {message.removeprefix('Value error, ')}")
+        # the cross-field rules read the raw values, so they are checked even when a field failed
+        if not values.get("AzureWebJobsStorage") and not values.get("STATE_TABLE_ENDPOINT"):
+            problems.append("- AzureWebJobsStorage: is required (or set STATE_TABLE_ENDPOINT)")
+        if bool(values.get("LOGS_INGESTION_ENDPOINT")) != bool(values.get("LOGS_INGESTION_RULE_ID")):
+            problems.append(
+                "- LOGS_INGESTION_ENDPOINT and LOGS_INGESTION_RULE_ID: "
                 "set both to send work items to Log Analytics, or neither"
             )
+        problems += _lease_problems(cls, values, failed=" ".join(problems))
+        if problems or settings is None:
+            raise ConfigurationError("Invalid app settings:\n" + "\n".join(problems))
         return settings
+
+
+def _lease_problems(cls: type[Settings], values: Mapping[str, str], failed: str) -> list[str]:
+    """A problem's lease must outlast an ITSM call and its retry: when it runs out while the call is
+    still in flight, another instance takes the problem over and creates a second incident.
+    Checked on the raw values (with the defaults), unless one of them is itself invalid."""
+    names = ("ALERT_LEASE_SECONDS", "HTTP_TIMEOUT_SECONDS")
+    if any(f"- {name}:" in failed for name in names):
+        return []
+    fields = cls.model_fields
+    try:
+        lease = float(values.get(names[0], fields["alert_lease_seconds"].default))
+        timeout = float(values.get(names[1], fields["http_timeout_seconds"].default))
+    except (TypeError, ValueError):
+        return []
+    if lease > 2 * timeout:
+        return []
+    return [
+        "- ALERT_LEASE_SECONDS: must be more than twice HTTP_TIMEOUT_SECONDS "
+        f"({lease:g} <= 2 * {timeout:g}): the lease must outlast an ITSM call and its retry, "
+        "or a second instance takes a problem over while its incident is being created"
+    ]

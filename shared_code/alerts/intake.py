@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from shared_code.alerts.schema import parse_alert
+from shared_code.alerts.schema import error_path, parse_alert
 from shared_code.alerts.signal import AlertSignal
 from shared_code.errors import (
     AlreadyExistsError,
@@ -48,12 +50,65 @@ def decode_json_body(body: bytes, content_type: str | None, limit: int = MAX_BOD
     if media and media != "application/json" and not media.endswith("+json"):
         raise UnsupportedPayloadError(f"content type {media!r} is not JSON; send application/json")
     try:
-        return json.loads(body)
+        document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise MalformedPayloadError(f"the body is not valid JSON{where}") from None
+    except ValueError:  # the decoder's only other refusal: an int of more than sys.get_int_max_str_digits()
+        raise MalformedPayloadError(
+            "the body cannot be read as JSON: it holds an integer of more than "
+            f"{sys.get_int_max_str_digits():,} digits"
+        ) from None
     except RecursionError:  # "[[[[..." fits in the size limit but not on the decoder's stack
         raise MalformedPayloadError("the body is not valid JSON: it is nested too deeply") from None
+    if _may_hold_surrogates(body):
+        _refuse_lone_surrogates(document)
+    return document
+
+
+# a JSON escape of a surrogate (\ud800-\udfff), or one encoded as UTF-8 (which json.loads lets through)
+_SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _may_hold_surrogates(body: bytes) -> bool:
+    """Whether the decoded text may hold an unpaired surrogate (cheap: most bodies are plain UTF-8)."""
+    if body[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in body[:4]:
+        return True  # UTF-16 or UTF-32: a surrogate would be a code unit, not an escape
+    return _SURROGATE_BYTES.search(body) is not None
+
+
+def _refuse_lone_surrogates(document: object) -> None:
+    """Refuse text that is not Unicode: an unpaired UTF-16 surrogate (``"\\ud800"``) decodes to a
+    Python string that cannot be encoded as UTF-8, so it could be neither stored nor sent on."""
+    stack: list[tuple[object, tuple[int | str, ...]]] = [(document, ())]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            _check_text(node, path)
+        elif isinstance(node, dict):
+            for key, value in reversed(node.items()):
+                _check_text(key, (*path, key))
+                stack.append((value, (*path, key)))
+        elif isinstance(node, list):
+            stack.extend((item, (*path, index)) for index, item in reversed(list(enumerate(node))))
+
+
+def _check_text(text: str, path: tuple[int | str, ...]) -> None:
+    found = None if text.isascii() else _SURROGATE.search(text)
+    if found is None:
+        return
+    shown = [_escaped(part) if isinstance(part, str) else part for part in path]
+    where = error_path(shown) or "the body"
+    raise MalformedPayloadError(
+        f"the body is not valid JSON text: {where} holds an unpaired UTF-16 surrogate "
+        f"(\\u{ord(found.group()):04x}), which is not a Unicode character"
+    )
+
+
+def _escaped(text: str) -> str:
+    """A member name as printable text: a surrogate in it is shown as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass

@@ -6,10 +6,23 @@ conditional insert that creates the row). Notifications that need no write while
 holds the lease (a re-fire to be coalesced) are counted on the row and return at once; those that
 do need a write (a resolve, a due note) wait briefly and otherwise ask for a later retry.
 
+A slow product must not outlive the lease: right before each write, a lease of which more than a
+third has passed is renewed (one ETag replace; the fast path makes none), and a step that finds it
+taken over writes nothing and decides again. A create still in flight when its lease ran out (a
+throttled POST) can meet a row another instance moved on: the release then does not overwrite
+it, and resolves its own work item as a duplicate of the one the row kept.
+
 Crash safety: a create stamps the work item with the row's correlation id, so an instance that
-takes over an expired "creating" lease first looks the work item up instead of creating another.
-A delivery id is added to the row's recent deliveries in the same write that completes its
-effect, so a redelivered notification is recognised and not counted twice.
+takes over an expired "creating" lease (a firing, or a resolution after a failed create) first
+looks the work item up instead of creating another. A delivery id is added to the row's recent
+deliveries in the same write that completes its effect, so a redelivered notification is
+recognised and not counted twice.
+
+One problem may hold several Azure alerts (a metric alert split by dimension, under the
+per-rule-and-CI key): the row keeps which alert ids still fire and which resolved. The work item is
+resolved when the last one resolves; a 'fired' delivered late is ignored only when its own alert
+resolved already. A work item the product no longer lets us write (403/404) is left behind: a
+firing opens a new one, a resolution is recorded without it.
 """
 
 from __future__ import annotations
@@ -26,10 +39,17 @@ from enum import StrEnum
 
 from shared_code.alerts import render
 from shared_code.alerts.signal import AlertSignal, MonitorCondition
-from shared_code.connections import Connection
+from shared_code.connections import Connection, CorrelationMode
 from shared_code.errors import AlreadyExistsError, BusyError, ItsmRejectedError
-from shared_code.itsm.base import ItsmConnector, WorkItemRef
-from shared_code.state.correlations import Correlation, CorrelationRepository, CorrelationState
+from shared_code.itsm.base import IncidentDraft, ItsmConnector, WorkItemRef
+from shared_code.state.correlations import (
+    ALERT_ID_LIMIT,
+    CI_LIMIT,
+    Correlation,
+    CorrelationRepository,
+    CorrelationState,
+    newest,
+)
 from shared_code.state.tables import EtagConflict
 
 log = logging.getLogger(__name__)
@@ -114,6 +134,22 @@ def race_pause(races: int) -> float:
     return random.uniform(0.0, min(0.002 * 2 ** min(races, 6), 0.1))  # noqa: S311 - not cryptographic
 
 
+class _LeaseLost(EtagConflict):
+    """Internal: the lease ran out and another instance took it before this step wrote to the ITSM
+    product. Nothing was written; the step runs again and decides on the row as it is now."""
+
+
+GONE_STATUSES = frozenset({403, 404})
+"""What the product answers for a work item that was deleted (404) or that the integration user may
+no longer write (403, e.g. closed and read-only): the problem carries on without it."""
+
+LATE_FIRING = "a late 'fired' for an alert already resolved"
+
+
+def _gone(exc: ItsmRejectedError) -> bool:
+    return exc.status in GONE_STATUSES
+
+
 class _Step:
     """One read-decide-write pass over a correlation row."""
 
@@ -137,6 +173,7 @@ class _Step:
         self.delivery_id = delivery_id
         self.token = f"{delivery_id}:{uuid.uuid4().hex[:8]}"
         self.signal = signal
+        self.alert_id = signal.alert_id
         self.key = key
         self.key_text = key_text
 
@@ -169,6 +206,8 @@ class _Step:
             if row.lease_owner.startswith(f"{self.delivery_id}:"):
                 raise _LeaseHeld  # this very notification is in flight elsewhere: never count it twice
             if fired and row.state in (CorrelationState.OPEN, CorrelationState.CREATING):
+                if row.is_resolved_alert(self.alert_id):
+                    return self.record_only(row, Outcome.IGNORED, LATE_FIRING)
                 # counted, never waited for: new configuration items wait on the row for the next note
                 return self.count_firing(row, now, pending=self.new_cis(row))
             raise _LeaseHeld
@@ -176,32 +215,101 @@ class _Step:
             return self.take_over_create(row, now)
         if fired:
             if row.state is CorrelationState.OPEN:
+                if row.is_resolved_alert(self.alert_id):
+                    return self.record_only(row, Outcome.IGNORED, LATE_FIRING)
                 return self.refire(row, now)
             return self.fire_after_close(row, now)
         if row.state is CorrelationState.OPEN:
             return self.resolve(row, now)
-        return self.record_only(row, Outcome.DUPLICATE, "already resolved")
+        return self.record_only(
+            row, Outcome.DUPLICATE, "already resolved", **row.resolution_change(self.alert_id)
+        )
 
     # -- helpers -------------------------------------------------------------------------------
 
     def new_cis(self, row: Correlation) -> tuple[str, ...]:
+        if self.connection.correlation is CorrelationMode.PER_RULE_AND_CI:
+            return ()  # the key is made of the CI set: every notification of the problem names the same
         known = {ci.lower() for ci in (*row.configuration_items, *row.pending_cis)}
         return tuple(ci for ci in self.signal.configuration_items if ci.lower() not in known)
+
+    def first_cis(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.signal.configuration_items))[:CI_LIMIT]
+
+    def latest_resolution(self, row: Correlation) -> datetime:
+        before = row.resolved_alert_fired_at
+        return self.signal.fired_at if before is None else max(before, self.signal.fired_at)
 
     def take_lease(self, row: Correlation, now: datetime, **changes: object) -> Correlation:
         return self.repo.replace(
             row.model_copy(update={"lease_owner": self.token, "lease_until": now + self.lease, **changes})
         )
 
+    def keep_lease(self, held: Correlation) -> Correlation:
+        """Right before an ITSM write: the lease, still ours and renewed if a third of it has passed.
+
+        A lookup (configuration item, recovery) or a throttled answer can take a good part of the
+        lease; renewing only then keeps the fast path free of table calls. ``held`` is the row as
+        this step last wrote it. Raises _LeaseLost, before anything is written, when another
+        instance took the lease over in the meantime.
+        """
+        now = self.clock()
+        taken_at = (held.lease_until or now) - self.lease
+        if held.lease_owner == self.token and now - taken_at <= self.lease / 3:
+            return held
+        row: Correlation | None = held
+        for races in range(50):
+            if races:
+                self.sleep(race_pause(races))
+            if row is None or row.lease_owner != self.token:
+                log.warning(
+                    "lease on %s was taken over while this instance waited for %s; not writing to it",
+                    self.key_text,
+                    self.connection.partner_type,
+                )
+                raise _LeaseLost(f"lease on {self.key_text!r} was taken over")
+            try:
+                return self.repo.replace(row.model_copy(update={"lease_until": self.clock() + self.lease}))
+            except EtagConflict:
+                row = self.repo.get(self.connection.name, self.key)  # a firing counted, or a takeover
+        raise BusyError(f"could not renew the lease on {self.key_text!r}: too much contention")
+
+    def itsm_write(
+        self, held: Correlation, write: Callable[[], None]
+    ) -> tuple[Correlation, ItsmRejectedError | None]:
+        """One ITSM write under the lease: the held row (renewed if it had to be), and the product's
+        refusal when it says the work item is gone (403/404), for the caller to carry on without it."""
+        try:
+            held = self.keep_lease(held)
+            write()
+        except _LeaseLost:
+            raise
+        except ItsmRejectedError as exc:
+            if _gone(exc):
+                return held, exc
+            self.abandon()
+            raise
+        except Exception:
+            self.abandon()
+            raise
+        return held, None
+
     def release(
-        self, change: Callable[[Correlation], dict[str, object]], held: Correlation | None = None
+        self,
+        change: Callable[[Correlation], dict[str, object]],
+        held: Correlation | None = None,
+        *,
+        created: WorkItemRef | None = None,
     ) -> Correlation | None:
         """Apply ``change`` and drop the lease, re-reading as often as others' counts interleave.
 
         ``held`` is the row as this step last wrote it: unless someone counted a firing since, it is
-        current, and the release needs no read.
+        current, and the release needs no read. ``created``: the work item this step just created
+        (or recovered); if the lease was taken over meanwhile and the row moved on without it, the
+        row is not overwritten (see ``overtaken``).
         """
         row = held
+        settled: str | None = None
         for races in range(50):
             if races:
                 self.sleep(race_pause(races))
@@ -209,18 +317,85 @@ class _Step:
                 row = self.repo.get(self.connection.name, self.key)
             if row is None:
                 return None
+            deliveries = row.with_delivery(self.delivery_id)
             if row.lease_owner != self.token:
+                kind = settled or (self.overtaken(row, created) if created is not None else None)
+                if kind is not None and created is not None:
+                    if settled is None:
+                        self.settle_overtaken(kind, row, created)
+                        settled = kind
+                    update = self.overtaken_change(kind, row, created) | {"recent_deliveries": deliveries}
+                    try:
+                        return self.repo.replace(row.model_copy(update=update))
+                    except EtagConflict:
+                        row = None
+                        continue
                 log.warning("lease on %s was taken over before release", self.key_text)
-            update = change(row) | {
-                "lease_owner": "",
-                "lease_until": None,
-                "recent_deliveries": row.with_delivery(self.delivery_id),
-            }
+            update = change(row) | {"lease_owner": "", "lease_until": None, "recent_deliveries": deliveries}
             try:
                 return self.repo.replace(row.model_copy(update=update))
             except EtagConflict:
                 row = None
         raise BusyError(f"could not record the result for {self.key_text!r}: too much contention")
+
+    def overtaken(self, row: Correlation, created: WorkItemRef) -> str | None:
+        """How the row moved on while this step created ``created`` without the lease, if it did:
+        "duplicate" (another instance created the problem's work item too), "resolved" (the
+        problem's alerts resolved before any work item was recorded)."""
+        if row.work_item_id and row.work_item_id != created.id:
+            return "duplicate"
+        if not row.work_item_id and row.state in (CorrelationState.RESOLVED, CorrelationState.CLOSED):
+            return "resolved"
+        return None
+
+    def settle_overtaken(self, kind: str, row: Correlation, created: WorkItemRef) -> None:
+        """Best effort: the work item this step created must not stay open with nothing to close it."""
+        try:
+            if kind == "duplicate":
+                log.error(
+                    "two instances created a work item for %s while %s was slow: keeping %s, "
+                    "resolving %s as its duplicate",
+                    self.key_text,
+                    self.connection.partner_type,
+                    row.work_item_number,
+                    created.number,
+                )
+                self.connector.resolve(created, render.duplicate_note(row.work_item_number))
+            else:
+                log.warning(
+                    "the alerts of %s resolved while %s was being created", self.key_text, created.number
+                )
+                text = render.resolved_while_created_note(self.connection.auto_resolve)
+                if self.connection.auto_resolve:
+                    self.connector.resolve(created, text)
+                else:
+                    self.connector.add_note(created, text)
+        except Exception:  # the row must still be recorded; the error names the item
+            log.error(
+                "could not update %s of %s after the lease was taken over: resolve it by hand",
+                created.number,
+                self.key_text,
+                exc_info=True,
+            )
+
+    def overtaken_change(self, kind: str, row: Correlation, created: WorkItemRef) -> dict[str, object]:
+        """The row's update after ``settle_overtaken``: the lease is someone else's, so left alone."""
+        if kind == "duplicate":
+            # this firing is one of the problem's: counted on the work item that was kept
+            change: dict[str, object] = {"fire_count": row.fire_count + 1}
+            if row.state in (CorrelationState.OPEN, CorrelationState.CREATING):
+                change |= {"unnoted_fires": row.unnoted_fires + 1, **row.firing_change(self.alert_id)}
+            return change
+        auto = self.connection.auto_resolve
+        return {
+            "state": CorrelationState.RESOLVED if auto else CorrelationState.OPEN,
+            "work_item_id": created.id,
+            "work_item_number": created.number,
+            "work_item_url": created.url or "",
+            "fire_count": row.fire_count + 1,
+            "last_note_at": self.clock(),
+            "resolved_at": self.clock() if auto else None,
+        }
 
     def abandon(self) -> None:
         """After a failed ITSM call: expire our lease so a retry need not wait for it."""
@@ -231,9 +406,11 @@ class _Step:
         except Exception:  # best effort; the lease expires on its own anyway
             log.warning("could not release the lease on %s after a failure", self.key_text, exc_info=True)
 
-    def record_only(self, row: Correlation, outcome: Outcome, detail: str) -> ProcessResult:
+    def record_only(
+        self, row: Correlation, outcome: Outcome, detail: str, **changes: object
+    ) -> ProcessResult:
         row = self.repo.replace(
-            row.model_copy(update={"recent_deliveries": row.with_delivery(self.delivery_id)})
+            row.model_copy(update={"recent_deliveries": row.with_delivery(self.delivery_id), **changes})
         )
         return self.result(outcome, row, detail)
 
@@ -245,7 +422,8 @@ class _Step:
                     "unnoted_fires": row.unnoted_fires + 1,
                     "last_fired_at": max(row.last_fired_at or self.signal.fired_at, self.signal.fired_at),
                     "recent_deliveries": row.with_delivery(self.delivery_id),
-                    "pending_cis": (*row.pending_cis, *pending),
+                    "pending_cis": newest((*row.pending_cis, *pending), CI_LIMIT),
+                    **row.firing_change(self.alert_id),
                 }
             )
         )
@@ -259,7 +437,7 @@ class _Step:
     def remember_resolution(self) -> ProcessResult:
         """A resolution that overtook its firing (the firing's delivery is being retried): no work
         item to touch, but the row remembers it, so that late firing does not open an incident
-        that nothing would ever resolve. A firing of a later time still opens one."""
+        that nothing would ever resolve. Another alert's firing still opens one."""
         row = self.repo.insert(
             Correlation(
                 connection=self.connection.name,
@@ -270,8 +448,9 @@ class _Step:
                 first_fired_at=self.signal.fired_at,
                 last_fired_at=self.signal.fired_at,
                 resolved_alert_fired_at=self.signal.fired_at,
-                configuration_items=self.signal.configuration_items,
-                alert_ids=(self.signal.alert_id,),
+                configuration_items=self.first_cis(),
+                alert_ids=(self.alert_id,),
+                resolved_alerts=(self.alert_id,),
                 recent_deliveries=(self.delivery_id,),
             )
         )
@@ -294,16 +473,32 @@ class _Step:
                 lease_until=now + self.lease,
                 first_fired_at=self.signal.fired_at,
                 last_fired_at=self.signal.fired_at,
-                configuration_items=self.signal.configuration_items,
-                alert_ids=(self.signal.alert_id,),
+                configuration_items=self.first_cis(),
+                alert_ids=(self.alert_id,),
+                firing_alerts=(self.alert_id,),
             )
         )
 
     def take_over_create(self, row: Correlation, now: datetime) -> ProcessResult:
+        """A "creating" row whose lease expired (the create failed, or its instance died)."""
         if self.signal.condition is MonitorCondition.RESOLVED:
-            raise _LeaseHeld  # let the create finish (or be recovered by a firing) first
-        row = self.take_lease(row, now)
+            return self.resolve_creating(self.take_lease(row, now), now)
+        if row.is_resolved_alert(self.alert_id) and not row.still_firing_without(self.alert_id):
+            return self.record_only(row, Outcome.IGNORED, LATE_FIRING)
+        # the alert is on the row before the create starts: a resolution that takes the lease over
+        # while the create is slow must know that it still fires
+        row = self.take_lease(row, now, **row.firing_change(self.alert_id))
         return self.create(row, now, recover=True)
+
+    def with_known_ci(self, draft: IncidentDraft) -> IncidentDraft:
+        """The configuration item looked up now, under the lease and before the create's own
+        deadline starts: when there is none to link, the create need not look again."""
+        if not draft.configuration_item:
+            return draft
+        found = self.connector.ensure_configuration_item(
+            draft.configuration_item, create=draft.create_configuration_item
+        )
+        return draft if found else draft.model_copy(update={"configuration_item": None})
 
     def create(self, row: Correlation, now: datetime, *, recover: bool) -> ProcessResult:
         correlation = render.correlation_id(self.key, row.generation)
@@ -311,70 +506,106 @@ class _Step:
             ref = self.connector.find_by_correlation(correlation) if recover else None
             if ref is None:
                 draft = render.incident_draft(self.connection, self.signal, self.key_text, correlation)
+                draft = self.with_known_ci(draft)
+                row = self.keep_lease(row)
                 ref = self.connector.create_incident(draft)
+        except _LeaseLost:
+            raise
         except Exception:
             self.abandon()
             raise
+        created = ref
 
         def opened(current: Correlation) -> dict[str, object]:
             return {
                 "state": CorrelationState.OPEN,
-                "work_item_id": ref.id,
-                "work_item_number": ref.number,
-                "work_item_url": ref.url or "",
+                "work_item_id": created.id,
+                "work_item_number": created.number,
+                "work_item_url": created.url or "",
                 "fire_count": current.fire_count + 1,
                 "last_note_at": now,
                 "resolved_at": None,
+                **current.firing_change(self.alert_id),
             }
 
-        done = self.release(opened, row)
+        done = self.release(opened, row, created=created)
+        if done is not None and done.work_item_id != created.id:
+            return self.result(
+                Outcome.DUPLICATE,
+                done,
+                f"{created.number} was resolved as a duplicate of {done.work_item_number}, "
+                "created meanwhile by another instance",
+            )
+        if done is not None and done.state is CorrelationState.RESOLVED:
+            return self.result(Outcome.CREATED, done, "its alerts resolved meanwhile: resolved at once")
         return self.result(Outcome.CREATED, done, "recovered the work item" if recover and done else "")
 
     def refire(self, row: Correlation, now: datetime) -> ProcessResult:
-        new_cis = (*row.pending_cis, *self.new_cis(row))
+        arrived = self.new_cis(row)
+        new_cis = (*row.pending_cis, *arrived)
         interval = timedelta(minutes=self.connection.note_interval_minutes)
-        due = bool(new_cis) or row.last_note_at is None or now - row.last_note_at >= interval
+        # a new CI is noted at once, unless the row's list is full (then it waits for the interval:
+        # a CI the row no longer remembers must not bring a note with every firing)
+        at_once = bool(new_cis) and len(row.configuration_items) < CI_LIMIT
+        due = at_once or row.last_note_at is None or now - row.last_note_at >= interval
         if not due:
-            return self.count_firing(row, now)
+            return self.count_firing(row, now, pending=arrived)
         ref = row.ref
         assert ref is not None
         taken = self.take_lease(row, now)
         firings = taken.unnoted_fires + 1
         text = render.refire_note(self.signal, firings, taken.last_note_at, new_cis)
-        try:
-            self.connector.add_note(ref, text)
-        except Exception:
-            self.abandon()
-            raise
+        held, gone = self.itsm_write(taken, lambda: self.connector.add_note(ref, text))
+        if gone is not None:
+            log.warning(
+                "work item %s of %s cannot be written any more (HTTP %s: deleted, or read-only to the "
+                "integration user); opening a new one",
+                ref.number,
+                self.key_text,
+                gone.status,
+            )
+            return self.start_new_generation(held, now)
 
         def noted(current: Correlation) -> dict[str, object]:
+            known = [
+                *current.configuration_items,
+                *(ci for ci in new_cis if ci not in current.configuration_items),
+            ]
             return {
                 "fire_count": current.fire_count + 1,
                 "unnoted_fires": max(current.unnoted_fires - taken.unnoted_fires, 0),
                 "last_note_at": now,
                 "last_fired_at": max(current.last_fired_at or self.signal.fired_at, self.signal.fired_at),
-                "configuration_items": (
-                    *current.configuration_items,
-                    *(ci for ci in new_cis if ci not in current.configuration_items),
-                ),
+                "configuration_items": newest(known, CI_LIMIT),
                 "pending_cis": tuple(ci for ci in current.pending_cis if ci not in new_cis),
-                "alert_ids": (*current.alert_ids, self.signal.alert_id)[-20:],
+                **current.firing_change(self.alert_id),
             }
 
-        return self.result(Outcome.NOTED, self.release(noted, taken), f"note for {firings} firing(s)")
+        return self.result(Outcome.NOTED, self.release(noted, held), f"note for {firings} firing(s)")
 
     def fire_after_close(self, row: Correlation, now: datetime) -> ProcessResult:
-        if row.resolved_alert_fired_at is not None and self.signal.fired_at <= row.resolved_alert_fired_at:
-            return self.record_only(row, Outcome.IGNORED, "a late 'fired' for an alert already resolved")
+        if row.is_late_firing(self.alert_id, self.signal.fired_at):
+            return self.record_only(row, Outcome.IGNORED, LATE_FIRING)
         window = timedelta(hours=self.connection.reopen_window_hours)
         ref = row.ref
         if ref is not None and row.resolved_at is not None and now - row.resolved_at <= window:
-            taken = self.take_lease(row, now)
+            held = self.take_lease(row, now)
+            note = render.reopen_note(self.signal, row.resolved_at)
             try:
-                self.connector.reopen(ref, render.reopen_note(self.signal, row.resolved_at))
-            except ItsmRejectedError:
-                log.info("work item %s cannot be reopened; opening a new one", ref.number)
-                return self.start_new_generation(taken, now)
+                held = self.keep_lease(held)
+                self.connector.reopen(ref, note)
+            except _LeaseLost:
+                raise
+            except ItsmRejectedError as exc:
+                level = logging.WARNING if _gone(exc) else logging.INFO
+                log.log(
+                    level,
+                    "work item %s of %s cannot be reopened (HTTP %s); opening a new one",
+                    ref.number,
+                    self.key_text,
+                    exc.status,
+                )
+                return self.start_new_generation(held, now)
             except Exception:
                 self.abandon()
                 raise
@@ -386,10 +617,11 @@ class _Step:
                     "unnoted_fires": 0,
                     "last_note_at": now,
                     "resolved_at": None,
-                    "alert_ids": (*current.alert_ids, self.signal.alert_id)[-20:],
+                    "alert_ids": newest((*current.alert_ids, self.alert_id), ALERT_ID_LIMIT),
+                    "firing_alerts": (self.alert_id,),
                 }
 
-            return self.result(Outcome.REOPENED, self.release(reopened, taken))
+            return self.result(Outcome.REOPENED, self.release(reopened, held))
         taken = self.take_lease(row, now)
         return self.start_new_generation(taken, now)
 
@@ -409,9 +641,11 @@ class _Step:
                     "last_fired_at": self.signal.fired_at,
                     "resolved_at": None,
                     "resolved_alert_fired_at": None,
-                    "configuration_items": self.signal.configuration_items,
+                    "configuration_items": self.first_cis(),
                     "pending_cis": (),
-                    "alert_ids": (self.signal.alert_id,),
+                    "alert_ids": (self.alert_id,),
+                    "firing_alerts": (self.alert_id,),
+                    "lease_owner": self.token,
                     "lease_until": now + self.lease,
                 }
             )
@@ -421,27 +655,103 @@ class _Step:
     def resolve(self, row: Correlation, now: datetime) -> ProcessResult:
         ref = row.ref
         assert ref is not None
-        taken = self.take_lease(row, now)
-        auto = self.connection.auto_resolve
-        text = render.resolved_note(self.signal, taken.fire_count, taken.unnoted_fires, auto)
+        return self.apply_resolution(self.take_lease(row, now), ref, now, recovered=False)
+
+    def resolve_creating(self, taken: Correlation, now: datetime) -> ProcessResult:
+        """A resolution for a problem whose create failed (its lease expired, taken now): the work
+        item is looked up by its correlation id; if the create never happened, the resolution is
+        only recorded, so the late firing (its delivery being retried) is ignored."""
         try:
-            if auto:
-                self.connector.resolve(ref, text)
-            else:
-                self.connector.add_note(ref, text)
+            ref = self.connector.find_by_correlation(render.correlation_id(self.key, taken.generation))
         except Exception:
             self.abandon()
             raise
+        if ref is not None:
+            return self.apply_resolution(taken, ref, now, recovered=True)
+        single = self.connection.correlation is CorrelationMode.PER_ALERT
+
+        def recorded(current: Correlation) -> dict[str, object]:
+            change = current.resolution_change(self.alert_id) | {
+                "resolved_alert_fired_at": self.latest_resolution(current)
+            }
+            if single or not current.still_firing_without(self.alert_id):
+                change["state"] = CorrelationState.RESOLVED
+            return change
+
+        done = self.release(recorded, taken)
+        if done is not None and done.state is CorrelationState.CREATING:
+            return self.result(
+                Outcome.IGNORED,
+                done,
+                f"resolved before its work item was created; {len(done.firing_alerts)} other alert(s) of the "
+                "problem still fire, so the next firing creates it",
+            )
+        return self.result(
+            Outcome.IGNORED, done, "resolved before any work item was opened for this problem; nothing to do"
+        )
+
+    def apply_resolution(
+        self, taken: Correlation, ref: WorkItemRef, now: datetime, *, recovered: bool
+    ) -> ProcessResult:
+        """Resolve the work item (or note the resolution), unless other alerts of the problem still
+        fire: then a note says so and the work item stays open. ``recovered``: the row was still
+        "creating" and ``ref`` was found by its correlation id; the row records it now."""
+        single = self.connection.correlation is CorrelationMode.PER_ALERT
+        still = () if single else taken.still_firing_without(self.alert_id)
+        auto = self.connection.auto_resolve
+        closes = auto and not still
+        firings = taken.fire_count + (1 if recovered else 0)
+        if still:
+            text = render.partial_resolution_note(self.signal, still)
+        else:
+            text = render.resolved_note(self.signal, firings, taken.unnoted_fires, auto)
+
+        def write() -> None:
+            if closes:
+                self.connector.resolve(ref, text)
+            else:
+                self.connector.add_note(ref, text)
+
+        held, gone = self.itsm_write(taken, write)
+        if gone is not None:
+            log.warning(
+                "work item %s of %s cannot be written any more (HTTP %s: deleted, or read-only to the "
+                "integration user); the resolution is recorded without it",
+                ref.number,
+                self.key_text,
+                gone.status,
+            )
 
         def resolved(current: Correlation) -> dict[str, object]:
-            change: dict[str, object] = {
-                "unnoted_fires": max(current.unnoted_fires - taken.unnoted_fires, 0),
-                "last_note_at": now,
-                "resolved_alert_fired_at": self.signal.fired_at,
+            change: dict[str, object] = current.resolution_change(self.alert_id) | {
+                "resolved_alert_fired_at": self.latest_resolution(current)
             }
-            if auto:
+            if recovered:
+                change |= {
+                    "state": CorrelationState.OPEN,
+                    "work_item_id": ref.id,
+                    "work_item_number": ref.number,
+                    "work_item_url": ref.url or "",
+                    "fire_count": current.fire_count + 1,
+                    "resolved_at": None,
+                }
+            if not still:
+                change |= {
+                    "unnoted_fires": max(current.unnoted_fires - taken.unnoted_fires, 0),
+                    "last_note_at": now,
+                }
+            if closes:
                 change |= {"state": CorrelationState.RESOLVED, "resolved_at": now}
             return change
 
-        done = self.release(resolved, taken)
-        return self.result(Outcome.RESOLVED if auto else Outcome.NOTED, done)
+        done = self.release(resolved, held)
+        details = []
+        if recovered:
+            details.append("recovered the work item")
+        if still:
+            details.append(
+                f"{len(still)} other alert(s) of the problem still firing: the work item stays open"
+            )
+        if gone is not None:
+            details.append(f"{ref.number} cannot be written (HTTP {gone.status}): recorded without it")
+        return self.result(Outcome.RESOLVED if closes else Outcome.NOTED, done, "; ".join(details))

@@ -12,6 +12,8 @@ from shared_code.itsm.base import IncidentDraft
 SHORT_DESCRIPTION_LIMIT = 160
 DESCRIPTION_LIMIT = 30_000
 NOTE_CONTEXT_LIMIT = 1_500
+NOTE_CI_LIMIT = 100
+NOTE_ALERT_LIMIT = 10
 
 
 def correlation_key_text(mode: CorrelationMode, signal: AlertSignal) -> str:
@@ -62,6 +64,18 @@ def ci_name(ci: str) -> str:
 
 def ci_names(signal: AlertSignal) -> list[str]:
     return list(dict.fromkeys(ci_name(ci) for ci in signal.configuration_items))
+
+
+def listed(names: list[str], limit: int) -> str:
+    """``a, b, c`` for at most ``limit`` names, then "and N more" for the rest."""
+    shown = ", ".join(names[:limit])
+    rest = len(names) - limit
+    return f"{shown} and {rest} more" if rest > 0 else shown
+
+
+def alert_name(alert_id: str) -> str:
+    """The part of an Azure alert id people can search for: its last segment (the alert's guid)."""
+    return alert_id.rstrip("/").rsplit("/", 1)[-1] or alert_id
 
 
 def short_description(signal: AlertSignal) -> str:
@@ -118,7 +132,8 @@ def refire_note(signal: AlertSignal, firings: int, since: datetime | None, new_c
         f"latest fired at {_when(signal.fired_at)}."
     ]
     if new_cis:
-        lines.append(f"Also affecting: {', '.join(dict.fromkeys(ci_name(ci) for ci in new_cis))}")
+        names = list(dict.fromkeys(ci_name(ci) for ci in new_cis))
+        lines.append(f"Also affecting: {listed(names, NOTE_CI_LIMIT)}")
     if signal.context_summary:
         lines += ["", _clip(signal.context_summary, NOTE_CONTEXT_LIMIT)]
     if signal.portal_link:
@@ -145,3 +160,30 @@ def reopen_note(signal: AlertSignal, resolved_at: datetime | None) -> str:
     if signal.context_summary:
         lines += ["", _clip(signal.context_summary, NOTE_CONTEXT_LIMIT)]
     return "\n".join(lines)
+
+
+def partial_resolution_note(signal: AlertSignal, still_firing: tuple[str, ...]) -> str:
+    """One alert of a problem resolved while others still fire: the work item stays open."""
+    when = _when(signal.resolved_at or signal.fired_at)
+    others = listed([alert_name(alert_id) for alert_id in still_firing], NOTE_ALERT_LIMIT)
+    return (
+        f"Azure Monitor: alert {alert_name(signal.alert_id)} resolved at {when}; still firing: {others}. "
+        "The incident stays open until every alert of this problem has resolved."
+    )
+
+
+def duplicate_note(winner_number: str) -> str:
+    """On an incident two instances created for one problem: the one the problem did not keep."""
+    return (
+        f"Duplicate of {winner_number}: two instances created it while ServiceNow was slow. "
+        f"The alert's updates go to {winner_number}."
+    )
+
+
+def resolved_while_created_note(auto_resolve: bool) -> str:
+    """On an incident whose create took so long that every alert of the problem resolved meanwhile."""
+    return "Azure Monitor: the alert resolved while this incident was being created. " + (
+        "Resolved automatically by the connection's auto-resolve setting."
+        if auto_resolve
+        else "Auto-resolve is off for this connection: resolve the incident when the work is done."
+    )

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
-from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError, PydanticSerializationError
 
 from shared_code.alerts.signal import AlertSignal, MonitorCondition, Severity
 from shared_code.errors import AlertSchemaError, NotCommonSchemaError
@@ -38,6 +38,8 @@ MAX_STORED_SIGNAL_UNITS = 30_000
 """The normalised alert is stored as one Table Storage string property, which holds at most 64 KiB
 of UTF-16 (32,768 code units): serialised, it is kept below this."""
 MAX_LINK_CHARS = 2_000
+EARLIEST_TIME = datetime(1601, 1, 1, tzinfo=UTC)
+"""Table Storage refuses an Edm.DateTime before this, so an alert time before it is refused."""
 ENABLE_COMMON_SCHEMA_HINT = (
     "Enable the common alert schema in the action group: edit the webhook action and set "
     "'Enable the common alert schema' to Yes."
@@ -131,7 +133,19 @@ def parse_azure_datetime(value: object) -> datetime:
         raise PydanticCustomError(
             "invalid_datetime", "must be an ISO 8601 date-time, not {got}", {"got": _shown(value)}
         )
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    try:
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+        raise PydanticCustomError(
+            "datetime_out_of_range", "is out of range once converted to UTC: {got}", {"got": _shown(value)}
+        ) from None
+    if moment < EARLIEST_TIME:
+        raise PydanticCustomError(
+            "datetime_too_early",
+            "is before 1601-01-01T00:00:00Z, the earliest time Table Storage stores: {got}",
+            {"got": _shown(value)},
+        )
+    return moment
 
 
 def _optional_datetime(value: object) -> datetime | None:
@@ -271,7 +285,13 @@ def bounded_signal(signal: AlertSignal, limit: int = MAX_STORED_SIGNAL_UNITS) ->
     ]
     for changes in [{}, *steps]:
         signal = signal.model_copy(update=changes)
-        if _utf16_units(signal.model_dump_json()) <= limit:
+        try:
+            serialised = signal.model_dump_json()
+        except PydanticSerializationError:  # decode_json_body refuses these first; this is the backstop
+            raise AlertSchemaError(
+                "data", "holds text with an unpaired UTF-16 surrogate, which is not a Unicode character"
+            ) from None
+        if _utf16_units(serialised) <= limit:
             return signal
     raise AlertSchemaError("data.essentials", "the alert's ids and names are too long to store")
 

@@ -1,9 +1,11 @@
 """The SyncState table: one row per connection and work-item type, holding the sync watermark.
 
 The watermark is the keyset position (update time, then id) just past the last page whose rows
-are committed to every sink. The row doubles as a lease, so the timer and an on-demand run of
-the same connection and type never page through the feed at the same time: every write is a
-conditional insert or an ETag-matched replace, never a blind write.
+are committed to every sink, and never after its run's start plus a small clock skew (a row
+stamped in the future must not make later runs skip real updates; see the engine). The row
+doubles as a lease, so the timer and an on-demand run of the same connection and type never page
+through the feed at the same time: every write is a conditional insert or an ETag-matched
+replace, never a blind write.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ decide again), and, where the connection enables it, every Azure alert id on the
 through the Alerts Management API first. Alerts are closed before the row changes: if we crash in
 between, the next run sees the row still OPEN and closes again (idempotent at ARM); once the row
 has changed, later runs see it is no longer OPEN and close nothing a second time.
+
+"Resolved or closed" is read from the raw state value (``WorkItem.state_code``), not its label. An
+item resolved before the alert last fired (``Correlation.last_fired_at``) is a stale snapshot: the
+problem is active again, so neither the row nor the Azure alerts change.
 """
 
 from __future__ import annotations
@@ -28,9 +32,16 @@ from azure.core.exceptions import AzureError
 
 from shared_code.connections import Connection
 from shared_code.errors import BusyError, ConnectorAppError
+from shared_code.itsm.servicenow.mapping import (
+    CHANGE_CANCELED,
+    CHANGE_CLOSED,
+    INCIDENT_CANCELED,
+    INCIDENT_CLOSED,
+    INCIDENT_RESOLVED,
+)
 from shared_code.state.correlations import Correlation, CorrelationState
 from shared_code.state.tables import EtagConflict
-from shared_code.workitems.model import WorkItem
+from shared_code.workitems.model import WorkItem, WorkItemType
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,19 @@ ALERT_ID = re.compile(
 API_VERSION = "2019-05-05-preview"
 PUBLIC_ARM_SCOPE = "https://management.azure.com/.default"
 SOVEREIGN_ARM_HOSTS = ("management.usgovcloudapi.net", "management.chinacloudapi.cn")
+FINISHED_CODES: dict[WorkItemType, dict[str, CorrelationState]] = {
+    # raw state values (ServiceNow's stock choices); any other value, custom ones included, is open
+    WorkItemType.INCIDENT: {
+        INCIDENT_RESOLVED: CorrelationState.RESOLVED,
+        INCIDENT_CLOSED: CorrelationState.CLOSED,
+        INCIDENT_CANCELED: CorrelationState.CLOSED,
+    },
+    WorkItemType.CHANGE_REQUEST: {
+        CHANGE_CLOSED: CorrelationState.CLOSED,
+        CHANGE_CANCELED: CorrelationState.CLOSED,
+    },
+}
+# only for items that carry no raw state (rows stored before it was kept): English stock labels
 RESOLVED_STATES = {"resolved", "6"}
 CLOSED_STATES = {"closed", "canceled", "cancelled", "7", "8"}
 
@@ -80,7 +104,14 @@ def parse_correlation_id(value: str) -> tuple[str, int] | None:
 
 
 def finished_state(item: WorkItem) -> CorrelationState | None:
-    """RESOLVED or CLOSED when the product says the item is done; None while it is open."""
+    """RESOLVED or CLOSED when the product says the item is done; None while it is open.
+
+    Decided on the raw state value: the label ("Resolved") is in the integration user's language
+    and follows relabelled choices. The label is read only when the item carries no raw value.
+    """
+    code = item.state_code.strip()
+    if code:
+        return FINISHED_CODES[item.item_type].get(code)
     state = item.state.strip().lower()
     if state in CLOSED_STATES:
         return CorrelationState.CLOSED
@@ -262,6 +293,21 @@ class BackSync:
                 # the same key and generation on another work item (another connection to this instance,
                 # with a row keyed before keys included the connection): it says nothing of this problem
                 return
+            finished_at = item.resolved_at or item.closed_at or item.updated_at
+            if row.last_fired_at is not None and row.last_fired_at > finished_at:
+                # a stale snapshot: the alert fired again after the item was resolved, so the problem is
+                # active again; the alert path owns it now (its resolution comes from Azure Monitor)
+                log.info(
+                    "backward sync: %s %s is %s since %s, but its alert fired again at %s; "
+                    "correlation %s and its Azure alerts are left open",
+                    connection.name,
+                    item.number,
+                    state.value,
+                    finished_at.isoformat(),
+                    row.last_fired_at.isoformat(),
+                    row.key_text,
+                )
+                return
             if connection.close_azure_alerts and self._alerts is not None:
                 for alert_id in dict.fromkeys(row.alert_ids):
                     if alert_id in closed:
@@ -276,10 +322,9 @@ class BackSync:
                     closed.add(alert_id)
                     if outcome is CloseOutcome.CLOSED:
                         report.alerts_closed += 1
-            resolved_at = item.resolved_at or item.closed_at or item.updated_at or self._clock()
             try:
                 self._correlations.replace(
-                    row.model_copy(update={"state": state, "resolved_at": resolved_at})
+                    row.model_copy(update={"state": state, "resolved_at": finished_at})
                 )
             except EtagConflict:
                 continue  # the alert path wrote in between: read again and decide again

@@ -14,6 +14,17 @@ For each connection and work-item type:
    rejected rows are in the error log. Only then does the watermark move to the page's cursor
    (never backwards). A failure anywhere leaves the watermark at the last committed page: the next
    run reads from there again, so there is no gap, and upserts mean no duplicate.
+5. The stored watermark never passes the run's start plus ``clock_skew``: one row stamped in the
+   future (an import without system fields, a skewed clock) would otherwise pin it there and every
+   real update before that date would be skipped. When a page's cursor goes past that cap, the
+   watermark stops at the newest row of the page that is not after the run's start (not at the
+   cap itself: with an overlap shorter than the skew, updates made just after this run would fall
+   behind the next run's start). Paging within the run still follows the page cursors; rows with
+   future times are simply read again by later runs (idempotent upserts).
+
+A run with a time budget shares it fairly: each connection and type gets the time left divided by
+the number of targets left (what one leaves unused goes to the next), so a large first sync of one
+connection does not leave the others a page per run. Each stops after a committed page.
 
 Failures are per connection and type: they are recorded in Runs, SyncState and the error log, and
 the engine goes on with the next one. Nothing here raises for a single connection's trouble.
@@ -136,6 +147,8 @@ class _Run:
     run_id: str
     progress: ProgressCallback | None
     deadline: datetime | None
+    started: datetime
+    watermark_cap: datetime  # a page cursor past this is in the future: see _advance
     synced: int = 0
     rejected: int = 0
     pages: int = 0
@@ -143,6 +156,7 @@ class _Run:
     alerts_closed: int = 0
     watermark: SyncCursor | None = None
     complete: bool = False
+    capped: bool = False  # the future-watermark warning was logged
     errors: list[SyncErrorRecord] = field(default_factory=list)
 
 
@@ -163,6 +177,7 @@ class SyncEngine:
         overlap: timedelta = timedelta(seconds=120),
         backsync: BackSync | None = None,
         lease: timedelta = timedelta(minutes=5),
+        clock_skew: timedelta = timedelta(minutes=5),
     ) -> None:
         if not sinks:
             raise ValueError("the sync engine needs at least one sink")
@@ -177,6 +192,7 @@ class SyncEngine:
         self._overlap = overlap
         self._backsync = backsync
         self._lease = lease
+        self._clock_skew = clock_skew
 
     # -- public --------------------------------------------------------------------------------
 
@@ -191,21 +207,32 @@ class SyncEngine:
     ) -> list[SyncResult]:
         """Sync ``connection`` (default: every connection that syncs anything) and return one result
         per connection and type. Raises only when the connection list itself cannot be read or a
-        named connection does not exist."""
+        named connection does not exist.
+
+        ``time_budget`` is shared: each connection and type may use the time still left divided by
+        the number of them still to run, so one large sync cannot starve the others."""
         deadline = self._clock() + time_budget if time_budget is not None else None
         if connection is not None:
             targets = [self._connections.get(connection)]
         else:
             targets = [c for c in self._connections.list() if c.sync_data]
-        results: list[SyncResult] = []
+        plan: list[tuple[Connection, WorkItemType, bool]] = []
         for target in targets:
             enabled = {WorkItemType.from_sync_name(s.value) for s in target.sync_data}
             wanted = list(item_types) if item_types is not None else sorted(enabled)
-            for item_type in wanted:
-                if item_type not in enabled:
-                    results.append(self._not_enabled(target, item_type))
-                    continue
-                results.append(self._sync_one(target, item_type, progress, trigger, deadline))
+            plan += [(target, item_type, item_type in enabled) for item_type in wanted]
+        left = sum(1 for *_, synced in plan if synced)
+        results: list[SyncResult] = []
+        for target, item_type, synced in plan:
+            if not synced:
+                results.append(self._not_enabled(target, item_type))
+                continue
+            share = None
+            if deadline is not None:
+                now = self._clock()
+                share = now + max(deadline - now, timedelta(0)) / left
+            left -= 1
+            results.append(self._sync_one(target, item_type, progress, trigger, share))
         return results
 
     # -- one connection and type ---------------------------------------------------------------
@@ -221,7 +248,7 @@ class SyncEngine:
         run_id = uuid.uuid4().hex[:12]
         owner = f"{JOB}:{run_id}"
         started = self._clock()
-        run = _Run(connection, item_type, run_id, progress, deadline)
+        run = _Run(connection, item_type, run_id, progress, deadline, started, started + self._clock_skew)
         outcome = SyncOutcome.FAILED
         error = ""
         kind: SyncErrorKind | None = None
@@ -279,7 +306,7 @@ class SyncEngine:
     def _page_through(self, run: _Run, state: SyncStateRow) -> SyncStateRow:
         connection, item_type, deadline = run.connection, run.item_type, run.deadline
         connector = self._connector_for(connection)
-        cursor = self._start_cursor(connection, state)
+        cursor = self._start_cursor(run, state)
         pool = ThreadPoolExecutor(1 + len(self._sinks), thread_name_prefix=f"sync-{connection.name}")
         pending: Future[SyncPage] | None = None
         try:
@@ -295,7 +322,7 @@ class SyncEngine:
                         connector.fetch_changes, item_type, page.next_cursor, self._page_size
                     )
                 self._commit(run, pool, page)
-                state = self._advance(state, page.next_cursor)
+                state = self._advance(run, state, page)
                 run.watermark = state.watermark
                 run.pages += 1
                 cursor = page.next_cursor
@@ -310,8 +337,19 @@ class SyncEngine:
             pool.shutdown(wait=True, cancel_futures=True)
         return state
 
-    def _start_cursor(self, connection: Connection, state: SyncStateRow) -> SyncCursor:
+    def _start_cursor(self, run: _Run, state: SyncStateRow) -> SyncCursor:
+        connection = run.connection
         watermark = state.watermark
+        if watermark is not None and watermark.updated_at > run.watermark_cap:
+            # stored before watermarks were capped: rows updated since may have been skipped, so
+            # read back the whole sync scope once (upserts); _advance stores a capped one
+            log.warning(
+                "the stored watermark of %s %s is in the future (%s): reading back the sync scope",
+                connection.name,
+                run.item_type.sync_name,
+                watermark.updated_at.isoformat(),
+            )
+            watermark = None
         if watermark is None:
             return SyncCursor(updated_at=self._clock() - timedelta(days=connection.sync_scope_days))
         if not self._overlap:
@@ -385,11 +423,34 @@ class SyncEngine:
                 continue
         raise BusyError(f"could not take the sync lease of {connection} {item_type.sync_name}")
 
-    def _advance(self, state: SyncStateRow, cursor: SyncCursor) -> SyncStateRow:
-        watermark = _later(state.watermark, cursor)
+    def _advance(self, run: _Run, state: SyncStateRow, page: SyncPage) -> SyncStateRow:
+        current = state.watermark
+        if current is not None and current.updated_at > run.watermark_cap:
+            current = None  # a future watermark stored before they were capped (see _start_cursor)
+        target: SyncCursor | None = page.next_cursor
+        if page.next_cursor.updated_at > run.watermark_cap:
+            # a row stamped in the future: the page is committed, but only its rows that are not
+            # after this run's start may count as passed; rows updated from now on get times
+            # around now, and the next run must still start before them
+            if not run.capped:
+                run.capped = True
+                log.warning(
+                    "sync of %s %s read a row updated at %s, after this run started (%s); the "
+                    "watermark stays before it and later runs read it again",
+                    run.connection.name,
+                    run.item_type.sync_name,
+                    page.next_cursor.updated_at.isoformat(),
+                    run.started.isoformat(),
+                )
+            passed = [(i.updated_at, i.source_id) for i in page.items if i.updated_at <= run.started]
+            target = None
+            if passed:
+                updated_at, last_id = max(passed)
+                target = SyncCursor(updated_at=updated_at, last_id=last_id)
+        watermark = current if target is None else _later(current, target)
         update = {
-            "watermark_updated_at": watermark.updated_at,
-            "watermark_last_id": watermark.last_id,
+            "watermark_updated_at": watermark.updated_at if watermark else None,
+            "watermark_last_id": watermark.last_id if watermark else "",
             "lease_until": self._clock() + self._lease,
         }
         try:

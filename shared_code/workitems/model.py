@@ -42,6 +42,11 @@ class WorkItem(BaseModel):
     number: str = Field(min_length=1, description="the id people read (INC0010001)")
     updated_at: datetime
     state: str = ""
+    state_code: str = Field(
+        default="",
+        description="the product's raw state value (ServiceNow: incident 6 Resolved, 7 Closed, 8 Canceled); "
+        "``state`` is its label, which depends on the integration user's language and the instance's choices",
+    )
     urgency: str = ""
     impact: str = ""
     priority: str = ""

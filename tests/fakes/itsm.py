@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared_code.errors import ItsmRejectedError, ItsmUnavailableError
@@ -17,15 +18,30 @@ class FakeIncident:
     draft: IncidentDraft
     state: WorkItemState = WorkItemState.OPEN
     notes: list[str] = field(default_factory=list)
+    configuration_item: str | None = None
 
 
 class FakeItsm:
+    """Incidents in a dict. Like the ServiceNow connector, a create looks its configuration item up
+    first (``ensure_configuration_item``, which the calls list leaves out).
+
+    Hooks for the slow-product tests: ``on_ci_lookup`` runs inside a CI lookup and ``on_create``
+    inside a create, before it takes effect (each is called with the connector and then cleared,
+    so a nested call does not run it again). ``gone`` maps incident ids to the status their writes
+    answer from then on (404 deleted, 403 read-only to the integration user).
+    """
+
     def __init__(self, *, call_seconds: float = 0.0) -> None:
         self.incidents: dict[str, FakeIncident] = {}
         self.calls: list[str] = []
         self.fail_next: list[Exception] = []
         self.reopen_rejected = False
         self.call_seconds = call_seconds
+        self.cis: dict[str, str] = {}
+        self.ci_lookups: list[str] = []
+        self.on_ci_lookup: Callable[[FakeItsm], None] | None = None
+        self.on_create: Callable[[FakeItsm], None] | None = None
+        self.gone: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _call(self, name: str) -> None:
@@ -36,6 +52,12 @@ class FakeItsm:
             if self.fail_next:
                 raise self.fail_next.pop(0)
 
+    def _writable(self, ref: WorkItemRef, what: str) -> FakeIncident:
+        status = self.gone.get(ref.id)
+        if status is not None:
+            raise ItsmRejectedError(f"{what} {ref.number}: HTTP {status}", status=status)
+        return self.incidents[ref.id]
+
     @property
     def writes(self) -> int:
         return sum(1 for c in self.calls if c in ("create", "note", "resolve", "reopen"))
@@ -44,11 +66,19 @@ class FakeItsm:
         return "fake"
 
     def create_incident(self, draft: IncidentDraft) -> WorkItemRef:
+        ci = None
+        if draft.configuration_item:
+            ci = self.ensure_configuration_item(
+                draft.configuration_item, create=draft.create_configuration_item
+            )
+        hook, self.on_create = self.on_create, None
+        if hook is not None:
+            hook(self)
         self._call("create")
         with self._lock:
             number = f"INC{len(self.incidents) + 10001:07d}"
             ref = WorkItemRef(id=f"id{len(self.incidents)}", number=number)
-            self.incidents[ref.id] = FakeIncident(ref, draft)
+            self.incidents[ref.id] = FakeIncident(ref, draft, configuration_item=ci)
             return ref
 
     def find_by_correlation(self, correlation_id: str) -> WorkItemRef | None:
@@ -58,11 +88,11 @@ class FakeItsm:
 
     def add_note(self, ref: WorkItemRef, text: str) -> None:
         self._call("note")
-        self.incidents[ref.id].notes.append(text)
+        self._writable(ref, "note on").notes.append(text)
 
     def resolve(self, ref: WorkItemRef, note: str) -> None:
         self._call("resolve")
-        incident = self.incidents[ref.id]
+        incident = self._writable(ref, "resolve")
         incident.notes.append(note)
         incident.state = WorkItemState.RESOLVED
 
@@ -70,7 +100,7 @@ class FakeItsm:
         self._call("reopen")
         if self.reopen_rejected:
             raise ItsmRejectedError("cannot reopen a closed incident", status=403)
-        incident = self.incidents[ref.id]
+        incident = self._writable(ref, "reopen")
         incident.notes.append(note)
         incident.state = WorkItemState.OPEN
 
@@ -78,7 +108,11 @@ class FakeItsm:
         return self.incidents[ref.id].state
 
     def ensure_configuration_item(self, name: str, *, create: bool) -> str | None:
-        return None
+        self.ci_lookups.append(name)
+        hook, self.on_ci_lookup = self.on_ci_lookup, None
+        if hook is not None:
+            hook(self)
+        return self.cis.get(name)
 
     def fetch_changes(self, item_type: WorkItemType, cursor: SyncCursor, page_size: int) -> SyncPage:
         raise ItsmUnavailableError("the fake does not sync")

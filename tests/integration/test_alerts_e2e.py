@@ -363,22 +363,23 @@ def test_refires_are_coalesced_into_one_note_per_interval_and_resolve_closes_the
     # Sev2 under the default severity map
     assert (incident["impact"], incident["urgency"]) == ("2", "2")
 
+    # the alert fires again under its own id (another evaluation): one Azure alert, one problem
     outcomes = []
-    for minute, alert_id in ((1, "cycle-2"), (2, "cycle-3")):
+    for minute in (1, 2):
         flow.clock.advance(minutes=1)
-        outcomes.append(flow.send(alert(alert_id=alert_id, fired_at=T0 + timedelta(minutes=minute))).outcome)
+        outcomes.append(flow.send(alert(alert_id="cycle-1", fired_at=T0 + timedelta(minutes=minute))).outcome)
     assert [o.split(":")[0] for o in outcomes] == ["coalesced", "coalesced"]
     assert flow.notes(incident) == []  # inside the interval: counted, not noted
 
     flow.clock.advance(minutes=15)
-    noted = flow.send(alert(alert_id="cycle-4", fired_at=T0 + timedelta(minutes=17)))
+    noted = flow.send(alert(alert_id="cycle-1", fired_at=T0 + timedelta(minutes=17)))
     assert noted.outcome.startswith("noted")
     (note,) = flow.notes(incident)
     assert "the alert fired again (3 firings since the last update" in note
     assert "Percentage CPU" in note
 
     flow.clock.advance(minutes=1)
-    last = alert(alert_id="cycle-4", fired_at=T0 + timedelta(minutes=17))
+    last = alert(alert_id="cycle-1", fired_at=T0 + timedelta(minutes=17))
     flow.send(last)  # the same notification again: an action-group retry
     flow.clock.advance(minutes=1)
     resolved = flow.send(resolution(last, T0 + timedelta(minutes=20)))
@@ -530,8 +531,8 @@ def test_a_late_fired_notification_of_a_resolved_alert_is_ignored(flow: Flow) ->
     flow.send(resolution(fired, T0 + timedelta(minutes=2)))
     writes = flow.snow.write_count()
 
-    # a Fired of the same problem stamped before the resolution, arriving after it
-    late = alert(alert_id="late-copy", fired_at=T0 - timedelta(seconds=30))
+    # a Fired of the resolved alert stamped before the resolution, arriving after it
+    late = alert(alert_id="late", fired_at=T0 - timedelta(seconds=30))
     row = flow.send(late)
 
     assert row.outcome.startswith("ignored")
@@ -679,6 +680,35 @@ def _bad_time() -> bytes:
     return encode(payload)
 
 
+def _lone_surrogate(*path: str | int) -> Callable[[], bytes]:
+    """The fixture with an unpaired UTF-16 surrogate (sent as the JSON escape \\ud800) at ``path``."""
+
+    def body() -> bytes:
+        payload = load("log_alerts_v2_fired")
+        node: Any = payload
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = "vm-web-01 \ud800 high"
+        return encode(payload)  # json.dumps escapes it: the bytes are plain ASCII
+
+    return body
+
+
+def _huge_integer() -> bytes:
+    payload = load("metric_fired")
+    payload["data"]["alertContext"]["condition"]["allOf"][0]["metricValue"] = "@HUGE@"
+    return encode(payload).replace(b'"@HUGE@"', b"9" * 5_000)
+
+
+def _essential_time(field: str, text: str) -> Callable[[], bytes]:
+    def body() -> bytes:
+        payload = load("metric_resolved")
+        payload["data"]["essentials"][field] = text
+        return encode(payload)
+
+    return body
+
+
 BAD_REQUESTS: list[tuple[str, Callable[[], bytes], str, int, str, str]] = [
     ("malformed-json", lambda: b'{"schemaId": ', "application/json", 400, "malformed_json", "not valid JSON"),
     ("not-utf8", lambda: b'{"a": "\xff\xfe"}', "application/json", 400, "malformed_json", "not valid JSON"),
@@ -725,6 +755,37 @@ BAD_REQUESTS: list[tuple[str, Callable[[], bytes], str, int, str, str]] = [
         "data.essentials.severity: is required",
     ),
     ("bad-fired-time", _bad_time, "application/json", 422, "invalid_alert", "data.essentials.firedDateTime"),
+    *(
+        (f"lone-surrogate-{where}", _lone_surrogate(*path), "application/json", 400, "malformed_json", shown)
+        for where, path, shown in [
+            ("alert-id", ("data", "essentials", "alertId"), "data.essentials.alertId holds"),
+            ("alert-rule", ("data", "essentials", "alertRule"), "data.essentials.alertRule holds"),
+            ("description", ("data", "essentials", "description"), "data.essentials.description holds"),
+            ("ci", ("data", "essentials", "configurationItems", 0), "data.essentials.configurationItems[0]"),
+            (
+                "context",
+                ("data", "alertContext", "condition", "windowSize"),
+                "alertContext.condition.windowSize",
+            ),
+        ]
+    ),
+    ("huge-integer", _huge_integer, "application/json", 400, "malformed_json", "more than 4,300 digits"),
+    (
+        "fired-time-before-year-1-in-utc",
+        _essential_time("firedDateTime", "0001-01-01T00:00:00+14:00"),
+        "application/json",
+        422,
+        "invalid_alert",
+        "data.essentials.firedDateTime: is out of range",
+    ),
+    (
+        "resolved-time-before-1601",
+        _essential_time("resolvedDateTime", "1600-12-31T23:59:59.0000000Z"),
+        "application/json",
+        422,
+        "invalid_alert",
+        "data.essentials.resolvedDateTime: is before 1601",
+    ),
 ]
 
 
@@ -1008,3 +1069,210 @@ def test_no_secret_or_token_reaches_a_log_row_or_response(
     assert any("obtained a ServiceNow access token" in text for text in texts)  # the logs were captured
     leaked = [(secret[:6], text[:120]) for text in texts for secret in secrets if secret in text]
     assert leaked == []
+
+
+# -- damaged rows and values ServiceNow would read as a query -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [{"Signal": "{not json"}, {"Status": "lost"}],
+    ids=["signal", "status"],
+)
+def test_alert_status_answers_a_clean_error_for_a_stored_row_it_cannot_read(
+    flow: Flow, damage: dict[str, str]
+) -> None:
+    flow.connect()
+    delivery_id = flow.accepted(alert(alert_id="damaged", fired_at=T0), send=False).json()["deliveryId"]
+    table = flow.container.tables.table("AlertDeliveries")
+    (entity,) = table.list_entities()
+    table.update_entity({"PartitionKey": entity["PartitionKey"], "RowKey": entity["RowKey"], **damage})
+
+    call = flow.status(delivery_id)
+
+    assert call.status == 503, call.json()
+    error = call.json()["error"]
+    assert error["code"] == "storage_unavailable"
+    assert delivery_id in error["message"]
+    assert "cannot be read" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "ci",
+    ["javascript:gs.getUserID()", "  JavaScript:current.name", "vm-web-01\nvm-web-02"],
+    ids=["javascript", "javascript-any-case", "line-break"],
+)
+def test_a_ci_name_that_cannot_be_queried_gives_an_incident_without_a_ci(flow: Flow, ci: str) -> None:
+    flow.connect()
+    # a condition ServiceNow cannot use is dropped from the query, which then matches any CI
+    flow.snow.seed_cis([f"ci-{uuid.uuid4().hex[:12]}"])
+    flow.snow.reset_request_log()
+
+    row = flow.send(alert(alert_id=f"ci-{uuid.uuid4().hex[:8]}", fired_at=T0, cis=[ci]))
+
+    assert row.outcome == "created"
+    incident = flow.incident()
+    assert incident["number"] == row.work_item_number
+    assert incident["cmdb_ci"] == ""
+    sent = [query.get("sysparm_query", "") for _, path, query in flow.snow.requests if "cmdb_ci" in path]
+    assert not [query for query in sent if "javascript:" in query.lower() or "\n" in query]
+
+
+# -- a slow ServiceNow, problems of several alerts, work items that are gone -------------------------
+
+
+def test_a_create_throttled_past_its_lease_leaves_one_incident_and_resolves_the_duplicate(
+    flow: Flow, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    flow.connect()
+    first = alert(alert_id="slow-1", fired_at=T0)
+    second = alert(alert_id="slow-2", fired_at=T0 + timedelta(seconds=30))  # another dimension, same CI
+    first_message = flow.accepted(first, send=False).outputs["delivery"]
+    second_message = flow.accepted(second, send=False).outputs["delivery"]
+    # the incident POST is throttled twice with Retry-After: 45 s (waited 30 s, the cap): with the
+    # requests themselves, more than the 60 s lease
+    flow.snow.fail_next(2, 429, retry_after=45, path_contains="/api/now/table/incident")
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        flow.clock.advance(seconds=seconds + 1)
+        if len(waits) == 2:
+            # meanwhile another instance delivers the other alert: it takes the expired "creating"
+            # lease, finds nothing by correlation id (the first POST is still waiting) and creates
+            flow.host.call_queue("deliver_alert", second_message)
+
+    monkeypatch.setattr(httpretry, "_testing", False)
+    monkeypatch.setattr(httpretry, "time", SimpleNamespace(sleep=sleep))
+    flow.host.call_queue("deliver_alert", first_message)
+    monkeypatch.undo()
+
+    assert waits == [30.0, 30.0]
+    kept, duplicate = flow.incidents()  # the second instance's create answered first
+    row = flow.correlation()
+    assert row.work_item_id == kept["sys_id"]  # the slow create did not overwrite the row
+    assert duplicate["state"] == "6"
+    assert duplicate["close_notes"].startswith(
+        f"Duplicate of {kept['number']}: two instances created it while ServiceNow was slow."
+    )
+    deliveries = {d.delivery_id: d for d in flow.deliveries()}
+    slow = deliveries[json.loads(first_message)["deliveryId"]]
+    assert slow.outcome.startswith("duplicate")
+    assert slow.work_item_number == kept["number"]
+    assert any(r.levelname == "ERROR" and duplicate["number"] in r.getMessage() for r in caplog.records)
+
+    flow.clock.advance(minutes=5)
+    assert flow.send(resolution(first, T0 + timedelta(minutes=5))).outcome.startswith("noted")
+    assert flow.send(resolution(second, T0 + timedelta(minutes=6))).outcome == "resolved"
+    assert [incident["state"] for incident in flow.incidents()] == ["6", "6"]
+
+
+def test_a_problem_of_several_alerts_stays_open_until_the_last_resolves_and_a_late_one_reopens(
+    flow: Flow,
+) -> None:
+    flow.connect()  # per rule + CI: a metric alert split by dimension gives one alert id per dimension
+    disk_c = alert(alert_id="dim-c", fired_at=T0)
+    disk_d = alert(alert_id="dim-d", fired_at=T0 + timedelta(minutes=1))
+    flow.send(disk_c)
+    flow.send(disk_d)
+    incident = flow.incident()
+    flow.clock.advance(minutes=5)
+
+    partial = flow.send(resolution(disk_c, T0 + timedelta(minutes=5)))
+
+    assert partial.outcome.startswith("noted")
+    incident = flow.incident()
+    assert incident["state"] == "1"
+    assert flow.notes(incident)[-1].startswith(
+        "Azure Monitor: alert dim-c resolved at 2024-05-06 07:05:00 UTC; still firing: dim-d."
+    )
+    row = flow.correlation()
+    assert row.firing_alerts == (f"{ALERTS}/dim-d",)
+    assert set(row.alert_ids) == {f"{ALERTS}/dim-c", f"{ALERTS}/dim-d"}
+
+    assert flow.send(resolution(disk_d, T0 + timedelta(minutes=6))).outcome == "resolved"
+    assert flow.incident()["state"] == "6"
+
+    # a third dimension fired before those resolutions; its delivery was retried and comes now
+    flow.clock.advance(minutes=5)
+    late = flow.send(alert(alert_id="dim-e", fired_at=T0 + timedelta(minutes=2)))
+
+    assert late.outcome == "reopened"
+    assert flow.incident()["state"] == "2"
+    # while the resolved ones, delivered late, are still ignored
+    assert flow.send(alert(alert_id="dim-c", fired_at=T0 - timedelta(seconds=1))).outcome.startswith(
+        "ignored"
+    )
+
+
+def test_a_resolution_after_a_failed_create_is_recorded_and_the_retried_firing_ignored(
+    flow: Flow, fast_retries: None
+) -> None:
+    flow.connect()
+    fired = alert(alert_id="failed-create", fired_at=T0)
+    message = flow.accepted(fired, send=False).outputs["delivery"]
+    flow.snow.fail_next(100, 503, path_contains="/api/now/table/incident")
+    with pytest.raises(Exception, match="503"):
+        flow.host.call_queue("deliver_alert", message)  # the host will retry it later
+    flow.snow.clear_faults()
+    assert flow.correlation().state is CorrelationState.CREATING
+    flow.clock.advance(minutes=1)
+
+    resolved = flow.send(resolution(fired, T0 + timedelta(minutes=1)))
+
+    assert resolved.outcome.startswith("ignored")
+    row = flow.correlation()
+    assert (row.state, row.work_item_id, row.lease_owner) == (CorrelationState.RESOLVED, "", "")
+    writes = flow.snow.write_count()
+    flow.host.call_queue("deliver_alert", message, dequeue_count=2)  # the firing's retry
+    assert flow.delivery(json.loads(message)["deliveryId"]).outcome.startswith("ignored")
+    assert flow.incidents() == []
+    assert flow.snow.write_count() == writes
+
+
+def test_an_incident_deleted_in_servicenow_is_replaced_and_a_read_only_one_resolved_without_a_write(
+    flow: Flow, caplog: pytest.LogCaptureFixture
+) -> None:
+    flow.connect("--note-interval-minutes", "0")
+    flow.send(alert(alert_id="gone-1", fired_at=T0))
+    old = flow.incident()
+    flow.snow.fail_next(1000, 404, path_contains=f"/api/now/table/incident/{old['sys_id']}")  # deleted
+    flow.clock.advance(minutes=1)
+    fired = alert(alert_id="gone-2", fired_at=T0 + timedelta(minutes=1))
+
+    replaced = flow.send(fired)
+
+    assert replaced.outcome == "created"
+    _, new = flow.incidents()
+    assert replaced.work_item_number == new["number"]
+    row = flow.correlation()
+    assert (row.generation, row.work_item_id) == (2, new["sys_id"])
+    assert any(r.levelname == "WARNING" and old["number"] in r.getMessage() for r in caplog.records)
+
+    # the new one becomes read-only to the integration user (HTTP 403)
+    flow.snow.fail_next(1000, 403, path_contains=f"/api/now/table/incident/{new['sys_id']}")
+    flow.clock.advance(minutes=1)
+    resolved = flow.send(resolution(fired, T0 + timedelta(minutes=2)))
+    flow.snow.clear_faults()
+
+    assert resolved.outcome.startswith("resolved")
+    assert f"{new['number']} cannot be written (HTTP 403)" in resolved.outcome
+    assert flow.correlation().state is CorrelationState.RESOLVED
+
+
+def test_a_rule_firing_on_a_thousand_resources_keeps_its_row_writable(flow: Flow) -> None:
+    flow.connect("--correlation", "per-rule", "--note-interval-minutes", "0")
+    prefix = "vm-with-a-rather-long-resource-name-"  # 1,000 names of 40 characters: 80 KB as UTF-16
+    for batch in range(25):
+        flow.clock.advance(minutes=1)
+        cis = [f"{prefix}{batch * 40 + n:04d}" for n in range(40)]
+        row = flow.send(alert(alert_id=f"wide-{batch}", fired_at=T0 + timedelta(minutes=batch), cis=cis))
+        assert row.outcome.split(":")[0] in ("created", "noted"), row.outcome
+
+    correlation = flow.correlation()
+    assert len(correlation.configuration_items) == 100
+    assert correlation.configuration_items[-1] == f"{prefix}0999"
+    assert len(correlation.alert_ids) == 25
+    assert len(flow.notes(flow.incident())) == 24

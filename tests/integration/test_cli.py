@@ -4,10 +4,12 @@ reauthorise / remove, with secrets only ever in Key Vault."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
 from shared_code.bootstrap import Container
+from shared_code.secrets import CLEARED_REFRESH_TOKEN, StoredRefreshToken
 from tests.loopback.stack import LoopbackStack
 
 
@@ -29,7 +31,9 @@ def test_add_stores_secrets_in_key_vault_only_and_test_gives_a_verdict(
     vault = stack.keyvault.secrets_snapshot()
     assert vault["itsm-cli-ok-password"] == stack.servicenow.password
     assert vault["itsm-cli-ok-client-secret"] == stack.servicenow.client_secret
-    assert vault.get("itsm-cli-ok-refresh-token")  # written back by the OAuth flow
+    assert vault.get("itsm-cli-ok-refresh-token") not in (None, CLEARED_REFRESH_TOKEN)  # from the OAuth flow
+    # this connection's secrets (the vault also holds other tests' ones, and cleared markers)
+    vault = {name: value for name, value in vault.items() if name.startswith("itsm-cli-ok-")}
     code, shown = stack.cli("connections", "show", "cli-ok")
     assert code == 0
     definition = json.loads(shown)
@@ -64,6 +68,47 @@ def test_refused_credentials_are_reported_then_fixed_with_reauthorise(
     assert stack.keyvault.secrets_snapshot()["itsm-cli-bad-password"] == snow.password
 
 
+def test_reauthorise_clears_the_refresh_token_and_the_rotated_ones_are_stored_again(
+    app: Container, stack: LoopbackStack
+) -> None:
+    snow = stack.servicenow
+    assert add(stack, "cli-rotate", "--test")[0] == 0
+    secret = "itsm-cli-rotate-refresh-token"
+    first = stack.keyvault.secrets_snapshot()[secret]
+
+    code, output = stack.cli(
+        "connections", "reauthorise", "cli-rotate", "--secrets-stdin",
+        stdin=f"{snow.client_secret}\n{snow.password}\n",
+    )  # fmt: skip
+
+    assert code == 0, output
+    # cleared with a new version, not deleted: a soft-deleted name refuses every write for 90 days
+    assert stack.keyvault.secrets_snapshot()[secret] == CLEARED_REFRESH_TOKEN
+    assert secret not in stack.keyvault.deleted_names()
+    assert StoredRefreshToken(app.secrets, secret).load() is None
+
+    # the next call signs in with the password grant and writes the new refresh token back
+    assert stack.cli("connections", "test", "cli-rotate")[0] == 0
+    second = stack.keyvault.secrets_snapshot()[secret]
+    assert second not in (first, CLEARED_REFRESH_TOKEN)
+    # an expired access token is renewed with the refresh grant, which rotates the refresh token
+    snow.expire_access_tokens()
+    assert stack.cli("connections", "test", "cli-rotate")[0] == 0
+    third = stack.keyvault.secrets_snapshot()[secret]
+    assert third not in (first, second, CLEARED_REFRESH_TOKEN)
+
+    # a cold start with the password changed at the instance can only sign in with the stored token
+    app.forget_connector("cli-rotate")
+    snow.expire_access_tokens()
+    snow.add_user(snow.username, "changed-" + uuid.uuid4().hex)
+    try:
+        code, output = stack.cli("connections", "test", "cli-rotate")
+    finally:
+        snow.add_user(snow.username, snow.password)
+    assert code == 0, output
+    assert stack.keyvault.secrets_snapshot()[secret] not in (first, second, third)
+
+
 def test_remove_deletes_the_connection_and_its_secrets(app: Container, stack: LoopbackStack) -> None:
     assert add(stack, "cli-gone")[0] == 0
     code, output = stack.cli("connections", "remove", "cli-gone")
@@ -72,6 +117,39 @@ def test_remove_deletes_the_connection_and_its_secrets(app: Container, stack: Lo
     code, output = stack.cli("connections", "show", "cli-gone")
     assert code == 1
     assert "no ITSM connection named 'cli-gone'" in output
+
+
+def test_a_removed_connection_can_be_added_again_under_the_same_name(
+    app: Container, stack: LoopbackStack
+) -> None:
+    assert add(stack, "cli-again", "--test")[0] == 0
+    assert stack.cli("connections", "remove", "cli-again")[0] == 0
+    assert "itsm-cli-again-password" in stack.keyvault.deleted_names()  # soft-deleted, recoverable
+
+    code, output = add(stack, "cli-again", "--test")
+
+    assert code == 0, output
+    assert "OK: cli-again" in output
+    vault = stack.keyvault.secrets_snapshot()
+    assert vault["itsm-cli-again-password"] == stack.servicenow.password
+    assert vault["itsm-cli-again-client-secret"] == stack.servicenow.client_secret
+    assert vault["itsm-cli-again-refresh-token"] != CLEARED_REFRESH_TOKEN  # written by the OAuth flow
+    assert not [name for name in stack.keyvault.deleted_names() if name.startswith("itsm-cli-again-")]
+
+
+def test_a_name_that_differs_only_in_case_is_refused_because_it_would_share_the_secrets(
+    app: Container, stack: LoopbackStack
+) -> None:
+    assert add(stack, "cli-case")[0] == 0
+
+    code, output = add(stack, "CLI-Case", password="another-password")
+
+    assert code == 1
+    assert "'cli-case'" in output
+    assert "differ only in case" in output
+    assert "another-password" not in output
+    assert stack.keyvault.secrets_snapshot()["itsm-cli-case-password"] == stack.servicenow.password
+    assert [c.name for c in app.connections.list() if c.name.lower() == "cli-case"] == ["cli-case"]
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,7 @@ from shared_code.workitems.engine import SyncEngine, SyncOutcome, SyncResult
 from shared_code.workitems.model import WorkItem, WorkItemType
 from shared_code.workitems.sinks import WorkItemSink
 from tests.hostsim import FunctionHost, HttpCall
+from tests.loopback import servicenow as servicenow_loopback
 from tests.loopback.azurite import Azurite
 from tests.loopback.servicenow import TS, Record, ServiceNowLoopback
 from tests.loopback.stack import LOGS_ERROR_STREAM, LOGS_STREAM, LoopbackStack
@@ -1036,3 +1037,121 @@ def test_backward_sync_changes_only_the_correlation_whose_own_work_item_was_reso
     assert world.stack.alerts.alert_state(alerts["sn-two"]) == "New"
     assert [c.alert_id for c in world.stack.alerts.state_changes()] == [alerts["sn-one"]]
     world.assert_synced("sn-two")  # sn-two synced both incidents, sn-one's resolved one included
+
+
+# -- a row stamped in the future, state codes, stale snapshots ------------------------------------------
+
+
+def test_a_row_stamped_in_the_future_does_not_pin_the_watermark_and_later_edits_are_synced(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.connect("sn-future", sync="incidents")
+    world.seed("incident", 16, rng_seed=50)
+    world.clock.advance(minutes=1)
+    newest_real = world.snow.insert_record("incident", short_description="the newest real row")
+    # an import that set sys_updated_on itself (or a node with a skewed clock): 30 days ahead
+    resume = world.clock.now
+    world.clock.now = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
+    future = world.snow.insert_record("incident", short_description="imported with a future update time")
+    world.clock.now = resume
+
+    with caplog.at_level("WARNING", logger="shared_code.workitems.engine"):
+        first = one(world.engine.run("sn-future"))
+
+    assert first.outcome is SyncOutcome.SUCCEEDED, first.error
+    world.assert_synced("sn-future")  # the future row is stored like any other
+    assert cursor_position(world.state("sn-future").watermark) == position(newest_real)
+    [warning] = [r.getMessage() for r in caplog.records if "after this run started" in r.getMessage()]
+    assert "sn-future incidents" in warning
+    assert parse_ts(future["sys_updated_on"]).isoformat() in warning
+
+    world.clock.advance(minutes=10)  # an engineer edits an incident after the run
+    edited = world.order(INC)[3]["sys_id"]
+    world.snow.update_record("incident", edited, state="2", short_description="edited after the import")
+
+    second = one(world.engine.run("sn-future"))
+
+    assert second.outcome is SyncOutcome.SUCCEEDED, second.error
+    assert world.stored("sn-future")[edited].title == "edited after the import"
+    world.assert_synced("sn-future")
+    edited_row = world.snow.record("incident", edited)
+    assert edited_row is not None
+    assert cursor_position(world.state("sn-future").watermark) == position(edited_row)
+
+
+GERMAN_INCIDENT_STATES = {
+    "1": "Neu",
+    "2": "In Bearbeitung",
+    "3": "Zurückgestellt",
+    "6": "Gelöst",
+    "7": "Geschlossen",
+    "8": "Abgebrochen",
+}
+
+
+def test_backward_sync_decides_on_the_state_code_for_an_integration_user_reading_german(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for code, label in GERMAN_INCIDENT_STATES.items():  # what the Table API shows this user
+        monkeypatch.setitem(servicenow_loopback._INCIDENT_STATES, code, label)
+    world.connect("sn-de", "--close-azure-alerts", sync="incidents")
+    body = alert_payload()
+    alert_id = alert_id_of(body)
+    world.stack.alerts.add_alert(alert_id)
+    post_alert(world, "sn-de", body)
+    world.host.drain("deliver_alert")
+    opened = correlation_of(world, "sn-de")
+    resolved = resolve_incident(world, opened.work_item_id)
+
+    world.host.timer("sync_work_items")
+
+    assert world.stack.alerts.alert_state(alert_id) == "Closed"
+    row = correlation_of(world, "sn-de")
+    assert row.state is CorrelationState.RESOLVED
+    assert row.resolved_at == parse_ts(resolved["resolved_at"])
+    stored = world.stored("sn-de")[opened.work_item_id]
+    assert (stored.state, stored.state_code) == ("Gelöst", "6")
+    assert world.latest_ingested("sn-de")[opened.work_item_id]["IncidentState_s"] == "Gelöst"
+
+
+def test_backward_sync_leaves_a_problem_alone_when_its_alert_fired_again_after_the_resolution(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.connect("sn-refire", "--close-azure-alerts", sync="incidents")
+    body = alert_payload()
+    alert_id = alert_id_of(body)
+    world.stack.alerts.add_alert(alert_id)
+    post_alert(world, "sn-refire", body)
+    world.host.drain("deliver_alert")
+    opened = correlation_of(world, "sn-refire")
+    resolved = resolve_incident(world, opened.work_item_id)  # the engineer resolves it in ServiceNow
+    # ... and the problem comes back before the sync runs: another alert of the same rule and CI
+    again = json.loads(body)
+    again_id = alert_id.rsplit("/", 1)[0] + "/0b9a8c7d-0000-4000-8000-0000000000aa"
+    again["data"]["essentials"]["alertId"] = again_id
+    again["data"]["essentials"]["firedDateTime"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    world.stack.alerts.add_alert(again_id)
+    post_alert(world, "sn-refire", json.dumps(again).encode())
+    world.host.drain("deliver_alert")
+    noted = correlation_of(world, "sn-refire")
+    assert noted.state is CorrelationState.OPEN
+    assert noted.last_fired_at is not None
+    assert noted.last_fired_at > parse_ts(resolved["resolved_at"])
+
+    with caplog.at_level("INFO", logger="shared_code.workitems.backsync"):
+        world.host.timer("sync_work_items")
+
+    assert world.stack.alerts.alert_state(alert_id) == "New"
+    assert world.stack.alerts.alert_state(again_id) == "New"
+    assert world.stack.alerts.state_changes() == []
+    row = correlation_of(world, "sn-refire")
+    assert (row.state, row.generation, row.resolved_at) == (CorrelationState.OPEN, opened.generation, None)
+    run = world.runs("sn-refire")[0]
+    assert (run.outcome, run.counts["correlations_updated"], run.counts["alerts_closed"]) == (
+        "succeeded",
+        0,
+        0,
+    )
+    [skipped] = [r.getMessage() for r in caplog.records if "fired again" in r.getMessage()]
+    assert f"sn-refire {opened.work_item_number}" in skipped
+    assert world.stored("sn-refire")[opened.work_item_id].state_code == "6"  # it was synced, resolved

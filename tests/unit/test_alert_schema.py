@@ -511,6 +511,39 @@ def test_azure_timestamps_become_aware_utc(text, expected):
     assert moment.tzinfo is UTC
 
 
+@pytest.mark.parametrize(
+    ("field", "text", "problem"),
+    [
+        ("firedDateTime", "0001-01-01T00:00:00+14:00", "out of range"),  # before year 1 in UTC
+        ("firedDateTime", "9999-12-31T23:59:59-14:00", "out of range"),  # after year 9999 in UTC
+        ("firedDateTime", "1600-12-31T23:59:59Z", "before 1601"),
+        ("firedDateTime", "0001-01-01T00:00:00", "before 1601"),
+        ("resolvedDateTime", "1601-01-01T00:30:00+01:00", "before 1601"),  # 1600-12-31 23:30 UTC
+        ("resolvedDateTime", "0001-01-01T00:00:00+14:00", "out of range"),
+    ],
+)
+def test_times_out_of_range_or_before_1601_name_their_path(field, text, problem):
+    with pytest.raises(AlertSchemaError) as caught:
+        parse_alert(minimal(monitorCondition="Resolved", **{field: text}))
+    assert caught.value.path == f"data.essentials.{field}"
+    assert problem in caught.value.detail
+    assert text in caught.value.detail
+
+
+def test_the_earliest_storable_time_is_accepted():
+    signal = parse_alert(minimal(firedDateTime="1601-01-01T00:00:00Z"))
+    assert signal.fired_at == datetime(1601, 1, 1, tzinfo=UTC)
+    assert parse_azure_datetime("9999-12-31T23:59:59Z") == datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
+def test_a_lone_surrogate_that_bypassed_the_decoder_is_a_schema_error_not_a_crash():
+    # decode_json_body refuses these first; parse_alert must not crash on a payload built otherwise
+    payload = minimal(description="cpu \ud800 high")
+    with pytest.raises(AlertSchemaError) as caught:
+        parse_alert(payload)
+    assert "surrogate" in caught.value.detail
+
+
 def test_configuration_items_fall_back_to_target_resource_names():
     vm2 = VM_WEB_01.replace("vm-web-01", "vm-web-02")
     payload = minimal(configurationItems=[], alertTargetIDs=[VM_WEB_01, vm2 + "/", VM_WEB_01.upper()])

@@ -547,7 +547,7 @@ class CmdbApi:
             query = params(request)["sysparm_query"]
             assert query.startswith("name=")
             name = query.removeprefix("name=").replace("^^", "^")
-            return result([{"sys_id": self.known[name]}] if name in self.known else [])
+            return result([{"sys_id": self.known[name], "name": name}] if name in self.known else [])
         if request.method == "POST" and path == "/api/now/table/cmdb_ci_server":
             self.known[body(request)["name"]] = "ci-new"
             return result({"sys_id": "ci-new"}, 201)
@@ -563,7 +563,7 @@ def test_ci_lookup_escapes_carets_and_does_not_create_without_permission() -> No
     [lookup] = setup.instance.api_requests
     assert params(lookup)["sysparm_query"] == "name=web^^ORname=x^^NQactive=true"
     assert params(lookup)["sysparm_limit"] == "1"
-    assert params(lookup)["sysparm_fields"] == "sys_id"
+    assert params(lookup)["sysparm_fields"] == "sys_id,name"
 
     setup.connector.create_incident(draft(configuration_item=name))
     methods = [(r.method, r.url.path) for r in setup.instance.api_requests]
@@ -592,6 +592,57 @@ def test_existing_ci_is_used() -> None:
     setup = Setup(api=CmdbApi({"db-01": "ci-db"}))
     assert setup.connector.ensure_configuration_item("db-01", create=True) == "ci-db"
     assert [r.method for r in setup.instance.api_requests] == ["GET"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "javascript:gs.getUserID()",
+        "  JavaScript:current.name",
+        "JAVASCRIPT:x",
+        "web-01\nweb-02",
+        "web\r01",
+        "a\x00b",
+    ],
+)
+def test_a_ci_name_that_cannot_be_queried_is_left_out_of_the_incident(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    setup = Setup(api=CmdbApi({"web-01": "ci-web"}))
+    caplog.set_level(logging.WARNING, logger="shared_code.itsm.servicenow.connector")
+
+    ref = setup.connector.create_incident(draft(configuration_item=name, create_configuration_item=True))
+
+    assert ref.number == "INC0010001"
+    [create] = setup.instance.api_requests  # no CI lookup, no CI create: only the incident
+    assert (create.method, create.url.path) == ("POST", "/api/now/table/incident")
+    assert "cmdb_ci" not in body(create)
+    assert "configuration item" in caplog.text
+    assert "without a configuration item" in caplog.text
+    assert setup.connector.ensure_configuration_item(name, create=True) is None
+
+
+def test_a_ci_lookup_row_is_used_only_when_its_name_matches() -> None:
+    answers: dict[str, list[dict[str, str]]] = {
+        "web-01": [{"sys_id": "ci-other", "name": "db-07"}],  # the instance ignored the condition
+        "Web-02": [{"sys_id": "ci-web-02", "name": "web-02 "}],  # names compare ignoring case
+        "web-03": [{"sys_id": "ci-nameless"}],
+    }
+    created: list[str] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            created.append(body(request)["name"])
+            return result({"sys_id": "ci-new"}, 201)
+        assert params(request)["sysparm_fields"] == "sys_id,name"
+        return result(answers[params(request)["sysparm_query"].removeprefix("name=")])
+
+    setup = Setup(api=api)
+    assert setup.connector.ensure_configuration_item("web-01", create=False) is None
+    assert setup.connector.ensure_configuration_item("Web-02", create=False) == "ci-web-02"
+    assert setup.connector.ensure_configuration_item("web-03", create=False) is None
+    assert setup.connector.ensure_configuration_item("web-01", create=True) == "ci-new"
+    assert created == ["web-01"]
 
 
 def test_find_by_correlation() -> None:
@@ -783,6 +834,7 @@ def test_incident_row_mapping() -> None:
         "number": "INC0010001",
         "updated_at": utc(2024, 3, 1, 12, 30, 45),
         "state": "Resolved",
+        "state_code": "6",
         "urgency": "1 - High",
         "impact": "2 - Medium",
         "priority": "2 - High",
@@ -803,7 +855,7 @@ def test_incident_row_mapping() -> None:
 
 def test_change_request_row_mapping() -> None:
     item = row_to_work_item("prod", WorkItemType.CHANGE_REQUEST, CHANGE_ROW)
-    assert item.state == "Implement"
+    assert (item.state, item.state_code) == ("Implement", "-1")
     assert (item.change_type, item.risk, item.priority) == ("Normal", "Moderate", "4 - Low")
     assert item.requested_at == utc(2024, 3, 5, 0, 0, 0)
     assert (item.planned_start, item.planned_end) == (utc(2024, 3, 4, 22, 0, 0), utc(2024, 3, 5, 2, 0, 0))
@@ -909,6 +961,13 @@ def test_escape_value_and_guards() -> None:
             escape_value(bad)
     with pytest.raises(ValueError, match="field name"):
         Query().eq("name^ORactive", "x")
+    for script in ("javascript:gs.getUserID()", " JavaScript:x", "\tJAVASCRIPT:", "javascript:"):
+        with pytest.raises(ValueError, match="javascript:"):
+            Query().eq("name", script)
+        with pytest.raises(ValueError, match="javascript:"):
+            escape_value(script)
+    assert escape_value("web javascript:x") == "web javascript:x"  # only a leading one is run
+    assert escape_value("javascript x") == "javascript x"
     with pytest.raises(ValueError, match="timezone-aware"):
         format_datetime(datetime(2024, 3, 1))
     assert Query().eq("active", True).ge("priority", 2).order_by_desc("sys_created_on").encode() == (

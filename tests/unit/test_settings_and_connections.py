@@ -41,6 +41,50 @@ def test_settings_need_https_vault_and_paired_ingestion_settings():
         )
 
 
+def test_field_and_cross_field_problems_are_listed_together_in_one_message():
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_environ(
+            {
+                "ALERT_MAX_ATTEMPTS": "zero",
+                "LOGS_INGESTION_ENDPOINT": "https://dce",
+                "SYNC_SCHEDULE": "*/5 * * * *",
+                "ALERT_REDRIVE_SCHEDULE": "every ten minutes",
+            }
+        )
+    lines = str(info.value).splitlines()
+    assert lines[0] == "Invalid app settings:"
+    problems = "\n".join(lines[1:])
+    for name in (
+        "KEY_VAULT_URL: is required",
+        "ALERT_MAX_ATTEMPTS",
+        "AzureWebJobsStorage: is required (or set STATE_TABLE_ENDPOINT)",
+        "LOGS_INGESTION_ENDPOINT and LOGS_INGESTION_RULE_ID",
+        "SYNC_SCHEDULE: must be an NCRONTAB expression of six fields",
+        "ALERT_REDRIVE_SCHEDULE: must be an NCRONTAB expression of six fields",
+    ):
+        assert name in problems
+    assert all(line.startswith("- ") for line in lines[1:])
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    ["0 */15 * * * *", "30 0 9 * * Mon-Fri", "0 0,30 8-18 1-31/2 Jan,Jul *", "0  */5  *  *  *  *"],
+)
+def test_six_field_schedules_are_accepted(schedule):
+    settings = Settings.from_environ(
+        {"AzureWebJobsStorage": "x", "KEY_VAULT_URL": "https://v", "SYNC_SCHEDULE": schedule}
+    )
+    assert settings.sync_schedule == schedule
+
+
+@pytest.mark.parametrize("schedule", ["", "*/5 * * * *", "0 */5 * * * * *", "0 */5 * * * %", "00:05:00"])
+def test_other_schedules_are_refused(schedule):
+    with pytest.raises(ConfigurationError, match="ALERT_REDRIVE_SCHEDULE: must be an NCRONTAB"):
+        Settings.from_environ(
+            {"AzureWebJobsStorage": "x", "KEY_VAULT_URL": "https://v", "ALERT_REDRIVE_SCHEDULE": schedule}
+        )
+
+
 def test_settings_defaults():
     settings = Settings.from_environ(
         {"AzureWebJobsStorage": "UseDevelopmentStorage=true", "KEY_VAULT_URL": "https://v/"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,7 @@ from shared_code.workitems.backsync import (
     AlertsManagementClient,
     BackSync,
     CloseOutcome,
+    finished_state,
     parse_correlation_id,
 )
 from shared_code.workitems.engine import SyncEngine, SyncOutcome, SyncProgress
@@ -401,6 +403,94 @@ def test_a_time_budget_stops_after_a_committed_page_and_the_next_run_continues()
     assert h.sinks[0].rows == h.feed.rows
 
 
+def test_a_time_budget_is_shared_fairly_between_connections_and_unused_time_goes_to_the_next() -> None:
+    h = Harness(connection("alpha"), connection("beta"), connection("gamma"), page_size=5)
+    seed(h.feeds["alpha"], 3)  # one page: leaves most of its share to the others
+    seed(h.feeds["beta"], 100)  # large first syncs
+    seed(h.feeds["gamma"], 100)
+
+    def slow(index: int) -> None:
+        h.clock.now += timedelta(seconds=10)  # every page takes 10 s to write
+
+    h.sinks[0].before_write = slow
+    results = {r.connection: r for r in h.engine.run(time_budget=timedelta(seconds=90))}
+
+    # alpha may use 30 s and needs 10; beta then gets (90 - 10) / 2 = 40 s, gamma the last 40 s
+    assert {name: (r.outcome, r.pages) for name, r in results.items()} == {
+        "alpha": (SyncOutcome.SUCCEEDED, 1),
+        "beta": (SyncOutcome.INCOMPLETE, 4),
+        "gamma": (SyncOutcome.INCOMPLETE, 4),
+    }
+    assert h.clock.now == NOW + timedelta(seconds=90)
+    for name in ("beta", "gamma"):  # each stopped after a committed page, its watermark stored
+        ordered = sorted(h.feeds[name].rows.values(), key=lambda r: (r.updated_at, r.source_id))
+        last = ordered[4 * 5 - 1]
+        assert h.watermark(name) == SyncCursor(updated_at=last.updated_at, last_id=last.source_id)
+    h.sinks[0].before_write = None
+    rest = h.engine.run()
+    assert all(r.outcome is SyncOutcome.SUCCEEDED for r in rest)
+
+
+def test_a_row_updated_in_the_future_does_not_pin_the_watermark_there(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = Harness(page_size=5)
+    seed(h.feed, 7)  # two days ago, a minute apart
+    future = NOW + timedelta(days=30)  # imported without system fields, or a skewed clock
+    for n in range(100, 108):
+        h.feed.add(n, future)
+    newest_real = max((r for r in h.feed.rows.values() if r.updated_at < NOW), key=lambda r: r.updated_at)
+
+    with caplog.at_level(logging.WARNING, logger="shared_code.workitems.engine"):
+        [first] = h.engine.run()
+
+    assert first.outcome is SyncOutcome.SUCCEEDED
+    assert set(h.sinks[0].rows) == set(h.feed.rows)  # the future rows are synced too
+    fifth = h.feed.rows["sys00004"]
+    assert h.feed.cursors == [  # paging follows the page cursors, into the future too
+        SyncCursor(updated_at=NOW - timedelta(days=30)),
+        SyncCursor(updated_at=fifth.updated_at, last_id="sys00004"),
+        SyncCursor(updated_at=future, last_id="sys00102"),
+    ]
+    # the stored watermark stops at the newest row that is not after the run's start
+    assert h.watermark() == SyncCursor(updated_at=newest_real.updated_at, last_id=newest_real.source_id)
+    assert first.watermark == h.watermark()
+    warnings = [r.getMessage() for r in caplog.records if "after this run started" in r.getMessage()]
+    assert len(warnings) == 1  # once per run, though two pages reached into the future
+    assert "snow incidents" in warnings[0]
+    assert future.isoformat() in warnings[0]
+
+    # an engineer edits an incident a minute after the run (inside any "start + skew" cap) ...
+    soon = h.feed.add(3, NOW + timedelta(minutes=1), state="Resolved")
+    h.clock.now += timedelta(minutes=15)
+    [second] = h.engine.run()
+
+    # ... and the next run still reads it, and the future rows again (idempotent upserts)
+    assert second.outcome is SyncOutcome.SUCCEEDED
+    assert h.sinks[0].rows["sys00003"] == soon
+    assert h.watermark() == SyncCursor(updated_at=soon.updated_at, last_id="sys00003")
+    assert h.feed.cursors[-1].updated_at == future
+
+
+def test_a_future_watermark_stored_earlier_is_healed_by_reading_back_the_sync_scope() -> None:
+    h = Harness(connection(sync_scope_days=10))
+    seed(h.feed, 4, start=NOW - timedelta(days=3))
+    h.state.insert(
+        SyncStateRow(
+            connection="snow",
+            item_type="incidents",
+            watermark_updated_at=NOW + timedelta(days=30),
+            watermark_last_id="sys99999",
+        )
+    )
+    [result] = h.engine.run()
+    assert result.outcome is SyncOutcome.SUCCEEDED
+    assert h.feed.cursors[0] == SyncCursor(updated_at=NOW - timedelta(days=10))
+    assert set(h.sinks[0].rows) == {f"sys{n:05d}" for n in range(4)}
+    newest = max(h.feed.rows.values(), key=lambda r: r.updated_at)
+    assert h.watermark() == SyncCursor(updated_at=newest.updated_at, last_id=newest.source_id)
+
+
 # -- failures ------------------------------------------------------------------------------------
 
 
@@ -496,7 +586,10 @@ ALERT_2 = "/subscriptions/0000/providers/Microsoft.AlertsManagement/alerts/2222"
 
 
 def open_correlation(
-    h: Harness, generation: int = 2, state: CorrelationState = CorrelationState.OPEN
+    h: Harness,
+    generation: int = 2,
+    state: CorrelationState = CorrelationState.OPEN,
+    last_fired_at: datetime | None = None,
 ) -> None:
     h.correlations.insert(
         Correlation(
@@ -508,6 +601,7 @@ def open_correlation(
             work_item_number="INC0000001",
             generation=generation,
             alert_ids=(ALERT_1, ALERT_2, ALERT_1),
+            last_fired_at=last_fired_at,
         )
     )
 
@@ -591,6 +685,91 @@ def test_a_permanent_alerts_api_failure_is_logged_and_the_correlation_still_upda
     row = h.correlations.get("snow", KEY)
     assert row is not None
     assert row.state is CorrelationState.RESOLVED
+
+
+@pytest.mark.parametrize(
+    ("item_type", "label", "code", "expected"),
+    [
+        (INC, "Gelöst", "6", CorrelationState.RESOLVED),  # a German integration user
+        (INC, "Fixed", "6", CorrelationState.RESOLVED),  # a relabelled choice
+        (INC, "Geschlossen", "7", CorrelationState.CLOSED),
+        (INC, "Annulé", "8", CorrelationState.CLOSED),
+        (INC, "Resolved", "2", None),  # the code decides, not the label
+        (INC, "Neu", "1", None),
+        (INC, "Awaiting vendor", "101", None),  # a custom state counts as open
+        (CHG, "Geschlossen", "3", CorrelationState.CLOSED),
+        (CHG, "Abgebrochen", "4", CorrelationState.CLOSED),
+        (CHG, "Implementieren", "-1", None),
+        (INC, "Resolved", "", CorrelationState.RESOLVED),  # no raw value stored: the label, as before
+        (INC, "Closed", "", CorrelationState.CLOSED),
+        (INC, "In Progress", "", None),
+    ],
+)
+def test_finished_state_decides_on_the_raw_state_code_and_falls_back_to_the_label(
+    item_type: WorkItemType, label: str, code: str, expected: CorrelationState | None
+) -> None:
+    work_item = item("snow", 1, NOW, item_type=item_type, state=label, state_code=code)
+    assert finished_state(work_item) is expected
+
+
+def test_an_incident_resolved_for_a_non_english_integration_user_is_back_synced() -> None:
+    h = Harness(connection(close_azure_alerts=True))
+    open_correlation(h)
+    h.feed.add(
+        1,
+        NOW - timedelta(minutes=2),
+        state="Gelöst",
+        state_code="6",
+        correlation_id=f"azmon-{KEY}-g2",
+        resolved_at=NOW - timedelta(minutes=3),
+    )
+    [result] = h.engine.run()
+    assert (result.correlations_updated, result.alerts_closed) == (1, 2)
+    assert h.closer.closed == [ALERT_1, ALERT_2]
+    row = h.correlations.get("snow", KEY)
+    assert row is not None
+    assert row.state is CorrelationState.RESOLVED
+
+
+@pytest.mark.parametrize(
+    ("fired", "back_synced"),
+    [
+        (timedelta(minutes=-20), True),  # the last firing came before the engineer resolved it
+        (timedelta(minutes=5), False),  # it fired again after: the snapshot is stale
+    ],
+)
+def test_an_item_resolved_before_its_alert_last_fired_is_not_back_synced(
+    fired: timedelta, back_synced: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(connection(close_azure_alerts=True))
+    resolved_at = NOW - timedelta(minutes=10)
+    open_correlation(h, last_fired_at=resolved_at + fired)
+    h.feed.add(
+        1,
+        NOW - timedelta(minutes=9),
+        state="Resolved",
+        state_code="6",
+        correlation_id=f"azmon-{KEY}-g2",
+        resolved_at=resolved_at,
+    )
+    with caplog.at_level(logging.INFO, logger="shared_code.workitems.backsync"):
+        [result] = h.engine.run()
+    assert result.outcome is SyncOutcome.SUCCEEDED
+    row = h.correlations.get("snow", KEY)
+    assert row is not None
+    skipped = [r.getMessage() for r in caplog.records if "fired again" in r.getMessage()]
+    if back_synced:
+        assert row.state is CorrelationState.RESOLVED
+        assert h.closer.closed == [ALERT_1, ALERT_2]
+        assert skipped == []
+    else:
+        assert row.state is CorrelationState.OPEN  # the problem is active again
+        assert row.resolved_at is None
+        assert h.closer.closed == []
+        assert (result.correlations_updated, result.alerts_closed) == (0, 0)
+        [message] = skipped
+        assert "snow INC0000001" in message
+        assert "rule|cpu|ci|vm1" in message
 
 
 # -- Alerts Management client --------------------------------------------------------------------

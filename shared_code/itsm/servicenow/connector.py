@@ -163,6 +163,11 @@ class ServiceNowConnector:
         return incident_state_to_lifecycle(state)
 
     def ensure_configuration_item(self, name: str, *, create: bool) -> str | None:
+        """The CI's sys_id (created when allowed), or None: the incident is then created without one.
+
+        A name that cannot be put in a query (a line break, a leading ``javascript:``) comes from the
+        alert, so it must not fail every delivery of that problem: it gives None and a warning.
+        """
         name = name.strip()
         if not name:
             return None
@@ -170,10 +175,21 @@ class ServiceNowConnector:
             cached = self._ci_cache.get(name)
         if cached is not None:
             return cached
-        sys_id = self._lookup_ci(name)
+        try:
+            lookup = Query().eq("name", name).encode()
+        except ValueError as exc:
+            log.warning(
+                "connection %r: configuration item %r cannot be looked up in ServiceNow (%s); "
+                "the incident is created without a configuration item",
+                self.connection_name,
+                name[:200],
+                exc,
+            )
+            return None
+        sys_id = self._lookup_ci(name, lookup)
         if sys_id is None and create:
             with self._ci_create_lock:  # two alerts for a new CI must not create it twice
-                sys_id = self._lookup_ci(name)
+                sys_id = self._lookup_ci(name, lookup)
                 if sys_id is None:
                     body = self._send(
                         "POST",
@@ -242,10 +258,23 @@ class ServiceNowConnector:
             )
         return SyncPage(items=items, rejected=rejected, next_cursor=position, is_last=is_last)
 
-    def _lookup_ci(self, name: str) -> str | None:
-        query = self._query(lambda q: q.eq("name", name))
-        rows = self._list(CI_TABLE, query, ["sys_id"], 1, display_values=False)
-        return (field_value(rows[0], "sys_id") or None) if rows else None
+    def _lookup_ci(self, name: str, query: str) -> str | None:
+        """The sys_id of the CI named ``name``; the row's own name is checked, because an instance
+        drops a condition it cannot evaluate and then answers with any row at all."""
+        rows = self._list(CI_TABLE, query, ["sys_id", "name"], 1, display_values=False)
+        if not rows:
+            return None
+        found = field_value(rows[0], "name").strip()
+        if found.lower() != name.lower():
+            log.warning(
+                "connection %r: ServiceNow answered the lookup of configuration item %r with one named "
+                "%r: not using it",
+                self.connection_name,
+                name[:200],
+                found[:200],
+            )
+            return None
+        return field_value(rows[0], "sys_id") or None
 
     def _recover_create(self, correlation_id: str) -> WorkItemRef | None:
         try:

@@ -4,6 +4,8 @@ Kept apart from the connector so the field choices (which are the contract with 
 ``ServiceDesk_CL`` workbooks) can be tested without HTTP. Rows come from the Table API with
 ``sysparm_display_value=all``: every field is ``{"value": ..., "display_value": ...}``; people and
 choice fields are shown by display value, dates are parsed from ``value`` (UTC, whole seconds).
+The state keeps its raw value too (``WorkItem.state_code``): its label depends on the integration
+user's language and on the instance's choice labels, so decisions are taken on the value.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ INCIDENT_ON_HOLD = "3"
 INCIDENT_RESOLVED = "6"
 INCIDENT_CLOSED = "7"
 INCIDENT_CANCELED = "8"
+
+# change_request.state choices of a stock instance that end a change
+CHANGE_CLOSED = "3"
+CHANGE_CANCELED = "4"
 
 _COMMON_FIELDS = [
     "sys_id",
@@ -176,6 +182,7 @@ def row_to_work_item(connection: str, item_type: WorkItemType, row: Mapping[str,
         "number": number,
         "updated_at": updated_at,
         "state": field_display(row, "state"),
+        "state_code": field_value(row, "state"),
         "urgency": field_display(row, "urgency"),
         "impact": field_display(row, "impact"),
         "priority": field_display(row, "priority"),

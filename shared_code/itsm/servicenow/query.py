@@ -3,8 +3,10 @@
 An encoded query is ``field<op>value`` terms joined by ``^``; ``^OR``, ``^NQ`` and ``^ORDERBY``
 are separators with meaning. A value taken from an alert (a CI name, a correlation id) could hold
 any of them, so every value goes through ``escape_value``: a literal ``^`` is written ``^^`` (the
-instance's own escape) and line breaks are refused. Field names are checked against a strict
-pattern, and operators come from a fixed set, so only values are ever free text.
+instance's own escape) and line breaks are refused. A value that begins with ``javascript:`` is
+refused too: the instance runs it as a server-side script and compares with its result, so such a
+"name" could match any record. Field names are checked against a strict pattern, and operators
+come from a fixed set, so only values are ever free text.
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 _FIELD = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*$")
 _LINE_BREAKS = ("\r", "\n", "\x00")
+_SCRIPT_PREFIX = "javascript:"
 
 
 def escape_value(value: str) -> str:
-    """``value`` as a literal inside an encoded query: ``^`` becomes ``^^``; line breaks are refused."""
+    """``value`` as a literal inside an encoded query: ``^`` becomes ``^^``; line breaks and a
+    leading ``javascript:`` (in any case, after blanks) are refused."""
     if any(ch in value for ch in _LINE_BREAKS):
         raise ValueError("a query value must not contain line breaks or NUL characters")
+    if value.strip().lower().startswith(_SCRIPT_PREFIX):
+        raise ValueError(
+            "a query value must not begin with 'javascript:' (ServiceNow would run it as a script)"
+        )
     return value.replace("^", "^^")
 
 
