@@ -362,14 +362,16 @@ class Notification:
 
 def storm_plan(alerts: int, problems: int, cis: int = 1, seed: int = 20261101) -> list[Notification]:
     """``alerts`` firings spread over ``problems`` keys within one minute, shuffled; then one
-    resolution per problem, for the alert id of its latest firing (as a stateful rule would)."""
+    resolution per problem. Each problem is one alert that keeps notifying (a distinct fired time
+    per notification, so each is a new delivery): the problem resolves when that alert does."""
     rng = random.Random(seed)
     base = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=3)
+    alert_of = [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(problems)]
     firings = [
         Notification(
             n % problems,
             (n // problems) % cis,
-            str(uuid.UUID(int=rng.getrandbits(128))),
+            alert_of[n % problems],
             base + timedelta(seconds=rng.uniform(0, 60)),
         )
         for n in range(alerts)
