@@ -164,8 +164,8 @@ class Demo:
         number = row.work_item_number
         say(f"one incident for the problem {row.key_text!r}: {number}")
 
-        heading("3. The same problem fires again (a new alert on the same rule and resource)")
-        again = str(uuid.uuid4())
+        heading("3. The same alert notifies again while the problem lasts")
+        again = cpu
         refire = alert_payload("metric_fired.json", alert_guid=again, fired=now - timedelta(minutes=4))
         self.delivery(self.post(refire, "re-fired"))
         self.deliver()
