@@ -8,46 +8,24 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
-import threading
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from shared_code.bootstrap import Container
+from tests.loopback import netguard
 from tests.loopback.azurite import Azurite
 from tests.loopback.stack import LoopbackStack
-
-_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-_foreign: list[Any] = []
-_guard = threading.Event()
-
-
-def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if not _guard.is_set():
-        return
-    if event == "socket.connect":
-        address = args[1]
-        if isinstance(address, tuple) and address and address[0] not in _LOOPBACK:
-            _foreign.append(address)
-    elif event == "socket.getaddrinfo" and args and args[0] is not None:
-        host = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
-        if host not in _LOOPBACK:
-            _foreign.append(("dns", host))
-
-
-sys.addaudithook(_audit)  # audit hooks cannot be removed; inert unless _guard is set
 
 
 @pytest.fixture(autouse=True)
 def loopback_only() -> Iterator[None]:
     """Fail the test if it reached for any address but loopback."""
-    _foreign.clear()
-    _guard.set()
+    netguard.foreign.clear()
+    netguard.watch()
     yield
-    _guard.clear()
-    assert not _foreign, f"non-loopback network access: {_foreign[:5]}"
+    netguard.watching.clear()
+    assert not netguard.foreign, f"non-loopback network access: {netguard.foreign[:5]}"
 
 
 @pytest.fixture(scope="session")

@@ -508,9 +508,9 @@ def run_role(args: argparse.Namespace) -> int:
 
 
 def child_environment(stack: Any) -> dict[str, str]:
-    from tests.loopback.stack import _FOREIGN_IDENTITY_VARIABLES
+    from tests.loopback.stack import FOREIGN_IDENTITY_VARIABLES
 
-    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_IDENTITY_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in FOREIGN_IDENTITY_VARIABLES}
     env.update(stack.app_environment())
     snow = stack.servicenow
     env.update(

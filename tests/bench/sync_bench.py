@@ -90,9 +90,10 @@ from shared_code.bootstrap import get_container
 from shared_code.itsm.servicenow.mapping import SYNC_FIELDS, TABLES
 from shared_code.workitems.engine import SyncOutcome, SyncResult
 from shared_code.workitems.model import WorkItemType
+from tests.loopback import netguard
 from tests.loopback import servicenow as snow
 from tests.loopback.azurite import Azurite
-from tests.loopback.stack import LoopbackStack
+from tests.loopback.stack import FOREIGN_IDENTITY_VARIABLES, LoopbackStack
 from tests.loopback.tls import loopback_tls, shared_tls_environment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,19 +109,6 @@ ITEM_TYPE = WorkItemType.INCIDENT
 TS = "%Y-%m-%d %H:%M:%S"
 # the app's settings for every run here: no Log Analytics, so the WorkItems table is the only sink
 NO_LOGS = {"LOGS_INGESTION_ENDPOINT": "", "LOGS_INGESTION_RULE_ID": ""}
-# identity variables that would steer azure-identity away from the loopback Entra (see stack.py)
-FOREIGN_IDENTITY_VARIABLES = (
-    "AZURE_REGIONAL_AUTHORITY_NAME",
-    "AZURE_FEDERATED_TOKEN_FILE",
-    "AZURE_CLIENT_CERTIFICATE_PATH",
-    "AZURE_USERNAME",
-    "AZURE_PASSWORD",
-    "IDENTITY_ENDPOINT",
-    "IDENTITY_HEADER",
-    "MSI_ENDPOINT",
-    "MSI_SECRET",
-    "REQUESTS_CA_BUNDLE",
-)
 _STARTED = time.monotonic()
 
 
@@ -132,31 +120,9 @@ def log(message: str) -> None:
     print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-# -- loopback only ----------------------------------------------------------------------------------
-
-_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-_foreign: list[object] = []
-
-
-def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if event == "socket.connect":
-        address = args[1]
-        if isinstance(address, tuple) and address and address[0] not in _LOOPBACK:
-            _foreign.append(address)
-    elif event == "socket.getaddrinfo" and args and args[0] is not None:
-        host = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
-        if host not in _LOOPBACK:
-            _foreign.append(("dns", host))
-
-
-def guard_network() -> None:
-    """Record every connection (and name lookup) that is not loopback; ``check_network`` fails on one."""
-    sys.addaudithook(_audit)
-
-
 def check_network() -> None:
-    if _foreign:
-        raise BenchError(f"non-loopback network access: {_foreign[:5]}")
+    if netguard.foreign:
+        raise BenchError(f"non-loopback network access: {netguard.foreign[:5]}")
 
 
 # -- CPU accounting (Linux /proc; zero elsewhere) -----------------------------------------------------
@@ -416,7 +382,7 @@ def peak_rss_mb() -> float:
 
 def child(connection: str) -> int:
     """``--child``: the app (settings from the environment) syncs ``connection``; prints one JSON line."""
-    guard_network()
+    netguard.watch()
     container = get_container()
     try:
         started = time.perf_counter()
@@ -432,7 +398,7 @@ def child(connection: str) -> int:
                 "errors": [r.error for r in results if r.error],
                 "seconds": seconds,
                 "peak_rss_mb": peak_rss_mb(),
-                "foreign": [str(a) for a in _foreign[:5]],
+                "foreign": [str(a) for a in netguard.foreign[:5]],
             }
         ),
         flush=True,
@@ -558,7 +524,7 @@ def incremental(stack: LoopbackStack, server: ServiceNowProcess, prefix: str, me
 
 
 def main() -> int:
-    guard_network()
+    netguard.watch()
     loopback_tls()  # made before the ServiceNow processes start, which share it
     children: list[subprocess.Popen[str]] = []
     with contextlib.ExitStack() as stack_of_things:

@@ -41,7 +41,7 @@ LOGS_STREAM = "Custom-ServiceDesk_CL"
 LOGS_ERROR_STREAM = "Custom-ServiceDeskLog_CL"
 
 # variables that would steer azure-identity away from the loopback Entra (or off the machine)
-_FOREIGN_IDENTITY_VARIABLES = (
+FOREIGN_IDENTITY_VARIABLES = (
     "AZURE_REGIONAL_AUTHORITY_NAME",
     "AZURE_FEDERATED_TOKEN_FILE",
     "AZURE_CLIENT_CERTIFICATE_PATH",
@@ -133,7 +133,7 @@ class LoopbackStack:
         """The process environment set to ``app_environment()`` and a fresh app container."""
         saved = dict(os.environ)
         try:
-            for name in _FOREIGN_IDENTITY_VARIABLES:
+            for name in FOREIGN_IDENTITY_VARIABLES:
                 os.environ.pop(name, None)
             os.environ.update(self.app_environment(**overrides))
             reset_container()
