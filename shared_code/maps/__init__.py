@@ -1,0 +1,1 @@
+"""Dependency-map import: read server dependency maps from a source, store them, publish them."""
