@@ -12,10 +12,10 @@ import azure.functions as func
 from functions.http_errors import error_response, json_response
 from shared_code.alerts.delivery import DeliveryMessage
 from shared_code.bootstrap import get_container
-from shared_code.connections import CONNECTION_NAME
+from shared_code.domain.connection import CONNECTION_NAME
+from shared_code.domain.delivery import Delivery
 from shared_code.errors import NotFoundError, StateError
 from shared_code.settings import DEFAULT_REDRIVE_SCHEDULE
-from shared_code.state.deliveries import Delivery
 
 log = logging.getLogger(__name__)
 

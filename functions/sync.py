@@ -15,7 +15,7 @@ import azure.functions as func
 
 from functions.http_errors import error_response, json_response
 from shared_code.bootstrap import get_container
-from shared_code.connections import CONNECTION_NAME
+from shared_code.domain.connection import CONNECTION_NAME
 from shared_code.errors import NotFoundError
 from shared_code.workitems.commands import parse_item_types
 from shared_code.workitems.engine import SyncOutcome, SyncResult

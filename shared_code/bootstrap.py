@@ -22,9 +22,9 @@ from azure.core.credentials import TokenCredential
 from shared_code.alerts.delivery import AlertDelivery
 from shared_code.alerts.intake import AlertIntake
 from shared_code.alerts.processor import AlertProcessor
-from shared_code.connections import Connection
-from shared_code.itsm.base import ItsmConnector
-from shared_code.itsm.registry import build_connector
+from shared_code.domain.connection import ConnectionBase
+from shared_code.itsm.registry import build_connector, parse_connection
+from shared_code.ports.itsm import ConnectorPorts
 from shared_code.secrets import KeyVaultSecretStore, SecretStore
 from shared_code.settings import Settings
 from shared_code.state import connections as connections_table
@@ -92,7 +92,7 @@ class Container:
         self._credential = credential
         self._secrets = secrets
         self._lock = threading.Lock()
-        self._connectors: dict[str, tuple[Connection, ItsmConnector]] = {}
+        self._connectors: dict[str, tuple[ConnectionBase, ConnectorPorts]] = {}
 
     @cached_property
     def credential(self) -> TokenCredential:
@@ -126,7 +126,7 @@ class Container:
 
     @cached_property
     def connections(self) -> ConnectionRepository:
-        return ConnectionRepository(self.tables.table(connections_table.TABLE))
+        return ConnectionRepository(self.tables.table(connections_table.TABLE), parse_connection)
 
     @cached_property
     def deliveries(self) -> DeliveryRepository:
@@ -136,7 +136,7 @@ class Container:
     def correlations(self) -> CorrelationRepository:
         return CorrelationRepository(self.tables.table(correlations_table.TABLE))
 
-    def connector_for(self, connection: Connection) -> ItsmConnector:
+    def connector_for(self, connection: ConnectionBase) -> ConnectorPorts:
         """One connector per connection (and definition), so token caches and pools are reused."""
         with self._lock:
             cached = self._connectors.get(connection.name)

@@ -17,19 +17,20 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import IO, Any
+from collections.abc import Callable, Iterator, Sequence
+from enum import StrEnum
+from typing import IO, Any, NoReturn
 
 from pydantic import SecretStr
 
-from shared_code.alerts.signal import Severity
 from shared_code.bootstrap import Container, get_container
-from shared_code.connections import AuthMethod, Connection, PartnerType, secret_name
+from shared_code.domain.alert import Severity
+from shared_code.domain.connection import ConnectionBase, CorrelationMode, secret_name
+from shared_code.domain.delivery import Delivery, DeliveryStatus
+from shared_code.domain.workitem import SeverityMapping
 from shared_code.errors import AlreadyExistsError, ConnectorAppError, InvalidInputError
-from shared_code.itsm.base import SeverityMapping
-from shared_code.itsm.registry import SUPPORTED_PARTNERS
+from shared_code.itsm.registry import PRODUCTS, parse_connection, product_of
 from shared_code.secrets import StoredRefreshToken
-from shared_code.state.deliveries import Delivery, DeliveryStatus
 from shared_code.workitems.commands import sync_run
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -66,9 +67,6 @@ class Cli:
             "name": args.name,
             "partner_type": args.type,
             "server_url": args.url,
-            "private_instance": args.private_instance,
-            "auth_method": args.auth,
-            "client_id": args.client_id or "",
             "username": args.user or "",
             "sync_data": parse_sync_data(args.sync),
             "sync_scope_days": args.scope_days,
@@ -77,19 +75,14 @@ class Cli:
             "auto_resolve": args.auto_resolve,
             "note_interval_minutes": args.note_interval_minutes,
             "reopen_window_hours": args.reopen_window_hours,
-            "close_code": args.close_code,
             "assignment_group": args.assignment_group or "",
             "caller": args.caller or "",
             "close_azure_alerts": args.close_azure_alerts,
         }
         if args.severity_map:
             data["severity_map"] = parse_severity_map(args.severity_map)
-        connection = Connection.parse(data)
-        if connection.partner_type not in SUPPORTED_PARTNERS:
-            supported = ", ".join(sorted(p.value for p in SUPPORTED_PARTNERS))
-            raise InvalidInputError(
-                f"partner type {connection.partner_type.value!r} is not supported yet ({supported})"
-            )
+        data |= product_options(args)
+        connection = parse_connection(data, FLAG_OF_FIELD | product_flags())
         secrets = self._read_secrets(connection, args)
         container = self.container
         try:
@@ -108,27 +101,28 @@ class Cli:
             )
         for name, value in secrets.items():
             container.secrets.set(name, value)
-        if connection.auth_method is AuthMethod.OAUTH:
+        refresh_token = product_of(connection.partner_type).rotating_refresh_token(connection)
+        if refresh_token:
             # a refresh token left by an earlier connection of this name belongs to other credentials
-            StoredRefreshToken(container.secrets, connection.refresh_token_secret_name).clear()
+            StoredRefreshToken(container.secrets, refresh_token).clear()
         container.forget_connector(connection.name)  # one cached under this name holds other credentials
         container.connections.add(connection)
-        self.say(
-            f"added connection {connection.name} ({connection.partner_type.value}, {connection.server_url})"
-        )
+        self.say(f"added connection {connection.name} ({connection.partner_type}, {connection.server_url})")
         self.say(f"secrets stored in Key Vault as: {', '.join(sorted(secrets))}")
         if args.test:
             return self._test(connection)
         return EXIT_OK
 
-    def _read_secrets(self, connection: Connection, args: argparse.Namespace) -> dict[str, SecretStr]:
-        wanted: list[tuple[str, str, str | None]] = []
-        if connection.auth_method is AuthMethod.OAUTH:
-            wanted.append((connection.client_secret_name, "client secret", args.client_secret_env))
-        wanted.append((connection.password_secret_name, "password", args.password_env))
+    def _read_secrets(self, connection: ConnectionBase, args: argparse.Namespace) -> dict[str, SecretStr]:
+        wanted = [
+            (secret_name(connection.name, spec.purpose), spec.label, spec.flag)
+            for spec in connection.secret_specs()
+            if spec.flag
+        ]
         stdin_lines = iter(self.stdin.read().splitlines()) if args.secrets_stdin else None
         result: dict[str, SecretStr] = {}
-        for vault_name, label, env_name in wanted:
+        for vault_name, label, flag in wanted:
+            env_name = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
             value: str | None
             if env_name:
                 value = self.environ.get(env_name)
@@ -146,8 +140,7 @@ class Cli:
                 value = getpass.getpass(f"{connection.name} {label}: ")
             else:
                 raise InvalidInputError(
-                    f"no {label} given: use --secrets-stdin, --{label.split()[-1]}-env "
-                    "or run in a terminal to be prompted"
+                    f"no {label} given: use --secrets-stdin, {flag} VAR or run in a terminal to be prompted"
                 )
             if not value.strip():
                 raise InvalidInputError(f"the {label} is empty")
@@ -165,9 +158,8 @@ class Cli:
         self.say(f"{'NAME':<20} {'TYPE':<11} {'AUTH':<6} {'SYNC':<26} URL")
         for c in connections:
             sync = ",".join(sorted(s.value for s in c.sync_data)) or "-"
-            self.say(
-                f"{c.name:<20} {c.partner_type.value:<11} {c.auth_method.value:<6} {sync:<26} {c.server_url}"
-            )
+            auth = str(c.model_dump(mode="json").get("auth_method", "-"))
+            self.say(f"{c.name:<20} {c.partner_type:<11} {auth:<6} {sync:<26} {c.server_url}")
         return EXIT_OK
 
     def connections_show(self, args: argparse.Namespace) -> int:
@@ -180,7 +172,7 @@ class Cli:
     def connections_test(self, args: argparse.Namespace) -> int:
         return self._test(self.container.connections.get(args.name))
 
-    def _test(self, connection: Connection) -> int:
+    def _test(self, connection: ConnectionBase) -> int:
         try:
             verdict = self.container.connector_for(connection).check()
         except ConnectorAppError as exc:
@@ -196,10 +188,11 @@ class Cli:
         secrets = self._read_secrets(connection, args)
         for name, value in secrets.items():
             container.secrets.set(name, value)
-        if connection.auth_method is AuthMethod.OAUTH:
+        refresh_token = product_of(connection.partner_type).rotating_refresh_token(connection)
+        if refresh_token:
             # the old refresh token belongs to the old credentials: start again with the password grant.
             # Cleared, not deleted: a soft-deleted secret could not take the next token for 90 days
-            StoredRefreshToken(container.secrets, connection.refresh_token_secret_name).clear()
+            StoredRefreshToken(container.secrets, refresh_token).clear()
         container.forget_connector(connection.name)
         self.say(f"stored new credentials of {connection.name} in Key Vault: {', '.join(sorted(secrets))}")
         return self._test(connection) if args.test else EXIT_OK
@@ -312,6 +305,72 @@ def parse_severity_map(text: str) -> dict[str, dict[str, int]]:
     return result
 
 
+FLAG_OF_FIELD = {
+    "name": "NAME",
+    "partner_type": "--type",
+    "server_url": "--url",
+    "username": "--user",
+    "sync_data": "--sync",
+    "sync_scope_days": "--scope-days",
+    "create_configuration_items": "--create-ci",
+    "correlation": "--correlation",
+    "auto_resolve": "--no-auto-resolve",
+    "note_interval_minutes": "--note-interval-minutes",
+    "reopen_window_hours": "--reopen-window-hours",
+    "assignment_group": "--assignment-group",
+    "caller": "--caller",
+    "severity_map": "--severity-map",
+    "close_azure_alerts": "--close-azure-alerts",
+}
+"""The CLI flag of each common connection field, so validation errors name what the operator typed."""
+
+
+def _product_fields() -> Iterator[tuple[str, str, Any, str]]:
+    """(field, flag, field info, product title) of every product's own fields that have a flag."""
+    common = set(ConnectionBase.model_fields)
+    for product in PRODUCTS.values():
+        for field_name, info in product.settings.model_fields.items():
+            extra = info.json_schema_extra
+            flag = extra.get("cli") if isinstance(extra, dict) else None
+            if field_name not in common and isinstance(flag, str):
+                yield field_name, flag, info, product.title
+
+
+def product_flags() -> dict[str, str]:
+    return {field_name: flag for field_name, flag, _, _ in _product_fields()}
+
+
+def add_product_options(parser: argparse.ArgumentParser) -> None:
+    """Each product's own connection fields as options, built from its connection model."""
+    seen: dict[str, list[str]] = {}
+    infos: dict[str, Any] = {}
+    for _, flag, info, title in _product_fields():
+        seen.setdefault(flag, []).append(title)
+        infos.setdefault(flag, info)
+    for flag, titles in seen.items():
+        info = infos[flag]
+        what = f"{info.description or ''} ({', '.join(titles)})".strip()
+        kind = info.annotation
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=what)
+        elif isinstance(kind, type) and issubclass(kind, StrEnum):
+            choices = [member.value for member in kind]
+            parser.add_argument(flag, choices=choices, default=None, help=f"{what}; default {info.default}")
+        else:
+            shown = f"; default {info.default!r}" if info.default not in (None, "") else ""
+            parser.add_argument(flag, type=int if kind is int else str, default=None, help=what + shown)
+
+
+def product_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The product options the operator gave (the rest take the product model's defaults)."""
+    values: dict[str, Any] = {}
+    for field_name, flag, _, _ in _product_fields():
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
+        if value is not None:
+            values[field_name] = value
+    return values
+
+
 def add_secret_options(parser: argparse.ArgumentParser) -> None:
     """Where secrets come from: never argv (shell history, process lists)."""
     parser.add_argument(
@@ -323,46 +382,76 @@ def add_secret_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--password-env", metavar="VAR", help="read the password from this env variable")
 
 
+class UsageError(Exception):
+    """argparse refused the command line (its message names the option)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser that reports usage errors to the caller instead of exiting the process."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message[:300]}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shared_code", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m shared_code", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     groups = parser.add_subparsers(dest="group", required=True)
 
     conn = groups.add_parser("connections", help="ITSM connections").add_subparsers(
         dest="command", required=True
     )
-    add = conn.add_parser("add", help="add a connection (secrets go to Key Vault)")
-    add.add_argument("name")
-    add.add_argument("--type", required=True, choices=[p.value for p in PartnerType], help="partner type")
+    add = conn.add_parser(
+        "add",
+        help="add a connection (secrets go to Key Vault)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add.add_argument("name", help="1-50 letters, digits and dashes; part of the webhook URL")
+    add.add_argument("--type", required=True, choices=sorted(PRODUCTS), help="the ITSM product")
     add.add_argument("--url", required=True, help="https base URL of the instance")
     add.add_argument("--user", required=True, help="integration user name")
-    add.add_argument("--client-id", help="OAuth client id (required for --auth oauth)")
-    add.add_argument("--auth", default="oauth", choices=[a.value for a in AuthMethod])
-    add.add_argument("--private-instance", action="store_true", help="allow a host outside *.service-now.com")
-    add.add_argument("--sync", default="incidents,change_requests", help="incidents,change_requests or none")
-    add.add_argument("--scope-days", type=int, default=15, help="first sync reaches this far back (1-120)")
+    add.add_argument(
+        "--sync",
+        default="incidents,change_requests",
+        help="what the sync reads: incidents,change_requests or none",
+    )
+    add.add_argument(
+        "--scope-days", type=int, default=15, help="the first sync reaches this far back (1-120)"
+    )
     add.add_argument(
         "--create-ci", action="store_true", help="create missing configuration items in the CMDB"
     )
     add.add_argument(
-        "--correlation", default="per-rule-and-ci", choices=["per-alert", "per-rule-and-ci", "per-rule"]
+        "--correlation",
+        default="per-rule-and-ci",
+        choices=[mode.value for mode in CorrelationMode],
+        help="what one work item stands for: one alert, one rule on one resource, or one rule",
     )
-    add.add_argument("--no-auto-resolve", dest="auto_resolve", action="store_false")
     add.add_argument(
-        "--note-interval-minutes", type=int, default=15, help="at most one re-fire note per interval"
+        "--no-auto-resolve",
+        dest="auto_resolve",
+        action="store_false",
+        help="leave the work item open when its alert resolves (a note is still written)",
     )
     add.add_argument(
-        "--reopen-window-hours", type=int, default=24, help="reopen instead of new within this window"
+        "--note-interval-minutes", type=int, default=15, help="at most one re-fire note per interval (0-1440)"
     )
-    add.add_argument("--close-code", default="Solved (Permanently)")
-    add.add_argument("--assignment-group")
-    add.add_argument("--caller")
     add.add_argument(
-        "--severity-map", help="e.g. Sev0=1/1,Sev1=1/2,Sev2=2/2,Sev3=2/3,Sev4=3/3 (impact/urgency)"
+        "--reopen-window-hours",
+        type=int,
+        default=24,
+        help="a re-fire within this window reopens the resolved work item instead of a new one (0-720)",
+    )
+    add.add_argument("--assignment-group", help="assignment group of new work items")
+    add.add_argument("--caller", help="caller (opened for) of new work items")
+    add.add_argument(
+        "--severity-map",
+        help="impact/urgency per severity, e.g. Sev0=1/1,Sev1=1/2,Sev2=2/2,Sev3=2/3,Sev4=3/3",
     )
     add.add_argument(
         "--close-azure-alerts", action="store_true", help="close the Azure alert when resolved in ITSM"
     )
+    add_product_options(add)
     add_secret_options(add)
     add.add_argument("--test", action="store_true", help="test the connection after adding it")
     lst = conn.add_parser("list", help="list connections")
@@ -418,9 +507,13 @@ COMMANDS: dict[tuple[str, str], Callable[[Cli, argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None, cli: Cli | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
     cli = cli or Cli()
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc} (see --help)", file=cli.err)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
     try:
         return COMMANDS[(args.group, args.command)](cli, args)
     except InvalidInputError as exc:

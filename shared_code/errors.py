@@ -12,6 +12,7 @@
     ├── AlreadyExistsError            a create found the row already there
     ├── SecretStoreError              Key Vault could not be read or written
     ├── StateError                    Table Storage failed or an ETag race was lost too often
+    │   ├── EtagConflict              an ETag-matched write lost its race: re-read and try again
     │   └── BusyError                 another instance holds the lease on this correlation now
     ├── RetryLaterError               a delivery failed in a way a later attempt may fix
     └── ItsmError                     the ITSM product failed a call
@@ -78,6 +79,10 @@ class SecretStoreError(ConnectorAppError):
 
 class StateError(ConnectorAppError):
     """Table Storage failed, or an optimistic-concurrency race was lost too many times."""
+
+
+class EtagConflict(StateError):
+    """An ETag-matched write lost the race: re-read and try again."""
 
 
 class BusyError(StateError):

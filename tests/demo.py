@@ -28,9 +28,9 @@ from typing import Any
 
 import function_app
 from shared_code.bootstrap import Container
+from shared_code.domain.workitem import WorkItemType
 from shared_code.state import workitems as workitems_table
 from shared_code.state.workitems import WorkItemRepository
-from shared_code.workitems.model import WorkItemType
 from tests.hostsim import FunctionHost
 from tests.loopback.stack import LOGS_STREAM, LoopbackStack
 

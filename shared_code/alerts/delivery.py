@@ -17,8 +17,9 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared_code.alerts.processor import AlertProcessor
-from shared_code.alerts.signal import AlertSignal
-from shared_code.connections import Connection
+from shared_code.domain.alert import AlertSignal
+from shared_code.domain.connection import ConnectionBase
+from shared_code.domain.delivery import Delivery, DeliveryStatus
 from shared_code.errors import (
     BusyError,
     ItsmUnavailableError,
@@ -27,9 +28,9 @@ from shared_code.errors import (
     SecretStoreError,
     StateError,
 )
-from shared_code.itsm.base import ItsmConnector
+from shared_code.ports.itsm import ConnectorPorts
 from shared_code.state.connections import ConnectionRepository
-from shared_code.state.deliveries import Delivery, DeliveryRepository, DeliveryStatus
+from shared_code.state.deliveries import DeliveryRepository
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class AlertDelivery:
     connections: ConnectionRepository
     deliveries: DeliveryRepository
     processor: AlertProcessor
-    connector_for: Callable[[Connection], ItsmConnector]
+    connector_for: Callable[[ConnectionBase], ConnectorPorts]
     clock: Callable[[], datetime]
     max_attempts: int = 5
     sleep: Callable[[float], None] = time.sleep

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from shared_code.alerts.schema import error_path, parse_alert
-from shared_code.alerts.signal import AlertSignal
+from shared_code.domain.alert import AlertSignal
+from shared_code.domain.delivery import Delivery, DeliveryStatus
 from shared_code.errors import (
     AlreadyExistsError,
     MalformedPayloadError,
@@ -23,7 +24,7 @@ from shared_code.errors import (
     UnsupportedPayloadError,
 )
 from shared_code.state.connections import ConnectionRepository
-from shared_code.state.deliveries import Delivery, DeliveryRepository, DeliveryStatus
+from shared_code.state.deliveries import DeliveryRepository
 
 MAX_BODY_BYTES = 256 * 1024
 STALE_PENDING = timedelta(seconds=60)

@@ -38,19 +38,13 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from shared_code.alerts import render
-from shared_code.alerts.signal import AlertSignal, MonitorCondition
-from shared_code.connections import Connection, CorrelationMode
-from shared_code.errors import AlreadyExistsError, BusyError, ItsmRejectedError
-from shared_code.itsm.base import IncidentDraft, ItsmConnector, WorkItemRef
-from shared_code.state.correlations import (
-    ALERT_ID_LIMIT,
-    CI_LIMIT,
-    Correlation,
-    CorrelationRepository,
-    CorrelationState,
-    newest,
-)
-from shared_code.state.tables import EtagConflict
+from shared_code.domain.alert import AlertSignal, MonitorCondition
+from shared_code.domain.connection import ConnectionBase, CorrelationMode
+from shared_code.domain.correlation import ALERT_ID_LIMIT, CI_LIMIT, Correlation, CorrelationState, newest
+from shared_code.domain.workitem import IncidentDraft, WorkItemRef
+from shared_code.errors import AlreadyExistsError, BusyError, EtagConflict, ItsmRejectedError
+from shared_code.ports.itsm import ConfigurationItems, ConnectorPorts, IncidentWriter
+from shared_code.state.correlations import CorrelationRepository
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +96,20 @@ class AlertProcessor:
             return True
 
     def process(
-        self, connection: Connection, connector: ItsmConnector, delivery_id: str, signal: AlertSignal
+        self, connection: ConnectionBase, ports: ConnectorPorts, delivery_id: str, signal: AlertSignal
     ) -> ProcessResult:
         key_text = render.correlation_key_text(connection.correlation, signal)
         key = render.correlation_key(connection.name, key_text)
-        step = _Step(self, connection, connector, delivery_id, signal, key, key_text)
+        step = _Step(
+            self,
+            connection,
+            ports.require_incidents(),
+            ports.configuration_items,
+            delivery_id,
+            signal,
+            key,
+            key_text,
+        )
         deadline = time.monotonic() + self.busy_budget_seconds
         pause = 0.02
         races = 0
@@ -156,8 +159,9 @@ class _Step:
     def __init__(
         self,
         owner: AlertProcessor,
-        connection: Connection,
-        connector: ItsmConnector,
+        connection: ConnectionBase,
+        connector: IncidentWriter,
+        cmdb: ConfigurationItems | None,
         delivery_id: str,
         signal: AlertSignal,
         key: str,
@@ -170,6 +174,7 @@ class _Step:
         self.lease = timedelta(seconds=owner.lease_seconds)
         self.connection = connection
         self.connector = connector
+        self.cmdb = cmdb
         self.delivery_id = delivery_id
         self.token = f"{delivery_id}:{uuid.uuid4().hex[:8]}"
         self.signal = signal
@@ -495,10 +500,12 @@ class _Step:
         deadline starts: when there is none to link, the create need not look again."""
         if not draft.configuration_item:
             return draft
-        found = self.connector.ensure_configuration_item(
+        if self.cmdb is None:  # the product has no CMDB to link: the CI stays in the text only
+            return draft.without_configuration_item()
+        found = self.cmdb.ensure_configuration_item(
             draft.configuration_item, create=draft.create_configuration_item
         )
-        return draft if found else draft.model_copy(update={"configuration_item": None})
+        return draft if found else draft.without_configuration_item()
 
     def create(self, row: Correlation, now: datetime, *, recover: bool) -> ProcessResult:
         correlation = render.correlation_id(self.key, row.generation)

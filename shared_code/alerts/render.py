@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 
-from shared_code.alerts.signal import AlertSignal
-from shared_code.connections import Connection, CorrelationMode
-from shared_code.itsm.base import IncidentDraft
+from shared_code.domain.alert import AlertSignal
+from shared_code.domain.connection import ConnectionBase, CorrelationMode
+from shared_code.domain.workitem import IncidentDraft
 
 SHORT_DESCRIPTION_LIMIT = 160
 DESCRIPTION_LIMIT = 30_000
@@ -107,7 +107,7 @@ def incident_description(signal: AlertSignal, impact: int, urgency: int) -> str:
 
 
 def incident_draft(
-    connection: Connection, signal: AlertSignal, key_text: str, correlation: str
+    connection: ConnectionBase, signal: AlertSignal, key_text: str, correlation: str
 ) -> IncidentDraft:
     mapping = connection.mapping_for(signal.severity)
     return IncidentDraft(

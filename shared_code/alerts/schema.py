@@ -26,7 +26,7 @@ from urllib.parse import quote
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails, PydanticCustomError, PydanticSerializationError
 
-from shared_code.alerts.signal import AlertSignal, MonitorCondition, Severity
+from shared_code.domain.alert import AlertSignal, MonitorCondition, Severity
 from shared_code.errors import AlertSchemaError, NotCommonSchemaError
 
 COMMON_SCHEMA_ID = "azureMonitorCommonAlertSchema"

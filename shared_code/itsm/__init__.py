@@ -1,1 +1,1 @@
-"""ITSM products: one connector per product behind the small ``ItsmConnector`` protocol."""
+"""ITSM products: one connector per product behind the per-capability ports of ``shared_code.ports.itsm``."""

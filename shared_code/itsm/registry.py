@@ -1,49 +1,53 @@
-"""Partner type -> connector factory. An explicit table, not names built into import strings.
+"""Partner type -> product: its connection model, its connector factory and what it offers.
 
-A factory takes the connection, the secret store and the shared HTTP client, and returns a ready
-``ItsmConnector``. Adding a product is one module under ``shared_code/itsm/`` and one line here.
+An explicit table, not names built into import strings. Adding a product is one folder under
+``shared_code/itsm/`` (settings, auth, connector, mapping) and one entry here; the CLI offers the
+products listed here and builds each one's options from its connection model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
-from shared_code.connections import AuthMethod, Connection, PartnerType
+from shared_code.domain.connection import ConnectionBase, describe_validation_error
 from shared_code.errors import InvalidInputError, SecretStoreError
-from shared_code.itsm.base import ItsmConnector
 from shared_code.itsm.servicenow.auth import ServiceNowBasicAuth, ServiceNowOAuth
 from shared_code.itsm.servicenow.connector import ServiceNowConnector
+from shared_code.itsm.servicenow.settings import AuthMethod, ServiceNowConnection
+from shared_code.ports.itsm import ConnectorPorts
 from shared_code.secrets import SecretStore, StoredRefreshToken
 
-ConnectorFactory = Callable[[Connection, SecretStore, httpx.Client], ItsmConnector]
 
-
-def _secret(store: SecretStore, name: str, connection: Connection) -> Callable[[], SecretStr]:
-    """A lazy reader, so a connector can be built without touching Key Vault."""
+def lazy_secret(store: SecretStore, name: str, connection: ConnectionBase) -> Callable[[], SecretStr]:
+    """A reader of one secret, so a connector can be built without touching Key Vault."""
 
     def read() -> SecretStr:
         value = store.get(name)
         if value is None:
             raise SecretStoreError(
                 f"secret {name!r} of connection {connection.name!r} is missing from Key Vault; "
-                "set it again with 'connections add' (after 'connections remove --keep-secrets')"
+                f"store it again with 'connections reauthorise {connection.name}'"
             )
         return value
 
     return read
 
 
-def build_servicenow(connection: Connection, secrets: SecretStore, client: httpx.Client) -> ItsmConnector:
-    password = _secret(secrets, connection.password_secret_name, connection)
+def build_servicenow(
+    connection: ServiceNowConnection, secrets: SecretStore, client: httpx.Client
+) -> ConnectorPorts:
+    password = lazy_secret(secrets, connection.password_secret_name, connection)
     auth: httpx.Auth
     if connection.auth_method is AuthMethod.OAUTH:
         auth = ServiceNowOAuth(
             token_url=f"{connection.server_url}/oauth_token.do",
             client_id=connection.client_id,
-            client_secret=_secret(secrets, connection.client_secret_name, connection),
+            client_secret=lazy_secret(secrets, connection.client_secret_name, connection),
             username=connection.username,
             password=password,
             refresh_token_store=StoredRefreshToken(secrets, connection.refresh_token_secret_name),
@@ -51,26 +55,72 @@ def build_servicenow(connection: Connection, secrets: SecretStore, client: httpx
         )
     else:
         auth = ServiceNowBasicAuth(connection.username, password, connection_name=connection.name)
-    return ServiceNowConnector(
-        connection.name,
-        connection.server_url,
-        client,
-        auth,
-        close_code=connection.close_code,
+    connector = ServiceNowConnector(
+        connection.name, connection.server_url, client, auth, close_code=connection.close_code
+    )
+    return ConnectorPorts(
+        product="ServiceNow",
+        check=connector.check,
+        close=connector.close,
+        incidents=connector,
+        changes=connector,
+        configuration_items=connector,
     )
 
 
-REGISTRY: dict[PartnerType, ConnectorFactory] = {
-    PartnerType.SERVICENOW: build_servicenow,
+@dataclass(frozen=True)
+class Product:
+    """One ITSM product the app can connect to."""
+
+    partner_type: str
+    title: str
+    settings: type[ConnectionBase]
+    build: Callable[[Any, SecretStore, httpx.Client], ConnectorPorts]
+    rotating_refresh_token: Callable[[ConnectionBase], str | None] = lambda _connection: None
+    """The Key Vault name of the refresh token to forget when credentials change, if it keeps one."""
+
+
+def _servicenow_refresh_token(connection: ConnectionBase) -> str | None:
+    if isinstance(connection, ServiceNowConnection) and connection.auth_method is AuthMethod.OAUTH:
+        return connection.refresh_token_secret_name
+    return None
+
+
+PRODUCTS: dict[str, Product] = {
+    "servicenow": Product(
+        "servicenow",
+        "ServiceNow",
+        ServiceNowConnection,
+        build_servicenow,
+        rotating_refresh_token=_servicenow_refresh_token,
+    ),
 }
-SUPPORTED_PARTNERS = frozenset(REGISTRY)
 
 
-def build_connector(connection: Connection, secrets: SecretStore, client: httpx.Client) -> ItsmConnector:
-    factory = REGISTRY.get(connection.partner_type)
-    if factory is None:
+def product_of(partner_type: str) -> Product:
+    product = PRODUCTS.get(partner_type)
+    if product is None:
+        supported = ", ".join(sorted(PRODUCTS))
         raise InvalidInputError(
-            f"connection {connection.name!r}: partner type "
-            f"{connection.partner_type.value!r} is not supported yet"
+            f"partner type {partner_type[:40]!r} is not supported (use one of: {supported})"
         )
-    return factory(connection, secrets, client)
+    return product
+
+
+def parse_connection(data: dict[str, object], labels: dict[str, str] | None = None) -> ConnectionBase:
+    """Validate a connection definition with its product's model; every problem in one error.
+
+    The product is chosen by ``partner_type`` (a tagged union kept as a table, so an unknown type
+    is named as such instead of as a mismatch with every product's model)."""
+    product = product_of(str(data.get("partner_type", "")))
+    try:
+        return product.settings.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInputError(describe_validation_error(exc, "connection", labels)) from None
+
+
+def build_connector(connection: ConnectionBase, secrets: SecretStore, client: httpx.Client) -> ConnectorPorts:
+    product = product_of(connection.partner_type)
+    if not isinstance(connection, product.settings):
+        raise InvalidInputError(f"connection {connection.name!r} is not a {product.title} connection")
+    return product.build(connection, secrets, client)

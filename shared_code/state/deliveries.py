@@ -9,43 +9,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from enum import StrEnum
 
 from azure.data.tables import TableClient
-from pydantic import BaseModel, ConfigDict
 
-from shared_code.alerts.signal import AlertSignal
+from shared_code.domain.alert import AlertSignal
+from shared_code.domain.delivery import Delivery, DeliveryStatus
 from shared_code.state.tables import bucket_of, get_entity, insert_entity, merge_entity, query_entities
 
 log = logging.getLogger(__name__)
 
 TABLE = "AlertDeliveries"
 BUCKETS = 16
-
-
-class DeliveryStatus(StrEnum):
-    PENDING = "pending"
-    DELIVERED = "delivered"
-    FAILED = "failed"
-
-
-class Delivery(BaseModel):
-    """One received alert notification and what became of it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    connection: str
-    delivery_id: str
-    status: DeliveryStatus = DeliveryStatus.PENDING
-    attempts: int = 0
-    last_error: str = ""
-    outcome: str = ""
-    work_item_id: str = ""
-    work_item_number: str = ""
-    correlation_key: str = ""
-    received_at: datetime
-    updated_at: datetime
-    signal: AlertSignal
 
 
 def partition_of(connection: str, delivery_id: str) -> str:

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from azure.data.tables import TableClient
-from pydantic import BaseModel, ConfigDict, Field
 
+from shared_code.domain.runs import RunRecord
 from shared_code.state.tables import insert_entity, query_entities
 
 TABLE = "Runs"
@@ -26,25 +26,6 @@ def inverted_key(moment: datetime, suffix: str | None = None) -> str:
     """A row key that sorts newest first: (max - microseconds since epoch), zero-padded, + suffix."""
     micros = int(moment.timestamp() * 1_000_000)
     return f"{_MAX_MICROS - micros:017d}-{suffix or uuid.uuid4().hex[:8]}"
-
-
-class RunRecord(BaseModel):
-    """What one run did: counts, duration and outcome, and the error when it failed."""
-
-    model_config = ConfigDict(frozen=True)
-
-    job: str = "sync"
-    run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
-    trigger: str = ""
-    connection: str = ""
-    item_type: str = ""
-    started_at: datetime
-    finished_at: datetime
-    duration_seconds: float
-    outcome: str
-    counts: dict[str, int] = Field(default_factory=dict)
-    error: str = ""
-    detail: str = ""
 
 
 def _to_entity(run: RunRecord) -> dict[str, object]:

@@ -14,44 +14,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from azure.data.tables import TableClient
-from pydantic import BaseModel, ConfigDict
 
-from shared_code.itsm.base import SyncCursor
+from shared_code.domain.runs import SyncStateRow
 from shared_code.state.tables import get_entity, insert_entity, query_entities, replace_if_match
 
 TABLE = "SyncState"
 ERROR_LIMIT = 2000
-
-
-class SyncStateRow(BaseModel):
-    """Where the sync of one connection and work-item type stands."""
-
-    model_config = ConfigDict(frozen=True)
-
-    connection: str
-    item_type: str  # WorkItemType.sync_name: incidents | change_requests
-    watermark_updated_at: datetime | None = None
-    watermark_last_id: str = ""
-    last_run_at: datetime | None = None
-    last_success_at: datetime | None = None
-    last_outcome: str = ""
-    last_error: str = ""
-    last_run_synced: int = 0
-    last_run_rejected: int = 0
-    synced_total: int = 0
-    rejected_total: int = 0
-    lease_owner: str = ""
-    lease_until: datetime | None = None
-    etag: str = ""
-
-    @property
-    def watermark(self) -> SyncCursor | None:
-        if self.watermark_updated_at is None:
-            return None
-        return SyncCursor(updated_at=self.watermark_updated_at, last_id=self.watermark_last_id)
-
-    def leased_by_other(self, owner: str, now: datetime) -> bool:
-        return bool(self.lease_owner) and self.lease_owner != owner and (self.lease_until or now) > now
 
 
 def _to_entity(row: SyncStateRow) -> dict[str, object]:
@@ -92,12 +60,12 @@ class SyncStateRepository:
     def insert(self, row: SyncStateRow) -> SyncStateRow:
         """Conditional insert: AlreadyExistsError when another run created the row first."""
         etag = insert_entity(self._table, _to_entity(row))
-        return row.model_copy(update={"etag": etag})
+        return row.with_etag(etag)
 
     def replace(self, row: SyncStateRow) -> SyncStateRow:
         """ETag-matched replace; EtagConflict when another run wrote since ``row`` was read."""
         etag = replace_if_match(self._table, _to_entity(row), row.etag)
-        return row.model_copy(update={"etag": etag})
+        return row.with_etag(etag)
 
     def list(self, connection: str | None = None) -> Iterator[SyncStateRow]:
         if connection is None:

@@ -28,7 +28,7 @@ from requests.adapters import HTTPAdapter
 from requests.utils import get_environ_proxies
 from urllib3.util.retry import Retry
 
-from shared_code.errors import AlreadyExistsError, StateError
+from shared_code.errors import AlreadyExistsError, EtagConflict, StateError
 from shared_code.settings import DEVELOPMENT_STORAGE, Settings
 
 T = TypeVar("T")
@@ -40,10 +40,6 @@ AZURITE_CONNECTION_STRING = (
     "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
     "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1;"
 )
-
-
-class EtagConflict(StateError):
-    """An ETag-matched write lost the race: re-read and try again."""
 
 
 def bucket_of(value: str, buckets: int) -> int:

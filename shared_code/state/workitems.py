@@ -16,9 +16,9 @@ from typing import Any
 
 from azure.data.tables import TableClient
 
+from shared_code.domain.workitem import WorkItem, WorkItemType
 from shared_code.state.tablebatch import upsert_transaction
 from shared_code.state.tables import Entity, bucket_of, get_entity, query_entities
-from shared_code.workitems.model import WorkItem, WorkItemType
 
 TABLE = "WorkItems"
 BUCKETS = 8

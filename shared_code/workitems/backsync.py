@@ -30,8 +30,10 @@ import httpx
 from azure.core.credentials import AccessToken, TokenCredential
 from azure.core.exceptions import AzureError
 
-from shared_code.connections import Connection
-from shared_code.errors import BusyError, ConnectorAppError
+from shared_code.domain.connection import ConnectionBase
+from shared_code.domain.correlation import Correlation, CorrelationState
+from shared_code.domain.workitem import WorkItem, WorkItemType
+from shared_code.errors import BusyError, ConnectorAppError, EtagConflict
 from shared_code.itsm.servicenow.mapping import (
     CHANGE_CANCELED,
     CHANGE_CLOSED,
@@ -39,9 +41,6 @@ from shared_code.itsm.servicenow.mapping import (
     INCIDENT_CLOSED,
     INCIDENT_RESOLVED,
 )
-from shared_code.state.correlations import Correlation, CorrelationState
-from shared_code.state.tables import EtagConflict
-from shared_code.workitems.model import WorkItem, WorkItemType
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +256,7 @@ class BackSync:
         self._clock = clock
         self._max_races = max_races
 
-    def apply(self, connection: Connection, items: Sequence[WorkItem]) -> BackSyncReport:
+    def apply(self, connection: ConnectionBase, items: Sequence[WorkItem]) -> BackSyncReport:
         """Handle one committed page. Transient failures raise (the page is retried next run)."""
         report = BackSyncReport()
         for item, key, generation, state in self._candidates(items):
@@ -277,7 +276,7 @@ class BackSync:
 
     def _apply_one(
         self,
-        connection: Connection,
+        connection: ConnectionBase,
         item: WorkItem,
         identity: tuple[str, int],
         state: CorrelationState,

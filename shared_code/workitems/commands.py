@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING
 
+from shared_code.domain.workitem import WorkItemType
 from shared_code.errors import InvalidInputError
 from shared_code.workitems.engine import SyncOutcome, SyncProgress, SyncResult
-from shared_code.workitems.model import WorkItemType
 
 if TYPE_CHECKING:
     from shared_code.bootstrap import Container

@@ -41,22 +41,21 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
-from shared_code.connections import Connection
+from shared_code.domain.connection import ConnectionBase
+from shared_code.domain.runs import RunRecord, SyncStateRow
+from shared_code.domain.sync import SyncCursor, SyncErrorKind, SyncErrorRecord, SyncPage
+from shared_code.domain.workitem import WorkItemType
 from shared_code.errors import (
     AlreadyExistsError,
     BusyError,
     ConnectorAppError,
+    EtagConflict,
     ItsmAuthError,
     ItsmError,
     StateError,
 )
-from shared_code.itsm.base import ItsmConnector, SyncCursor, SyncPage
-from shared_code.state.runs import RunRecord
-from shared_code.state.syncerrors import SyncErrorKind, SyncErrorRecord
-from shared_code.state.syncstate import SyncStateRow
-from shared_code.state.tables import EtagConflict
+from shared_code.ports.itsm import ConnectorPorts
 from shared_code.workitems.backsync import AlertsApiError, BackSync
-from shared_code.workitems.model import WorkItemType
 from shared_code.workitems.sinks import ErrorLog, WorkItemSink
 
 log = logging.getLogger(__name__)
@@ -114,9 +113,9 @@ ProgressCallback = Callable[[SyncProgress], None]
 
 
 class ConnectionSource(Protocol):
-    def get(self, name: str) -> Connection: ...
+    def get(self, name: str) -> ConnectionBase: ...
 
-    def list(self) -> list[Connection]: ...
+    def list(self) -> list[ConnectionBase]: ...
 
 
 class SyncStateStore(Protocol):
@@ -142,7 +141,7 @@ def _later(a: SyncCursor | None, b: SyncCursor) -> SyncCursor:
 class _Run:
     """One sync of one connection and type: what it is about and what it has done so far."""
 
-    connection: Connection
+    connection: ConnectionBase
     item_type: WorkItemType
     run_id: str
     progress: ProgressCallback | None
@@ -167,7 +166,7 @@ class SyncEngine:
         self,
         *,
         connections: ConnectionSource,
-        connector_for: Callable[[Connection], ItsmConnector],
+        connector_for: Callable[[ConnectionBase], ConnectorPorts],
         sync_state: SyncStateStore,
         sinks: Sequence[WorkItemSink],
         errors: ErrorLog,
@@ -216,7 +215,7 @@ class SyncEngine:
             targets = [self._connections.get(connection)]
         else:
             targets = [c for c in self._connections.list() if c.sync_data]
-        plan: list[tuple[Connection, WorkItemType, bool]] = []
+        plan: list[tuple[ConnectionBase, WorkItemType, bool]] = []
         for target in targets:
             enabled = {WorkItemType.from_sync_name(s.value) for s in target.sync_data}
             wanted = list(item_types) if item_types is not None else sorted(enabled)
@@ -239,7 +238,7 @@ class SyncEngine:
 
     def _sync_one(
         self,
-        connection: Connection,
+        connection: ConnectionBase,
         item_type: WorkItemType,
         progress: ProgressCallback | None,
         trigger: str,
@@ -305,7 +304,7 @@ class SyncEngine:
 
     def _page_through(self, run: _Run, state: SyncStateRow) -> SyncStateRow:
         connection, item_type, deadline = run.connection, run.item_type, run.deadline
-        connector = self._connector_for(connection)
+        connector = self._connector_for(connection).require_changes()
         cursor = self._start_cursor(run, state)
         pool = ThreadPoolExecutor(1 + len(self._sinks), thread_name_prefix=f"sync-{connection.name}")
         pending: Future[SyncPage] | None = None
@@ -528,7 +527,7 @@ class SyncEngine:
                 )
             )
 
-    def _not_enabled(self, connection: Connection, item_type: WorkItemType) -> SyncResult:
+    def _not_enabled(self, connection: ConnectionBase, item_type: WorkItemType) -> SyncResult:
         return SyncResult(
             connection=connection.name,
             item_type=item_type,

@@ -18,10 +18,11 @@ from azure.core.credentials import TokenCredential
 from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
 from azure.monitor.ingestion import LogsIngestionClient
 
+from shared_code.domain.sync import SyncErrorRecord
+from shared_code.domain.workitem import WorkItem
 from shared_code.errors import ConnectorAppError
-from shared_code.state.syncerrors import SyncErrorRecord, SyncErrorRepository
+from shared_code.state.syncerrors import SyncErrorRepository
 from shared_code.state.workitems import WorkItemRepository
-from shared_code.workitems.model import WorkItem
 
 log = logging.getLogger(__name__)
 

@@ -252,7 +252,7 @@ def probe_creates(connection_name: str) -> list[float]:
     from shared_code.bootstrap import get_container
 
     container = get_container()
-    connector = container.connector_for(container.connections.get(connection_name))
+    connector = container.connector_for(container.connections.get(connection_name)).require_incidents()
     created: list[float] = []
     create = connector.create_incident
 
@@ -268,8 +268,7 @@ def probe_creates(connection_name: str) -> list[float]:
 def probe_races() -> Counter[str]:
     """Count the correlation writes that lost a race (conditional insert or ETag-matched replace)."""
     from shared_code.bootstrap import get_container
-    from shared_code.errors import AlreadyExistsError
-    from shared_code.state.tables import EtagConflict
+    from shared_code.errors import AlreadyExistsError, EtagConflict
 
     repo = get_container().correlations
     counts: Counter[str] = Counter()

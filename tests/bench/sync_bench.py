@@ -87,9 +87,9 @@ import httpx
 from azure.data.tables import TableServiceClient
 
 from shared_code.bootstrap import get_container
+from shared_code.domain.workitem import WorkItemType
 from shared_code.itsm.servicenow.mapping import SYNC_FIELDS, TABLES
 from shared_code.workitems.engine import SyncOutcome, SyncResult
-from shared_code.workitems.model import WorkItemType
 from tests.loopback import netguard
 from tests.loopback import servicenow as snow
 from tests.loopback.azurite import Azurite

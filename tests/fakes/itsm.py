@@ -7,9 +7,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from shared_code.domain.sync import SyncCursor, SyncPage
+from shared_code.domain.workitem import IncidentDraft, WorkItemRef, WorkItemState, WorkItemType
 from shared_code.errors import ItsmRejectedError, ItsmUnavailableError
-from shared_code.itsm.base import IncidentDraft, SyncCursor, SyncPage, WorkItemRef, WorkItemState
-from shared_code.workitems.model import WorkItemType
+from shared_code.ports.itsm import ConnectorPorts
 
 
 @dataclass
@@ -119,3 +120,9 @@ class FakeItsm:
 
     def close(self) -> None:
         return None
+
+    def ports(self) -> ConnectorPorts:
+        """What the registry would hand the alert path: incidents and CI lookups, no change feed."""
+        return ConnectorPorts(
+            product="Fake", check=self.check, close=self.close, incidents=self, configuration_items=self
+        )

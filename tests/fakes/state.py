@@ -6,9 +6,8 @@ import itertools
 import threading
 from collections.abc import Iterator
 
-from shared_code.errors import AlreadyExistsError
-from shared_code.state.correlations import Correlation, CorrelationState
-from shared_code.state.tables import EtagConflict
+from shared_code.domain.correlation import Correlation, CorrelationState
+from shared_code.errors import AlreadyExistsError, EtagConflict
 
 
 class InMemoryCorrelations:

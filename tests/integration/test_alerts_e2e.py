@@ -30,8 +30,8 @@ import pytest
 import function_app
 from shared_code import httpretry
 from shared_code.bootstrap import Container, get_container, reset_container
-from shared_code.state.correlations import Correlation, CorrelationState
-from shared_code.state.deliveries import Delivery, DeliveryStatus
+from shared_code.domain.correlation import Correlation, CorrelationState
+from shared_code.domain.delivery import Delivery, DeliveryStatus
 from tests.hostsim import FunctionHost, HttpCall
 from tests.loopback.servicenow import ServiceNowLoopback
 from tests.loopback.stack import LoopbackStack

@@ -157,10 +157,10 @@ def test_a_name_that_differs_only_in_case_is_refused_because_it_would_share_the_
     [
         (("--url", "http://example.service-now.com"), "must be an https:// URL"),
         (("--url", "https://itsm.contoso.com"), "private instance"),
-        (("--scope-days", "121"), "sync_scope_days"),
-        (("--sync", "incidents,problems"), "sync_data"),
+        (("--scope-days", "121"), "--scope-days"),
+        (("--sync", "incidents,problems"), "--sync item 2"),
         (("--severity-map", "Sev0=4/1"), "--severity-map"),
-        (("--type", "cherwell"), "not supported yet"),
+        (("--type", "nosuchproduct"), "invalid choice"),
     ],
 )
 def test_invalid_connections_are_refused_with_the_field_named(

@@ -9,12 +9,12 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from shared_code.domain.sync import SyncCursor
+from shared_code.domain.workitem import IncidentDraft, WorkItemState, WorkItemType
 from shared_code.errors import ItsmAuthError, ItsmRejectedError
 from shared_code.httpretry import RetryPolicy
-from shared_code.itsm.base import IncidentDraft, SyncCursor, WorkItemState
 from shared_code.itsm.servicenow.auth import ServiceNowBasicAuth, ServiceNowOAuth
 from shared_code.itsm.servicenow.connector import ServiceNowConnector
-from shared_code.workitems.model import WorkItemType
 from tests.loopback.servicenow import (
     DEFAULT_CLIENT_ID,
     DEFAULT_CLIENT_SECRET,

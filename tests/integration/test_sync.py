@@ -33,19 +33,20 @@ import pytest
 import function_app
 from shared_code import httpretry
 from shared_code.bootstrap import Container
-from shared_code.itsm.base import SyncCursor
+from shared_code.domain.correlation import Correlation, CorrelationState
+from shared_code.domain.runs import RunRecord, SyncStateRow
+from shared_code.domain.sync import SyncCursor, SyncErrorKind, SyncErrorRecord
+from shared_code.domain.workitem import WorkItem, WorkItemType
 from shared_code.itsm.servicenow.mapping import SYNC_FIELDS
 from shared_code.state import runs as runs_table
 from shared_code.state import syncerrors as syncerrors_table
 from shared_code.state import syncstate as syncstate_table
 from shared_code.state import workitems as workitems_table
-from shared_code.state.correlations import Correlation, CorrelationState
-from shared_code.state.runs import RunRecord, RunRepository
-from shared_code.state.syncerrors import SyncErrorKind, SyncErrorRecord, SyncErrorRepository
-from shared_code.state.syncstate import SyncStateRepository, SyncStateRow
+from shared_code.state.runs import RunRepository
+from shared_code.state.syncerrors import SyncErrorRepository
+from shared_code.state.syncstate import SyncStateRepository
 from shared_code.state.workitems import WorkItemRepository
 from shared_code.workitems.engine import SyncEngine, SyncOutcome, SyncResult
-from shared_code.workitems.model import WorkItem, WorkItemType
 from shared_code.workitems.sinks import WorkItemSink
 from tests.hostsim import FunctionHost, HttpCall
 from tests.loopback import servicenow as servicenow_loopback

@@ -8,11 +8,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from shared_code.alerts.processor import AlertProcessor, Outcome
-from shared_code.alerts.signal import AlertSignal, MonitorCondition, Severity
-from shared_code.connections import Connection, CorrelationMode
+from shared_code.domain.alert import AlertSignal, MonitorCondition, Severity
+from shared_code.domain.connection import ConnectionBase, CorrelationMode
+from shared_code.domain.correlation import CorrelationState
+from shared_code.domain.workitem import WorkItemRef, WorkItemState
 from shared_code.errors import BusyError, ItsmUnavailableError
-from shared_code.itsm.base import WorkItemRef, WorkItemState
-from shared_code.state.correlations import CorrelationState
+from shared_code.itsm.registry import parse_connection
 from tests.fakes.itsm import FakeItsm
 from tests.fakes.state import InMemoryCorrelations
 
@@ -30,7 +31,7 @@ class Clock:
         self.now += timedelta(**kwargs)
 
 
-def connection(**overrides: object) -> Connection:
+def connection(**overrides: object) -> ConnectionBase:
     data: dict[str, object] = {
         "name": "sn",
         "partner_type": "servicenow",
@@ -39,7 +40,7 @@ def connection(**overrides: object) -> Connection:
         "client_id": "cid",
         "note_interval_minutes": 15,
     }
-    return Connection.parse(data | overrides)
+    return parse_connection(data | overrides)
 
 
 def signal(
@@ -76,7 +77,7 @@ def world():
 
 def test_first_firing_creates_one_incident_with_mapped_fields(world):
     _clock, repo, itsm, processor = world
-    result = processor.process(connection(), itsm, "d1", signal(severity=Severity.SEV0))
+    result = processor.process(connection(), itsm.ports(), "d1", signal(severity=Severity.SEV0))
     assert result.outcome is Outcome.CREATED
     assert itsm.calls == ["create"]
     (incident,) = itsm.incidents.values()
@@ -93,14 +94,14 @@ def test_first_firing_creates_one_incident_with_mapped_fields(world):
 def test_refire_is_coalesced_within_the_interval_then_noted_with_the_count(world):
     clock, repo, itsm, processor = world
     conn = connection()
-    processor.process(conn, itsm, "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
     for i in range(2, 6):
         clock.advance(minutes=1)
-        result = processor.process(conn, itsm, f"d{i}", signal(f"a{i}", fired_at=clock.now))
+        result = processor.process(conn, itsm.ports(), f"d{i}", signal(f"a{i}", fired_at=clock.now))
         assert result.outcome is Outcome.COALESCED
     assert itsm.calls == ["create"]
     clock.advance(minutes=15)
-    result = processor.process(conn, itsm, "d6", signal("a6", fired_at=clock.now))
+    result = processor.process(conn, itsm.ports(), "d6", signal("a6", fired_at=clock.now))
     assert result.outcome is Outcome.NOTED
     (incident,) = itsm.incidents.values()
     assert incident.notes
@@ -113,9 +114,9 @@ def test_refire_is_coalesced_within_the_interval_then_noted_with_the_count(world
 def test_the_same_notification_twice_is_one_effect(world):
     _clock, _repo, itsm, processor = world
     conn = connection(note_interval_minutes=0)
-    processor.process(conn, itsm, "d1", signal("a1"))
-    first = processor.process(conn, itsm, "d2", signal("a2"))
-    again = processor.process(conn, itsm, "d2", signal("a2"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
+    first = processor.process(conn, itsm.ports(), "d2", signal("a2"))
+    again = processor.process(conn, itsm.ports(), "d2", signal("a2"))
     assert (first.outcome, again.outcome) == (Outcome.NOTED, Outcome.DUPLICATE)
     assert itsm.calls == ["create", "note"]
 
@@ -129,7 +130,7 @@ def test_concurrent_firings_of_one_problem_make_one_incident(world):
 
     def fire(i: int) -> None:
         barrier.wait()
-        outcomes.append(processor.process(conn, itsm, f"d{i}", signal(f"a{i}")).outcome)
+        outcomes.append(processor.process(conn, itsm.ports(), f"d{i}", signal(f"a{i}")).outcome)
 
     threads = [threading.Thread(target=fire, args=(i,)) for i in range(20)]
     for t in threads:
@@ -147,17 +148,19 @@ def test_concurrent_firings_of_one_problem_make_one_incident(world):
 def test_resolve_is_one_write_and_a_second_resolve_is_a_duplicate(world):
     clock, _repo, itsm, processor = world
     conn = connection()
-    processor.process(conn, itsm, "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
     clock.advance(minutes=1)
-    processor.process(conn, itsm, "d2", signal("a1", fired_at=clock.now))  # the same alert, fired again
+    processor.process(
+        conn, itsm.ports(), "d2", signal("a1", fired_at=clock.now)
+    )  # the same alert, fired again
     clock.advance(minutes=5)
-    result = processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    result = processor.process(conn, itsm.ports(), "r1", signal("a1", condition=MonitorCondition.RESOLVED))
     assert result.outcome is Outcome.RESOLVED
     assert itsm.calls == ["create", "resolve"]
     (incident,) = itsm.incidents.values()
     assert incident.state is WorkItemState.RESOLVED
     assert "1 firing(s) since the last note" in incident.notes[-1]
-    again = processor.process(conn, itsm, "r2", signal("a2", condition=MonitorCondition.RESOLVED))
+    again = processor.process(conn, itsm.ports(), "r2", signal("a2", condition=MonitorCondition.RESOLVED))
     assert again.outcome is Outcome.DUPLICATE
     assert itsm.calls == ["create", "resolve"]
 
@@ -165,8 +168,8 @@ def test_resolve_is_one_write_and_a_second_resolve_is_a_duplicate(world):
 def test_without_auto_resolve_a_resolution_is_only_a_note(world):
     _clock, _repo, itsm, processor = world
     conn = connection(auto_resolve=False)
-    processor.process(conn, itsm, "d1", signal("a1"))
-    result = processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
+    result = processor.process(conn, itsm.ports(), "r1", signal("a1", condition=MonitorCondition.RESOLVED))
     assert result.outcome is Outcome.NOTED
     assert itsm.calls == ["create", "note"]
     assert next(iter(itsm.incidents.values())).state is WorkItemState.OPEN
@@ -175,15 +178,17 @@ def test_without_auto_resolve_a_resolution_is_only_a_note(world):
 def test_firing_again_reopens_inside_the_window_and_opens_anew_after_it(world):
     clock, repo, itsm, processor = world
     conn = connection(reopen_window_hours=2)
-    processor.process(conn, itsm, "d1", signal("a1"))
-    processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "r1", signal("a1", condition=MonitorCondition.RESOLVED))
     clock.advance(hours=1)
-    reopened = processor.process(conn, itsm, "d2", signal("a2", fired_at=clock.now))
+    reopened = processor.process(conn, itsm.ports(), "d2", signal("a2", fired_at=clock.now))
     assert reopened.outcome is Outcome.REOPENED
     assert len(itsm.incidents) == 1
-    processor.process(conn, itsm, "r2", signal("a2", condition=MonitorCondition.RESOLVED, fired_at=clock.now))
+    processor.process(
+        conn, itsm.ports(), "r2", signal("a2", condition=MonitorCondition.RESOLVED, fired_at=clock.now)
+    )
     clock.advance(hours=3)
-    fresh = processor.process(conn, itsm, "d3", signal("a3", fired_at=clock.now))
+    fresh = processor.process(conn, itsm.ports(), "d3", signal("a3", fired_at=clock.now))
     assert fresh.outcome is Outcome.CREATED
     assert len(itsm.incidents) == 2
     (row,) = repo.rows.values()
@@ -194,11 +199,11 @@ def test_firing_again_reopens_inside_the_window_and_opens_anew_after_it(world):
 def test_an_incident_that_cannot_be_reopened_is_replaced(world):
     clock, _repo, itsm, processor = world
     conn = connection()
-    processor.process(conn, itsm, "d1", signal("a1"))
-    processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "r1", signal("a1", condition=MonitorCondition.RESOLVED))
     itsm.reopen_rejected = True
     clock.advance(minutes=30)
-    result = processor.process(conn, itsm, "d2", signal("a2", fired_at=clock.now))
+    result = processor.process(conn, itsm.ports(), "d2", signal("a2", fired_at=clock.now))
     assert result.outcome is Outcome.CREATED
     assert len(itsm.incidents) == 2
 
@@ -206,9 +211,9 @@ def test_an_incident_that_cannot_be_reopened_is_replaced(world):
 def test_a_late_fired_notification_after_its_resolution_is_ignored(world):
     _clock, _repo, itsm, processor = world
     conn = connection()
-    processor.process(conn, itsm, "d1", signal("a1"))
-    processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
-    late = processor.process(conn, itsm, "d1-late", signal("a1"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    late = processor.process(conn, itsm.ports(), "d1-late", signal("a1"))
     assert late.outcome is Outcome.IGNORED
     assert itsm.calls == ["create", "resolve"]
 
@@ -216,13 +221,13 @@ def test_a_late_fired_notification_after_its_resolution_is_ignored(world):
 def test_a_resolution_that_overtook_its_firing_keeps_the_late_firing_from_opening_an_incident(world):
     _clock, _repo, itsm, processor = world
     conn = connection()
-    result = processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    result = processor.process(conn, itsm.ports(), "r1", signal("a1", condition=MonitorCondition.RESOLVED))
     assert result.outcome is Outcome.IGNORED
     assert result.work_item is None
-    late = processor.process(conn, itsm, "f1", signal("a1"))  # its firing, delivered after a retry
+    late = processor.process(conn, itsm.ports(), "f1", signal("a1"))  # its firing, delivered after a retry
     assert late.outcome is Outcome.IGNORED
     assert itsm.calls == []
-    again = processor.process(conn, itsm, "f2", signal("a2", fired_at=T0 + timedelta(minutes=30)))
+    again = processor.process(conn, itsm.ports(), "f2", signal("a2", fired_at=T0 + timedelta(minutes=30)))
     assert again.outcome is Outcome.CREATED
     assert itsm.calls == ["create"]
     (incident,) = itsm.incidents.values()
@@ -240,9 +245,9 @@ def test_a_lost_create_response_is_recovered_not_repeated(world):
 
     itsm.create_incident = create_then_lose_response
     with pytest.raises(ItsmUnavailableError):
-        processor.process(conn, itsm, "d1", signal("a1"))
+        processor.process(conn, itsm.ports(), "d1", signal("a1"))
     itsm.create_incident = original
-    result = processor.process(conn, itsm, "d1", signal("a1"))
+    result = processor.process(conn, itsm.ports(), "d1", signal("a1"))
     assert result.outcome is Outcome.CREATED
     assert len(itsm.incidents) == 1
     assert itsm.calls == ["create", "find"]
@@ -251,44 +256,44 @@ def test_a_lost_create_response_is_recovered_not_repeated(world):
 def test_per_rule_mode_notes_a_new_configuration_item_at_once(world):
     _clock, _repo, itsm, processor = world
     conn = connection(correlation=CorrelationMode.PER_RULE)
-    processor.process(conn, itsm, "d1", signal("a1", ci="vm-1"))
-    result = processor.process(conn, itsm, "d2", signal("a2", ci="vm-2"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1", ci="vm-1"))
+    result = processor.process(conn, itsm.ports(), "d2", signal("a2", ci="vm-2"))
     assert result.outcome is Outcome.NOTED
     (incident,) = itsm.incidents.values()
     assert "Also affecting: vm-2" in incident.notes[0]
-    assert processor.process(conn, itsm, "d3", signal("a3", ci="vm-2")).outcome is Outcome.COALESCED
+    assert processor.process(conn, itsm.ports(), "d3", signal("a3", ci="vm-2")).outcome is Outcome.COALESCED
 
 
 def test_per_alert_mode_opens_one_incident_per_alert(world):
     _clock, _repo, itsm, processor = world
     conn = connection(correlation=CorrelationMode.PER_ALERT)
-    processor.process(conn, itsm, "d1", signal("a1"))
-    processor.process(conn, itsm, "d2", signal("a2"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "d2", signal("a2"))
     assert len(itsm.incidents) == 2
 
 
 def test_a_resolution_waits_for_a_create_in_flight_then_asks_for_a_retry(world):
     clock, repo, itsm, processor = world
     conn = connection()
-    processor.process(conn, itsm, "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
     (key,) = repo.rows
     row = repo.rows[key]
     repo.rows[key] = row.model_copy(
         update={"lease_owner": "other:1", "lease_until": clock.now + timedelta(seconds=60)}
     )
     with pytest.raises(BusyError):
-        processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+        processor.process(conn, itsm.ports(), "r1", signal("a1", condition=MonitorCondition.RESOLVED))
     assert itsm.calls == ["create"]
 
 
 def test_a_failed_note_leaves_the_firings_for_the_next_note(world):
     _clock, repo, itsm, processor = world
     conn = connection(note_interval_minutes=0)
-    processor.process(conn, itsm, "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
     itsm.fail_next.append(ItsmUnavailableError("503"))
     with pytest.raises(ItsmUnavailableError):
-        processor.process(conn, itsm, "d2", signal("a2"))
-    result = processor.process(conn, itsm, "d2", signal("a2"))
+        processor.process(conn, itsm.ports(), "d2", signal("a2"))
+    result = processor.process(conn, itsm.ports(), "d2", signal("a2"))
     assert result.outcome is Outcome.NOTED
     (incident,) = itsm.incidents.values()
     assert len(incident.notes) == 1
@@ -297,7 +302,7 @@ def test_a_failed_note_leaves_the_firings_for_the_next_note(world):
 
 def test_work_item_ref_roundtrip_in_result(world):
     _clock, _repo, itsm, processor = world
-    result = processor.process(connection(), itsm, "d1", signal())
+    result = processor.process(connection(), itsm.ports(), "d1", signal())
     assert isinstance(result.work_item, WorkItemRef)
     assert result.work_item.number.startswith("INC")
 
@@ -305,32 +310,32 @@ def test_work_item_ref_roundtrip_in_result(world):
 def test_a_new_configuration_item_under_another_instances_lease_is_counted_then_noted(world):
     clock, repo, itsm, processor = world
     conn = connection(correlation=CorrelationMode.PER_RULE)
-    processor.process(conn, itsm, "d1", signal("a1", ci="vm-1"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1", ci="vm-1"))
     (key,) = repo.rows
     held = repo.rows[key].model_copy(
         update={"lease_owner": "other:1", "lease_until": clock.now + timedelta(seconds=60)}
     )
     repo.rows[key] = held
-    result = processor.process(conn, itsm, "d2", signal("a2", ci="vm-2"))
+    result = processor.process(conn, itsm.ports(), "d2", signal("a2", ci="vm-2"))
     assert result.outcome is Outcome.COALESCED  # never waits for the lease, never ends busy
     assert repo.rows[key].pending_cis == ("vm-2",)
     assert itsm.calls == ["create"]
     repo.rows[key] = repo.rows[key].model_copy(update={"lease_owner": "", "lease_until": None})
-    result = processor.process(conn, itsm, "d3", signal("a3", ci="vm-1"))
+    result = processor.process(conn, itsm.ports(), "d3", signal("a3", ci="vm-1"))
     assert result.outcome is Outcome.NOTED
     (incident,) = itsm.incidents.values()
     assert "Also affecting: vm-2" in incident.notes[0]
     row = repo.rows[key]
     assert (row.configuration_items, row.pending_cis) == (("vm-1", "vm-2"), ())
-    assert processor.process(conn, itsm, "d4", signal("a4", ci="vm-2")).outcome is Outcome.COALESCED
+    assert processor.process(conn, itsm.ports(), "d4", signal("a4", ci="vm-2")).outcome is Outcome.COALESCED
 
 
 def test_a_problem_another_process_opened_is_recognised_despite_the_insert_first(world):
     clock, repo, itsm, processor = world
     conn = connection()
-    processor.process(conn, itsm, "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
     elsewhere = AlertProcessor(repo, clock, lease_seconds=60, busy_budget_seconds=0.3)
-    result = elsewhere.process(conn, itsm, "d2", signal("a2"))
+    result = elsewhere.process(conn, itsm.ports(), "d2", signal("a2"))
     assert result.outcome is Outcome.COALESCED
     assert itsm.calls == ["create"]
     (row,) = repo.rows.values()
@@ -355,10 +360,12 @@ def test_a_lease_taken_over_during_a_slow_ci_lookup_gives_no_second_incident(wor
         # the CMDB lookup (several retried GETs) outlasts the lease; another instance delivers a
         # firing of the same problem meanwhile, takes the expired "creating" lease and creates
         clock.advance(seconds=61)
-        taken_over.append(elsewhere.process(conn, itsm, "d2", signal("a2", fired_at=clock.now)).outcome)
+        taken_over.append(
+            elsewhere.process(conn, itsm.ports(), "d2", signal("a2", fired_at=clock.now)).outcome
+        )
 
     itsm.on_ci_lookup = slow_lookup
-    first = processor.process(conn, itsm, "d1", signal("a1"))
+    first = processor.process(conn, itsm.ports(), "d1", signal("a1"))
 
     assert taken_over == [Outcome.CREATED]
     assert itsm.calls.count("create") == 1  # the first instance lost its lease and wrote nothing
@@ -367,14 +374,16 @@ def test_a_lease_taken_over_during_a_slow_ci_lookup_gives_no_second_incident(wor
     (row,) = repo.rows.values()
     assert (row.work_item_id, row.fire_count, row.lease_owner) == (incident.ref.id, 2, "")
     for alert_id in ("a1", "a2"):
-        processor.process(conn, itsm, f"r-{alert_id}", signal(alert_id, condition=MonitorCondition.RESOLVED))
+        processor.process(
+            conn, itsm.ports(), f"r-{alert_id}", signal(alert_id, condition=MonitorCondition.RESOLVED)
+        )
     assert incident.state is WorkItemState.RESOLVED
 
 
 def test_a_slow_lookup_renews_the_lease_before_the_create_and_the_fast_path_does_not(world):
     clock, repo, itsm, processor = world
     conn = connection()
-    processor.process(conn, itsm, "d1", signal("a1", ci="vm-fast"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1", ci="vm-fast"))
     assert repo.writes == 2  # the conditional insert and the release: no renewal when fast
 
     ahead: list[timedelta] = []
@@ -386,7 +395,7 @@ def test_a_slow_lookup_renews_the_lease_before_the_create_and_the_fast_path_does
         ahead.append(row.lease_until - clock.now)
 
     itsm.on_create = at_create
-    result = processor.process(conn, itsm, "d2", signal("a2", ci="vm-slow"))
+    result = processor.process(conn, itsm.ports(), "d2", signal("a2", ci="vm-slow"))
 
     assert result.outcome is Outcome.CREATED
     assert ahead == [timedelta(seconds=60)]  # renewed to a whole lease right before the POST
@@ -404,11 +413,12 @@ def test_an_incident_created_after_the_lease_was_taken_over_is_resolved_as_a_dup
         # finds nothing by correlation id (the first POST is still in flight) and creates too
         clock.advance(seconds=61)
         assert (
-            elsewhere.process(conn, itsm, "d2", signal("a2", fired_at=clock.now)).outcome is Outcome.CREATED
+            elsewhere.process(conn, itsm.ports(), "d2", signal("a2", fired_at=clock.now)).outcome
+            is Outcome.CREATED
         )
 
     itsm.on_create = slow_post
-    first = processor.process(conn, itsm, "d1", signal("a1"))
+    first = processor.process(conn, itsm.ports(), "d1", signal("a1"))
 
     kept, duplicate = itsm.incidents.values()  # the other instance's create answered first
     (row,) = repo.rows.values()
@@ -424,7 +434,7 @@ def test_an_incident_created_after_the_lease_was_taken_over_is_resolved_as_a_dup
     assert row.fire_count == 2
     assert set(row.firing_alerts) == {alert_id("a1"), alert_id("a2")}
     for name in ("a1", "a2"):
-        processor.process(conn, itsm, f"r-{name}", signal(name, condition=MonitorCondition.RESOLVED))
+        processor.process(conn, itsm.ports(), f"r-{name}", signal(name, condition=MonitorCondition.RESOLVED))
     assert [i.state for i in itsm.incidents.values()] == [WorkItemState.RESOLVED] * 2
 
 
@@ -435,11 +445,13 @@ def test_a_create_whose_alerts_resolved_while_it_was_in_flight_is_resolved_at_on
 
     def slow_post(_itsm: FakeItsm) -> None:
         clock.advance(seconds=61)
-        resolved = elsewhere.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+        resolved = elsewhere.process(
+            conn, itsm.ports(), "r1", signal("a1", condition=MonitorCondition.RESOLVED)
+        )
         assert resolved.outcome is Outcome.IGNORED  # nothing found by correlation id yet
 
     itsm.on_create = slow_post
-    result = processor.process(conn, itsm, "d1", signal("a1"))
+    result = processor.process(conn, itsm.ports(), "d1", signal("a1"))
 
     assert result.outcome is Outcome.CREATED
     (incident,) = itsm.incidents.values()
@@ -479,10 +491,10 @@ def test_a_resolution_after_a_create_that_failed_in_transit_resolves_the_inciden
 
     itsm.create_incident = create_then_lose_response
     with pytest.raises(ItsmUnavailableError):
-        processor.process(conn, itsm, "d1", signal("a1"))
+        processor.process(conn, itsm.ports(), "d1", signal("a1"))
     itsm.create_incident = original
 
-    result = processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    result = processor.process(conn, itsm.ports(), "r1", signal("a1", condition=MonitorCondition.RESOLVED))
 
     assert result.outcome is Outcome.RESOLVED
     (incident,) = itsm.incidents.values()
@@ -490,7 +502,7 @@ def test_a_resolution_after_a_create_that_failed_in_transit_resolves_the_inciden
     assert result.work_item == incident.ref
     (row,) = repo.rows.values()
     assert (row.state, row.work_item_id, row.lease_owner) == (CorrelationState.RESOLVED, incident.ref.id, "")
-    late = processor.process(conn, itsm, "d1", signal("a1"))  # the firing's delivery, retried
+    late = processor.process(conn, itsm.ports(), "d1", signal("a1"))  # the firing's delivery, retried
     assert late.outcome is Outcome.IGNORED
     assert itsm.calls == ["create", "find", "resolve"]
 
@@ -500,9 +512,9 @@ def test_a_resolution_after_a_create_that_never_happened_is_recorded_and_the_lat
     conn = connection(auto_resolve=False)
     itsm.fail_next.append(ItsmUnavailableError("503"))
     with pytest.raises(ItsmUnavailableError):
-        processor.process(conn, itsm, "d1", signal("a1"))
+        processor.process(conn, itsm.ports(), "d1", signal("a1"))
 
-    result = processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    result = processor.process(conn, itsm.ports(), "r1", signal("a1", condition=MonitorCondition.RESOLVED))
 
     assert result.outcome is Outcome.IGNORED
     assert result.work_item is None
@@ -510,7 +522,7 @@ def test_a_resolution_after_a_create_that_never_happened_is_recorded_and_the_lat
     assert row.state is CorrelationState.RESOLVED
     assert row.resolved_alert_fired_at == T0
     assert (row.work_item_id, row.lease_owner) == ("", "")
-    assert processor.process(conn, itsm, "d1", signal("a1")).outcome is Outcome.IGNORED
+    assert processor.process(conn, itsm.ports(), "d1", signal("a1")).outcome is Outcome.IGNORED
     assert itsm.incidents == {}
     assert itsm.calls == ["create", "find"]
 
@@ -525,10 +537,10 @@ def alert_id(name: str) -> str:
 def test_one_alert_resolving_keeps_the_incident_open_while_another_of_the_problem_fires(world):
     _clock, repo, itsm, processor = world
     conn = connection()
-    processor.process(conn, itsm, "d1", signal("a1"))
-    processor.process(conn, itsm, "d2", signal("a2"))  # another dimension of the metric, same CI
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "d2", signal("a2"))  # another dimension of the metric, same CI
 
-    first = processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    first = processor.process(conn, itsm.ports(), "r1", signal("a1", condition=MonitorCondition.RESOLVED))
 
     assert first.outcome is Outcome.NOTED
     (incident,) = itsm.incidents.values()
@@ -543,9 +555,9 @@ def test_one_alert_resolving_keeps_the_incident_open_while_another_of_the_proble
         (alert_id("a1"),),
     )
 
-    late = processor.process(conn, itsm, "d1-again", signal("a1"))  # a1's firing, delivered late
+    late = processor.process(conn, itsm.ports(), "d1-again", signal("a1"))  # a1's firing, delivered late
     assert late.outcome is Outcome.IGNORED
-    last = processor.process(conn, itsm, "r2", signal("a2", condition=MonitorCondition.RESOLVED))
+    last = processor.process(conn, itsm.ports(), "r2", signal("a2", condition=MonitorCondition.RESOLVED))
 
     assert last.outcome is Outcome.RESOLVED
     assert itsm.get_state(incident.ref) is WorkItemState.RESOLVED
@@ -556,33 +568,33 @@ def test_one_alert_resolving_keeps_the_incident_open_while_another_of_the_proble
 def test_a_late_firing_of_another_alert_that_fired_before_the_resolution_is_not_ignored(world):
     clock, repo, itsm, processor = world
     conn = connection()
-    processor.process(conn, itsm, "d1", signal("a1"))
-    processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "r1", signal("a1", condition=MonitorCondition.RESOLVED))
     clock.advance(minutes=10)
 
     # a2 fired before a1 resolved, but its delivery was retried: it is active and needs an incident
-    late = processor.process(conn, itsm, "d2", signal("a2", fired_at=T0 - timedelta(seconds=30)))
+    late = processor.process(conn, itsm.ports(), "d2", signal("a2", fired_at=T0 - timedelta(seconds=30)))
 
     assert late.outcome is Outcome.REOPENED
     (incident,) = itsm.incidents.values()
     assert incident.state is WorkItemState.OPEN
     (row,) = repo.rows.values()
     assert row.firing_alerts == (alert_id("a2"),)
-    processor.process(conn, itsm, "r2", signal("a2", condition=MonitorCondition.RESOLVED))
+    processor.process(conn, itsm.ports(), "r2", signal("a2", condition=MonitorCondition.RESOLVED))
     assert itsm.get_state(incident.ref) is WorkItemState.RESOLVED
 
 
 def test_coalesced_firings_record_their_alert_ids_for_backward_sync(world):
     clock, repo, itsm, processor = world
     conn = connection()
-    processor.process(conn, itsm, "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
     (key,) = repo.rows
     repo.rows[key] = repo.rows[key].model_copy(
         update={"lease_owner": "other:1", "lease_until": clock.now + timedelta(seconds=60)}
     )
-    assert processor.process(conn, itsm, "d2", signal("a2")).outcome is Outcome.COALESCED
+    assert processor.process(conn, itsm.ports(), "d2", signal("a2")).outcome is Outcome.COALESCED
     repo.rows[key] = repo.rows[key].model_copy(update={"lease_owner": "", "lease_until": None})
-    assert processor.process(conn, itsm, "d3", signal("a3")).outcome is Outcome.COALESCED
+    assert processor.process(conn, itsm.ports(), "d3", signal("a3")).outcome is Outcome.COALESCED
 
     row = repo.rows[key]
     expected = tuple(alert_id(name) for name in ("a1", "a2", "a3"))
@@ -593,8 +605,8 @@ def test_coalesced_firings_record_their_alert_ids_for_backward_sync(world):
 def test_per_alert_mode_resolves_on_the_alerts_own_resolution(world):
     _clock, repo, itsm, processor = world
     conn = connection(correlation=CorrelationMode.PER_ALERT)
-    processor.process(conn, itsm, "d1", signal("a1"))
-    processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "r1", signal("a1", condition=MonitorCondition.RESOLVED))
     (incident,) = itsm.incidents.values()
     assert incident.state is WorkItemState.RESOLVED
     (row,) = repo.rows.values()
@@ -608,11 +620,11 @@ def test_per_alert_mode_resolves_on_the_alerts_own_resolution(world):
 def test_a_firing_on_an_incident_that_is_gone_opens_a_new_one(world, caplog, status):
     _clock, repo, itsm, processor = world
     conn = connection(note_interval_minutes=0)
-    processor.process(conn, itsm, "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
     (old,) = itsm.incidents.values()
     itsm.gone[old.ref.id] = status
 
-    result = processor.process(conn, itsm, "d2", signal("a2"))
+    result = processor.process(conn, itsm.ports(), "d2", signal("a2"))
 
     assert result.outcome is Outcome.CREATED
     assert len(itsm.incidents) == 2
@@ -621,7 +633,7 @@ def test_a_firing_on_an_incident_that_is_gone_opens_a_new_one(world, caplog, sta
     (row,) = repo.rows.values()
     assert (row.state, row.generation, row.work_item_id) == (CorrelationState.OPEN, 2, result.work_item.id)
     assert any(r.levelname == "WARNING" and old.ref.number in r.getMessage() for r in caplog.records)
-    processor.process(conn, itsm, "r2", signal("a2", condition=MonitorCondition.RESOLVED))
+    processor.process(conn, itsm.ports(), "r2", signal("a2", condition=MonitorCondition.RESOLVED))
     assert itsm.incidents[result.work_item.id].state is WorkItemState.RESOLVED
 
 
@@ -629,11 +641,11 @@ def test_a_firing_on_an_incident_that_is_gone_opens_a_new_one(world, caplog, sta
 def test_a_resolution_of_an_incident_that_is_gone_is_recorded_without_it(world, caplog, status):
     clock, repo, itsm, processor = world
     conn = connection()
-    processor.process(conn, itsm, "d1", signal("a1"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1"))
     (old,) = itsm.incidents.values()
     itsm.gone[old.ref.id] = status
 
-    result = processor.process(conn, itsm, "r1", signal("a1", condition=MonitorCondition.RESOLVED))
+    result = processor.process(conn, itsm.ports(), "r1", signal("a1", condition=MonitorCondition.RESOLVED))
 
     assert result.outcome is Outcome.RESOLVED
     assert f"{old.ref.number} cannot be written (HTTP {status})" in result.detail
@@ -641,7 +653,9 @@ def test_a_resolution_of_an_incident_that_is_gone_is_recorded_without_it(world, 
     assert (row.state, row.lease_owner) == (CorrelationState.RESOLVED, "")
     assert any(r.levelname == "WARNING" and old.ref.number in r.getMessage() for r in caplog.records)
     clock.advance(minutes=30)
-    again = processor.process(conn, itsm, "d2", signal("a2", fired_at=clock.now))  # cannot be reopened
+    again = processor.process(
+        conn, itsm.ports(), "d2", signal("a2", fired_at=clock.now)
+    )  # cannot be reopened
     assert again.outcome is Outcome.CREATED
     assert len(itsm.incidents) == 2
 
@@ -654,14 +668,17 @@ def test_a_thousand_configuration_items_keep_the_row_within_table_storage_limits
 
     clock, repo, itsm, processor = world
     conn = connection(correlation=CorrelationMode.PER_RULE)
-    processor.process(conn, itsm, "d1", signal("a1", ci="vm-0000"))
+    processor.process(conn, itsm.ports(), "d1", signal("a1", ci="vm-0000"))
     many = tuple(
         f"/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm-{n:04d}"
         for n in range(1, 1001)
     )
     clock.advance(minutes=1)
     noted = processor.process(
-        conn, itsm, "d2", signal("a2", fired_at=clock.now).model_copy(update={"configuration_items": many})
+        conn,
+        itsm.ports(),
+        "d2",
+        signal("a2", fired_at=clock.now).model_copy(update={"configuration_items": many}),
     )
 
     assert noted.outcome is Outcome.NOTED
@@ -680,7 +697,7 @@ def test_a_thousand_configuration_items_keep_the_row_within_table_storage_limits
     for n in range(150):
         cis = tuple(f"host-{n:03d}-{m}" for m in range(10))
         pending = signal(f"s{n}", fired_at=clock.now).model_copy(update={"configuration_items": cis})
-        assert processor.process(conn, itsm, f"s{n}", pending).outcome is Outcome.COALESCED
+        assert processor.process(conn, itsm.ports(), f"s{n}", pending).outcome is Outcome.COALESCED
     row = repo.rows[key]
     assert (len(row.pending_cis), len(row.alert_ids), len(row.firing_alerts)) == (100, 100, 100)
     assert row.alert_ids[-1] == alert_id("s149")

@@ -20,7 +20,7 @@ from shared_code.alerts.schema import (
     strip_html,
     summarize_context,
 )
-from shared_code.alerts.signal import MonitorCondition, Severity
+from shared_code.domain.alert import MonitorCondition, Severity
 from shared_code.errors import AlertSchemaError, NotCommonSchemaError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "alerts"

@@ -16,9 +16,10 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from shared_code.domain.sync import SyncCursor
+from shared_code.domain.workitem import IncidentDraft, WorkItemRef, WorkItemState, WorkItemType
 from shared_code.errors import ItsmAuthError, ItsmRejectedError, ItsmUnavailableError, SecretStoreError
 from shared_code.httpretry import RetryPolicy
-from shared_code.itsm.base import IncidentDraft, SyncCursor, WorkItemRef, WorkItemState
 from shared_code.itsm.servicenow.auth import ServiceNowBasicAuth, ServiceNowOAuth
 from shared_code.itsm.servicenow.connector import ServiceNowConnector
 from shared_code.itsm.servicenow.mapping import (
@@ -28,7 +29,6 @@ from shared_code.itsm.servicenow.mapping import (
     row_to_work_item,
 )
 from shared_code.itsm.servicenow.query import Query, escape_value, format_datetime
-from shared_code.workitems.model import WorkItemType
 
 INSTANCE = "https://dev12345.service-now.com"
 TOKEN_URL = f"{INSTANCE}/oauth_token.do"

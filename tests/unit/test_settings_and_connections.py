@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared_code.connections import Connection
 from shared_code.errors import ConfigurationError, InvalidInputError
+from shared_code.itsm.registry import parse_connection
 from shared_code.settings import Settings
 
 BASE: dict[str, object] = {
@@ -95,16 +95,16 @@ def test_settings_defaults():
 
 
 def test_connection_defaults_follow_the_itsmc_form_and_do_better():
-    connection = Connection.parse(BASE)
+    connection = parse_connection(BASE)
     assert connection.server_url == "https://contoso.service-now.com"
     assert connection.create_configuration_items is False
     assert connection.auto_resolve is True
     assert {s.value for s in connection.sync_data} == {"incidents", "change_requests"}
-    assert connection.secret_names == (
-        "itsm-sn-prod-password",
+    assert sorted(connection.secret_names) == [
         "itsm-sn-prod-client-secret",
+        "itsm-sn-prod-password",
         "itsm-sn-prod-refresh-token",
-    )
+    ]
 
 
 @pytest.mark.parametrize(
@@ -119,17 +119,17 @@ def test_connection_defaults_follow_the_itsmc_form_and_do_better():
         ({"name": "bad name!"}, "name: use 1-50 letters"),
         ({"client_id": ""}, "client_id is required"),
         ({"username": ""}, "username"),
-        ({"partner_type": "jira"}, "partner_type"),
+        ({"partner_type": "jira"}, "partner type"),
     ],
 )
 def test_connection_validation_names_the_field(change, message):
     with pytest.raises(InvalidInputError) as info:
-        Connection.parse(BASE | change)
+        parse_connection(BASE | change)
     assert message in str(info.value)
 
 
 def test_private_instance_allows_an_own_domain_and_basic_auth_needs_no_client_id():
-    connection = Connection.parse(
+    connection = parse_connection(
         BASE
         | {
             "server_url": "https://itsm.contoso.com",
@@ -143,5 +143,5 @@ def test_private_instance_allows_an_own_domain_and_basic_auth_needs_no_client_id
 
 def test_validation_messages_do_not_echo_values():
     with pytest.raises(InvalidInputError) as info:
-        Connection.parse(BASE | {"server_url": "https://svc:Sup3rS3cret@contoso.service-now.com"})
+        parse_connection(BASE | {"server_url": "https://svc:Sup3rS3cret@contoso.service-now.com"})
     assert "Sup3rS3cret" not in str(info.value)

@@ -12,13 +12,7 @@ from azure.data.tables import TableServiceClient
 
 from shared_code.errors import StateError
 from shared_code.settings import Settings
-from shared_code.state.tables import (
-    RETRY_BACKOFF_MAX,
-    RETRY_TOTAL,
-    TableStore,
-    get_entity,
-    transport_options,
-)
+from shared_code.state.tables import RETRY_BACKOFF_MAX, RETRY_TOTAL, TableStore, get_entity, transport_options
 
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 

@@ -12,20 +12,21 @@ import httpx
 import pytest
 from azure.core.credentials import AccessToken
 
-from shared_code.connections import Connection, SyncData
+from shared_code.domain.connection import ConnectionBase, SyncData
+from shared_code.domain.correlation import Correlation, CorrelationState
+from shared_code.domain.runs import RunRecord, SyncStateRow
+from shared_code.domain.sync import RejectedRow, SyncCursor, SyncErrorKind, SyncErrorRecord, SyncPage
+from shared_code.domain.workitem import WorkItem, WorkItemType
 from shared_code.errors import (
     AlreadyExistsError,
+    EtagConflict,
     ItsmAuthError,
     ItsmUnavailableError,
     NotFoundError,
     StateError,
 )
-from shared_code.itsm.base import RejectedRow, SyncCursor, SyncPage
-from shared_code.state.correlations import Correlation, CorrelationState
-from shared_code.state.runs import RunRecord
-from shared_code.state.syncerrors import SyncErrorKind, SyncErrorRecord
-from shared_code.state.syncstate import SyncStateRow
-from shared_code.state.tables import EtagConflict
+from shared_code.itsm.registry import parse_connection
+from shared_code.ports.itsm import ConnectorPorts
 from shared_code.workitems.backsync import (
     AlertsApiError,
     AlertsManagementClient,
@@ -35,7 +36,6 @@ from shared_code.workitems.backsync import (
     parse_correlation_id,
 )
 from shared_code.workitems.engine import SyncEngine, SyncOutcome, SyncProgress
-from shared_code.workitems.model import WorkItem, WorkItemType
 from tests.fakes.state import InMemoryCorrelations
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -46,7 +46,7 @@ CHG = WorkItemType.CHANGE_REQUEST
 # -- fakes ---------------------------------------------------------------------------------------
 
 
-def connection(name: str = "snow", **extra: object) -> Connection:
+def connection(name: str = "snow", **extra: object) -> ConnectionBase:
     data: dict[str, object] = {
         "name": name,
         "partner_type": "servicenow",
@@ -57,7 +57,7 @@ def connection(name: str = "snow", **extra: object) -> Connection:
         "sync_scope_days": 30,
     }
     data.update(extra)
-    return Connection.model_validate(data)
+    return parse_connection(data)
 
 
 def item(conn: str, n: int, updated_at: datetime, **extra: object) -> WorkItem:
@@ -90,6 +90,9 @@ class FakeFeed:
         row = item(self.conn, n, updated_at, **extra)
         self.rows[row.source_id] = row
         return row
+
+    def ports(self) -> ConnectorPorts:
+        return ConnectorPorts(product="Fake", check=lambda: "fake feed", close=lambda: None, changes=self)
 
     def fetch_changes(self, item_type: WorkItemType, cursor: SyncCursor, page_size: int) -> SyncPage:
         with self._lock:
@@ -181,15 +184,15 @@ class MemoryRuns:
 
 
 class Connections:
-    def __init__(self, *connections: Connection) -> None:
+    def __init__(self, *connections: ConnectionBase) -> None:
         self.by_name = {c.name: c for c in connections}
 
-    def get(self, name: str) -> Connection:
+    def get(self, name: str) -> ConnectionBase:
         if name not in self.by_name:
             raise NotFoundError(f"no ITSM connection named {name!r}")
         return self.by_name[name]
 
-    def list(self) -> list[Connection]:
+    def list(self) -> list[ConnectionBase]:
         return sorted(self.by_name.values(), key=lambda c: c.name)
 
 
@@ -203,7 +206,7 @@ class Clock:
 
 class Harness:
     def __init__(
-        self, *connections: Connection, sinks: int = 1, overlap: int = 120, page_size: int = 10
+        self, *connections: ConnectionBase, sinks: int = 1, overlap: int = 120, page_size: int = 10
     ) -> None:
         self.connections = Connections(*(connections or (connection(),)))
         self.feeds = {name: FakeFeed(name) for name in self.connections.by_name}
@@ -216,7 +219,7 @@ class Harness:
         self.closer = FakeCloser()
         self.engine = SyncEngine(
             connections=self.connections,
-            connector_for=lambda c: self.feeds[c.name],  # type: ignore[arg-type,return-value]
+            connector_for=lambda c: self.feeds[c.name].ports(),
             sync_state=self.state,
             sinks=self.sinks,
             errors=self.errors,

@@ -1,4 +1,4 @@
-"""ServiceNow behind the ``ItsmConnector`` port, over the Table API (``/api/now/table/...``).
+"""ServiceNow behind the ITSM ports (incidents, change feed, CIs) over the Table API (``/api/now/table``).
 
 Every method is one logical call: built by ``_send`` (JSON, ``Accept: application/json``), sent
 through ``send_with_retries`` (bounded retries of transport errors, 408, 429 and 5xx), and mapped
@@ -26,9 +26,10 @@ from urllib.parse import quote
 
 import httpx
 
+from shared_code.domain.sync import RejectedRow, SyncCursor, SyncPage
+from shared_code.domain.workitem import IncidentDraft, WorkItem, WorkItemRef, WorkItemState, WorkItemType
 from shared_code.errors import ItsmAuthError, ItsmError, ItsmRejectedError, ItsmUnavailableError
 from shared_code.httpretry import RetryPolicy, send_with_retries
-from shared_code.itsm.base import IncidentDraft, RejectedRow, SyncCursor, SyncPage, WorkItemRef, WorkItemState
 from shared_code.itsm.servicenow.mapping import (
     CI_CREATE_TABLE,
     CI_TABLE,
@@ -42,7 +43,6 @@ from shared_code.itsm.servicenow.mapping import (
     row_to_work_item,
 )
 from shared_code.itsm.servicenow.query import Query
-from shared_code.workitems.model import WorkItem, WorkItemType
 
 log = logging.getLogger(__name__)
 

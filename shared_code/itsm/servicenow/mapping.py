@@ -14,9 +14,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from shared_code.itsm.base import IncidentDraft, WorkItemState
+from shared_code.domain.workitem import IncidentDraft, WorkItem, WorkItemState, WorkItemType
 from shared_code.itsm.servicenow.query import DATETIME_FORMAT
-from shared_code.workitems.model import WorkItem, WorkItemType
 
 INCIDENT_TABLE = "incident"
 CHANGE_REQUEST_TABLE = "change_request"

@@ -7,11 +7,14 @@ those names so they keep working against the table this app fills.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from shared_code.errors import InvalidInputError
 
 
 class WorkItemType(StrEnum):
@@ -30,6 +33,35 @@ class WorkItemType(StrEnum):
                 return item
         raise ValueError(f"unknown work item type {name!r}: use incidents or change_requests")
 
+    @classmethod
+    def parse_many(cls, names: Sequence[str] | None) -> list[WorkItemType] | None:
+        """``incidents`` / ``change_requests`` (dashes allowed) -> work-item types; None means all."""
+        if not names:
+            return None
+        types: list[WorkItemType] = []
+        for name in names:
+            try:
+                item_type = cls.from_sync_name(name.strip().lower().replace("-", "_"))
+            except ValueError as exc:
+                raise InvalidInputError(str(exc)[:200]) from None
+            if item_type not in types:
+                types.append(item_type)
+        return types
+
+
+class Lifecycle(StrEnum):
+    """Where a work item is, whatever the product calls its states; set by the product's mapping."""
+
+    NEW = "new"
+    IN_PROGRESS = "in_progress"
+    RESOLVED = "resolved"
+    CLOSED = "closed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Lifecycle.RESOLVED, Lifecycle.CLOSED, Lifecycle.CANCELLED)
+
 
 class WorkItem(BaseModel):
     """One incident or change request, as people read it (display values, not reference ids)."""
@@ -42,6 +74,9 @@ class WorkItem(BaseModel):
     number: str = Field(min_length=1, description="the id people read (INC0010001)")
     updated_at: datetime
     state: str = ""
+    lifecycle: Lifecycle | None = Field(
+        default=None, description="the normalised lifecycle the product's mapping derived from its raw state"
+    )
     state_code: str = Field(
         default="",
         description="the product's raw state value (ServiceNow: incident 6 Resolved, 7 Closed, 8 Canceled); "
@@ -122,3 +157,55 @@ class WorkItem(BaseModel):
                 "WorkEndDate_t": iso(self.work_end),
             }
         return record
+
+
+class WorkItemRef(BaseModel):
+    """Where a work item lives in the product: its id, the number people read, and a link."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(min_length=1)
+    number: str = Field(min_length=1)
+    url: str | None = None
+
+
+class WorkItemState(StrEnum):
+    """The coarse lifecycle the alert path cares about, whatever the product calls its states."""
+
+    OPEN = "open"
+    RESOLVED = "resolved"
+    CLOSED = "closed"
+
+
+class IncidentDraft(BaseModel):
+    """What the alert path asks a product to create. Products map it to their own fields."""
+
+    model_config = ConfigDict(frozen=True)
+
+    short_description: str = Field(min_length=1, max_length=160)
+    description: str
+    impact: int = Field(ge=1, le=3)
+    urgency: int = Field(ge=1, le=3)
+    correlation_id: str = Field(min_length=1, max_length=100)
+    correlation_display: str = Field(default="", max_length=100)
+    configuration_item: str | None = None
+    create_configuration_item: bool = False
+    assignment_group: str | None = None
+    caller: str | None = None
+    category: str | None = None
+
+    def without_configuration_item(self) -> IncidentDraft:
+        """The draft with no CI to link (the CMDB does not know it, or the product has none)."""
+        return self.model_copy(update={"configuration_item": None})
+
+
+class SeverityMapping(BaseModel):
+    """Impact and urgency (1 high .. 3 low) for one Azure Monitor severity."""
+
+    model_config = ConfigDict(frozen=True)
+
+    impact: int = Field(ge=1, le=3)
+    urgency: int = Field(ge=1, le=3)
+
+
+SEVERITIES: Sequence[str] = ("Sev0", "Sev1", "Sev2", "Sev3", "Sev4")

@@ -1,36 +1,26 @@
 """ITSM connections: what the retired connector's "ITSM Connections" form held, validated better.
 
-A connection never holds a secret value. Client secret, password and the rotating refresh token
-live in Key Vault under the names recorded here.
+``ConnectionBase`` holds what every product's connection has (name, server URL, user, sync scope,
+how alerts correlate and map to work items). Each product subclasses it in its own folder
+(``itsm/<product>/settings.py``) with its own fields and rules, and ``itsm/registry.py`` parses a
+stored or typed-in connection by its ``partner_type``.
+
+A connection never holds a secret value: passwords, client secrets and rotating refresh tokens live
+in Key Vault under the names ``secret_names`` gives.
 """
 
 from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Self
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared_code.alerts.signal import Severity
-from shared_code.errors import InvalidInputError
-from shared_code.itsm.base import SeverityMapping
+from shared_code.domain.alert import Severity
+from shared_code.domain.workitem import SeverityMapping
 
 CONNECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,49}$")
-SERVICENOW_HOST_SUFFIXES = (".service-now.com", ".servicenow.com")
-
-
-class PartnerType(StrEnum):
-    SERVICENOW = "servicenow"
-    SCSM = "scsm"
-    PROVANCE = "provance"
-    CHERWELL = "cherwell"
-
-
-class AuthMethod(StrEnum):
-    OAUTH = "oauth"
-    BASIC = "basic"
 
 
 class SyncData(StrEnum):
@@ -60,19 +50,24 @@ def secret_name(connection: str, purpose: str) -> str:
     return f"itsm-{connection.lower()}-{purpose}"
 
 
-class Connection(BaseModel):
-    """One ITSM connection. Mandatory fields as in the ITSMC form; everything else has a safe default."""
+class SecretSpec(BaseModel):
+    """One secret a product's connection needs: its Key Vault purpose and how people call it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    purpose: str  # part of the Key Vault name: password, client-secret, refresh-token
+    label: str  # "password", "client secret"
+    flag: str = ""  # the CLI's --X-env option, "" for secrets the app writes itself (refresh tokens)
+
+
+class ConnectionBase(BaseModel):
+    """Fields every product's connection has; products add theirs in a subclass."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    partner_type: PartnerType
+    partner_type: str
     server_url: str
-    private_instance: bool = Field(
-        default=False, description="allow a ServiceNow host outside *.service-now.com (own domain / proxy)"
-    )
-    auth_method: AuthMethod = AuthMethod.OAUTH
-    client_id: str = ""
     username: str = Field(min_length=1)
     sync_data: frozenset[SyncData] = frozenset({SyncData.INCIDENTS, SyncData.CHANGE_REQUESTS})
     sync_scope_days: int = Field(default=15, ge=1, le=120)
@@ -82,7 +77,6 @@ class Connection(BaseModel):
     auto_resolve: bool = True
     note_interval_minutes: int = Field(default=15, ge=0, le=1440)
     reopen_window_hours: int = Field(default=24, ge=0, le=720)
-    close_code: str = Field(default="Solved (Permanently)", min_length=1, max_length=80)
     assignment_group: str = ""
     caller: str = ""
     close_azure_alerts: bool = Field(
@@ -110,56 +104,36 @@ class Connection(BaseModel):
             raise ValueError("must be the instance's base URL without query or fragment")
         return f"https://{parts.netloc}{parts.path.rstrip('/')}"
 
-    @model_validator(mode="after")
-    def _rules(self) -> Self:
-        if self.auth_method is AuthMethod.OAUTH and not self.client_id:
-            raise ValueError("client_id is required for OAuth connections")
-        if self.partner_type is PartnerType.SERVICENOW and not self.private_instance:
-            host = urlsplit(self.server_url).hostname or ""
-            if not host.endswith(SERVICENOW_HOST_SUFFIXES):
-                raise ValueError(
-                    f"server_url host {host!r} is not a *.service-now.com or *.servicenow.com instance; "
-                    "mark the connection as a private instance to allow it"
-                )
-        return self
-
-    @property
-    def client_secret_name(self) -> str:
-        return secret_name(self.name, "client-secret")
+    def secret_specs(self) -> tuple[SecretSpec, ...]:
+        """The secrets this connection keeps in Key Vault; products with more override it."""
+        return (SecretSpec(purpose="password", label="password", flag="--password-env"),)
 
     @property
     def password_secret_name(self) -> str:
         return secret_name(self.name, "password")
 
     @property
-    def refresh_token_secret_name(self) -> str:
-        return secret_name(self.name, "refresh-token")
-
-    @property
     def secret_names(self) -> tuple[str, ...]:
-        names = [self.password_secret_name]
-        if self.auth_method is AuthMethod.OAUTH:
-            names += [self.client_secret_name, self.refresh_token_secret_name]
-        return tuple(names)
+        return tuple(secret_name(self.name, spec.purpose) for spec in self.secret_specs())
 
     def mapping_for(self, severity: Severity) -> SeverityMapping:
         return self.severity_map.get(severity, DEFAULT_SEVERITY_MAP[severity])
 
-    @classmethod
-    def parse(cls, data: dict[str, object]) -> Connection:
-        """Validate operator input; every problem named by field in one InvalidInputError."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise InvalidInputError(describe_validation_error(exc, "connection")) from None
 
+def describe_validation_error(exc: ValidationError, what: str, labels: dict[str, str] | None = None) -> str:
+    """A pydantic error as lines of ``field: problem`` without echoing input values.
 
-def describe_validation_error(exc: ValidationError, what: str) -> str:
-    """A pydantic error as lines of ``field: problem`` without echoing input values."""
+    ``labels`` renames fields for the reader (the CLI passes its flags: ``server_url`` -> ``--url``);
+    a list position is shown as "item N" of the field.
+    """
+    labels = labels or {}
     lines = []
     for error in exc.errors():
-        path = ".".join(str(part) for part in error["loc"]) or what
+        loc = [part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
+        head = str(loc[0]) if loc else what
+        name = labels.get(head, head)
+        rest = "".join(f" item {part + 1}" if isinstance(part, int) else f".{part}" for part in loc[1:])
         message = "is required" if error["type"] == "missing" else error["msg"]
         message = message.removeprefix("Value error, ")
-        lines.append(f"- {path}: {message}")
+        lines.append(f"- {name}{rest}: {message}")
     return f"invalid {what}:\n" + "\n".join(lines)

@@ -1,0 +1,75 @@
+"""A ServiceNow connection: the common fields plus ServiceNow's host rule, auth method and close code."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal, Self
+from urllib.parse import urlsplit
+
+from pydantic import Field, model_validator
+
+from shared_code.domain.connection import ConnectionBase, SecretSpec, secret_name
+
+SERVICENOW_HOST_SUFFIXES = (".service-now.com", ".servicenow.com")
+
+
+class AuthMethod(StrEnum):
+    OAUTH = "oauth"
+    BASIC = "basic"
+
+
+class ServiceNowConnection(ConnectionBase):
+    partner_type: Literal["servicenow"] = "servicenow"
+    private_instance: bool = Field(
+        default=False,
+        description="allow a host outside *.service-now.com (own domain, proxy)",
+        json_schema_extra={"cli": "--private-instance"},
+    )
+    auth_method: AuthMethod = Field(
+        default=AuthMethod.OAUTH,
+        description="oauth (password grant) or basic",
+        json_schema_extra={"cli": "--auth"},
+    )
+    client_id: str = Field(
+        default="",
+        description="OAuth client id from the instance's Application Registry (required for oauth)",
+        json_schema_extra={"cli": "--client-id"},
+    )
+    close_code: str = Field(
+        default="Solved (Permanently)",
+        min_length=1,
+        max_length=80,
+        description="resolution code set when an alert resolves its incident",
+        json_schema_extra={"cli": "--close-code"},
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        if self.auth_method is AuthMethod.OAUTH and not self.client_id:
+            raise ValueError("client_id is required for OAuth connections")
+        if not self.private_instance:
+            host = urlsplit(self.server_url).hostname or ""
+            if not host.endswith(SERVICENOW_HOST_SUFFIXES):
+                raise ValueError(
+                    f"server_url host {host[:80]!r} is not a *.service-now.com or *.servicenow.com instance; "
+                    "mark the connection as a private instance to allow it"
+                )
+        return self
+
+    def secret_specs(self) -> tuple[SecretSpec, ...]:
+        password = SecretSpec(purpose="password", label="password", flag="--password-env")
+        if self.auth_method is not AuthMethod.OAUTH:
+            return (password,)
+        return (
+            SecretSpec(purpose="client-secret", label="client secret", flag="--client-secret-env"),
+            password,
+            SecretSpec(purpose="refresh-token", label="refresh token"),
+        )
+
+    @property
+    def client_secret_name(self) -> str:
+        return secret_name(self.name, "client-secret")
+
+    @property
+    def refresh_token_secret_name(self) -> str:
+        return secret_name(self.name, "refresh-token")
