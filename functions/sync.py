@@ -16,8 +16,8 @@ import azure.functions as func
 from functions.http_errors import error_response, json_response
 from shared_code.bootstrap import get_container
 from shared_code.domain.connection import CONNECTION_NAME
+from shared_code.domain.workitem import WorkItemType
 from shared_code.errors import NotFoundError
-from shared_code.workitems.commands import parse_item_types
 from shared_code.workitems.engine import SyncOutcome, SyncResult
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def sync_connection(req: func.HttpRequest) -> func.HttpResponse:
         if not CONNECTION_NAME.match(name):
             raise NotFoundError(f"no ITSM connection named {name!r}")
         wanted = req.params.get("type")
-        types = parse_item_types([wanted]) if wanted else None
+        types = WorkItemType.parse_many([wanted]) if wanted else None
         results = get_container().sync_engine.run(name, types, trigger="http", time_budget=HTTP_BUDGET)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a clear HTTP answer
         return error_response(exc)

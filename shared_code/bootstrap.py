@@ -11,7 +11,7 @@ import os
 import ssl
 import threading
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from urllib.parse import urlsplit
 
@@ -23,19 +23,28 @@ from shared_code.alerts.delivery import AlertDelivery
 from shared_code.alerts.intake import AlertIntake
 from shared_code.alerts.processor import AlertProcessor
 from shared_code.domain.connection import ConnectionBase
-from shared_code.itsm.registry import build_connector, parse_connection
 from shared_code.ports.itsm import ConnectorPorts
+from shared_code.products import build_connector, parse_connection
 from shared_code.secrets import KeyVaultSecretStore, SecretStore
 from shared_code.settings import Settings
 from shared_code.state import connections as connections_table
 from shared_code.state import correlations as correlations_table
 from shared_code.state import deliveries as deliveries_table
+from shared_code.state import runs as runs_table
+from shared_code.state import syncerrors as syncerrors_table
+from shared_code.state import syncstate as syncstate_table
+from shared_code.state import workitems as workitems_table
 from shared_code.state.connections import ConnectionRepository
 from shared_code.state.correlations import CorrelationRepository
 from shared_code.state.deliveries import DeliveryRepository
+from shared_code.state.runs import RunRepository
+from shared_code.state.syncerrors import SyncErrorRepository
+from shared_code.state.syncstate import SyncStateRepository
 from shared_code.state.tables import TableStore
+from shared_code.state.workitems import WorkItemRepository
+from shared_code.workitems.backsync import AlertsManagementClient, BackSync
 from shared_code.workitems.engine import SyncEngine
-from shared_code.workitems.wiring import build_sync_engine
+from shared_code.workitems.sinks import LogAnalyticsSink, LogsUploader, SyncErrorLog, TableSink, WorkItemSink
 
 
 def utc_now() -> datetime:
@@ -184,6 +193,41 @@ class Container:
             self.http.close()
         if "tables" in self.__dict__:
             self.tables.close()
+
+
+def build_sync_engine(container: Container) -> SyncEngine:
+    """The engine over the WorkItems table, Log Analytics (when configured) and backward sync."""
+    settings = container.settings
+    tables = container.tables
+    sinks: list[WorkItemSink] = [TableSink(WorkItemRepository(tables.table(workitems_table.TABLE)))]
+    uploader: LogsUploader | None = None
+    if settings.logs_ingestion_enabled:
+        uploader = LogsUploader(
+            settings.logs_ingestion_endpoint,
+            settings.logs_ingestion_rule_id,
+            container.credential,
+            ca_bundle=settings.tls_ca_bundle,
+            timeout=settings.http_timeout_seconds,
+        )
+        sinks.append(LogAnalyticsSink(uploader, settings.logs_ingestion_stream, container.clock))
+    errors = SyncErrorLog(
+        SyncErrorRepository(tables.table(syncerrors_table.TABLE)),
+        uploader,
+        settings.logs_ingestion_error_stream,
+    )
+    alerts = AlertsManagementClient(container.http, container.credential, settings.arm_endpoint)
+    return SyncEngine(
+        connections=container.connections,
+        connector_for=container.connector_for,
+        sync_state=SyncStateRepository(tables.table(syncstate_table.TABLE)),
+        sinks=sinks,
+        errors=errors,
+        runs=RunRepository(tables.table(runs_table.TABLE)),
+        clock=container.clock,
+        page_size=settings.sync_page_size,
+        overlap=timedelta(seconds=settings.sync_overlap_seconds),
+        backsync=BackSync(container.correlations, alerts, container.clock),
+    )
 
 
 _container: Container | None = None

@@ -27,11 +27,11 @@ from shared_code.bootstrap import Container, get_container
 from shared_code.domain.alert import Severity
 from shared_code.domain.connection import ConnectionBase, CorrelationMode, secret_name
 from shared_code.domain.delivery import Delivery, DeliveryStatus
-from shared_code.domain.workitem import SeverityMapping
+from shared_code.domain.workitem import SeverityMapping, WorkItemType
 from shared_code.errors import AlreadyExistsError, ConnectorAppError, InvalidInputError
-from shared_code.itsm.registry import PRODUCTS, parse_connection, product_of
+from shared_code.products import PRODUCTS, parse_connection, product_of
 from shared_code.secrets import StoredRefreshToken
-from shared_code.workitems.commands import sync_run
+from shared_code.workitems.engine import SyncOutcome, SyncProgress, SyncResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -264,6 +264,65 @@ class Cli:
 
     def sync_run(self, args: argparse.Namespace) -> int:
         return sync_run(self.container, args.connection, args.type, self.out, self.out.isatty())
+
+
+class _ProgressLine:
+    """Redraws one status line per connection and type on a terminal."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.width = 0
+
+    def __call__(self, event: SyncProgress) -> None:
+        where = f", up to {event.watermark.updated_at:%Y-%m-%d %H:%M:%S}" if event.watermark else ""
+        rejected = f", {event.rejected:,} skipped" if event.rejected else ""
+        text = (
+            f"{event.connection} {event.item_type.sync_name}: {event.synced:,} rows in {event.pages:,} pages"
+            f"{rejected}{where}"
+        )
+        self.out.write("\r" + text.ljust(self.width))
+        self.width = len(text)
+        if event.done:
+            self.out.write("\r" + " " * self.width + "\r")
+            self.width = 0
+        self.out.flush()
+
+
+def describe(result: SyncResult) -> str:
+    parts = [f"{result.connection} {result.item_type.sync_name}: {result.outcome.value}"]
+    if result.outcome is not SyncOutcome.SKIPPED:
+        parts.append(f"{result.synced:,} synced, {result.rejected:,} skipped rows, {result.pages:,} pages")
+        if result.correlations_updated or result.alerts_closed:
+            parts.append(
+                f"{result.correlations_updated} correlations updated, {result.alerts_closed} alerts closed"
+            )
+        parts.append(f"{result.duration_seconds:.1f}s")
+    text = ", ".join(parts)
+    if result.outcome is SyncOutcome.INCOMPLETE:
+        text += " (time budget reached; run again to continue)"
+    if result.error:
+        text += f"\n    {result.error}"
+    return text
+
+
+def sync_run(
+    container: Container,
+    connection: str | None,
+    item_types: Sequence[str] | None,
+    out: IO[str],
+    isatty: bool,
+) -> int:
+    """Run the sync for one or every connection; 1 when any connection and type failed."""
+    types = WorkItemType.parse_many(item_types)
+    engine = container.sync_engine
+    progress = _ProgressLine(out) if isatty else None
+    results = engine.run(connection, types, progress, trigger="cli")
+    if not results:
+        print("no connection syncs work items (see: connections add --sync)", file=out)
+        return EXIT_OK
+    for result in results:
+        print(describe(result), file=out)
+    return EXIT_FAILED if any(r.outcome is SyncOutcome.FAILED for r in results) else EXIT_OK
 
 
 def delivery_summary(d: Delivery) -> dict[str, Any]:

@@ -32,15 +32,8 @@ from azure.core.exceptions import AzureError
 
 from shared_code.domain.connection import ConnectionBase
 from shared_code.domain.correlation import Correlation, CorrelationState
-from shared_code.domain.workitem import WorkItem, WorkItemType
+from shared_code.domain.workitem import Lifecycle, WorkItem
 from shared_code.errors import BusyError, ConnectorAppError, EtagConflict
-from shared_code.itsm.servicenow.mapping import (
-    CHANGE_CANCELED,
-    CHANGE_CLOSED,
-    INCIDENT_CANCELED,
-    INCIDENT_CLOSED,
-    INCIDENT_RESOLVED,
-)
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +45,6 @@ ALERT_ID = re.compile(
 API_VERSION = "2019-05-05-preview"
 PUBLIC_ARM_SCOPE = "https://management.azure.com/.default"
 SOVEREIGN_ARM_HOSTS = ("management.usgovcloudapi.net", "management.chinacloudapi.cn")
-FINISHED_CODES: dict[WorkItemType, dict[str, CorrelationState]] = {
-    # raw state values (ServiceNow's stock choices); any other value, custom ones included, is open
-    WorkItemType.INCIDENT: {
-        INCIDENT_RESOLVED: CorrelationState.RESOLVED,
-        INCIDENT_CLOSED: CorrelationState.CLOSED,
-        INCIDENT_CANCELED: CorrelationState.CLOSED,
-    },
-    WorkItemType.CHANGE_REQUEST: {
-        CHANGE_CLOSED: CorrelationState.CLOSED,
-        CHANGE_CANCELED: CorrelationState.CLOSED,
-    },
-}
-# only for items that carry no raw state (rows stored before it was kept): English stock labels
-RESOLVED_STATES = {"resolved", "6"}
-CLOSED_STATES = {"closed", "canceled", "cancelled", "7", "8"}
 
 
 class AlertsApiError(ConnectorAppError):
@@ -102,26 +80,20 @@ def parse_correlation_id(value: str) -> tuple[str, int] | None:
     return match["key"], int(match["generation"])
 
 
+FINISHED: dict[Lifecycle, CorrelationState] = {
+    Lifecycle.RESOLVED: CorrelationState.RESOLVED,
+    Lifecycle.CLOSED: CorrelationState.CLOSED,
+    Lifecycle.CANCELLED: CorrelationState.CLOSED,
+}
+
+
 def finished_state(item: WorkItem) -> CorrelationState | None:
     """RESOLVED or CLOSED when the product says the item is done; None while it is open.
 
-    Decided on the raw state value: the label ("Resolved") is in the integration user's language
-    and follows relabelled choices. The label is read only when the item carries no raw value.
+    Decided on the lifecycle the product's own mapping derived (from its raw state value, not a
+    label in the integration user's language); an item without one counts as open.
     """
-    code = item.state_code.strip()
-    if code:
-        return FINISHED_CODES[item.item_type].get(code)
-    state = item.state.strip().lower()
-    if state in CLOSED_STATES:
-        return CorrelationState.CLOSED
-    if state in RESOLVED_STATES:
-        return CorrelationState.RESOLVED
-    if not state:
-        if item.closed_at is not None:
-            return CorrelationState.CLOSED
-        if item.resolved_at is not None:
-            return CorrelationState.RESOLVED
-    return None
+    return FINISHED.get(item.lifecycle) if item.lifecycle is not None else None
 
 
 def arm_scope(arm_endpoint: str) -> str:

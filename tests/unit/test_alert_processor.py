@@ -13,7 +13,7 @@ from shared_code.domain.connection import ConnectionBase, CorrelationMode
 from shared_code.domain.correlation import CorrelationState
 from shared_code.domain.workitem import WorkItemRef, WorkItemState
 from shared_code.errors import BusyError, ItsmUnavailableError
-from shared_code.itsm.registry import parse_connection
+from shared_code.products import parse_connection
 from tests.fakes.itsm import FakeItsm
 from tests.fakes.state import InMemoryCorrelations
 

@@ -17,7 +17,7 @@ import pytest
 from pydantic import SecretStr
 
 from shared_code.domain.sync import SyncCursor
-from shared_code.domain.workitem import IncidentDraft, WorkItemRef, WorkItemState, WorkItemType
+from shared_code.domain.workitem import IncidentDraft, Lifecycle, WorkItemRef, WorkItemState, WorkItemType
 from shared_code.errors import ItsmAuthError, ItsmRejectedError, ItsmUnavailableError, SecretStoreError
 from shared_code.httpretry import RetryPolicy
 from shared_code.itsm.servicenow.auth import ServiceNowBasicAuth, ServiceNowOAuth
@@ -835,6 +835,7 @@ def test_incident_row_mapping() -> None:
         "updated_at": utc(2024, 3, 1, 12, 30, 45),
         "state": "Resolved",
         "state_code": "6",
+        "lifecycle": Lifecycle.RESOLVED,
         "urgency": "1 - High",
         "impact": "2 - Medium",
         "priority": "2 - High",

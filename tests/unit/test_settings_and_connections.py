@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared_code.errors import ConfigurationError, InvalidInputError
-from shared_code.itsm.registry import parse_connection
+from shared_code.products import parse_connection
 from shared_code.settings import Settings
 
 BASE: dict[str, object] = {

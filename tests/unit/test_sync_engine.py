@@ -16,7 +16,7 @@ from shared_code.domain.connection import ConnectionBase, SyncData
 from shared_code.domain.correlation import Correlation, CorrelationState
 from shared_code.domain.runs import RunRecord, SyncStateRow
 from shared_code.domain.sync import RejectedRow, SyncCursor, SyncErrorKind, SyncErrorRecord, SyncPage
-from shared_code.domain.workitem import WorkItem, WorkItemType
+from shared_code.domain.workitem import Lifecycle, WorkItem, WorkItemType
 from shared_code.errors import (
     AlreadyExistsError,
     EtagConflict,
@@ -25,8 +25,9 @@ from shared_code.errors import (
     NotFoundError,
     StateError,
 )
-from shared_code.itsm.registry import parse_connection
+from shared_code.itsm.servicenow.mapping import lifecycle_of
 from shared_code.ports.itsm import ConnectorPorts
+from shared_code.products import parse_connection
 from shared_code.workitems.backsync import (
     AlertsApiError,
     AlertsManagementClient,
@@ -71,6 +72,14 @@ def item(conn: str, n: int, updated_at: datetime, **extra: object) -> WorkItem:
         "title": f"incident {n}",
     }
     data.update(extra)
+    if "lifecycle" not in data:  # as the ServiceNow mapping sets it
+        data["lifecycle"] = lifecycle_of(
+            WorkItemType(str(data["item_type"])),
+            str(data.get("state_code", "")),
+            str(data.get("state", "")),
+            resolved_at=data.get("resolved_at"),  # type: ignore[arg-type]
+            closed_at=data.get("closed_at"),  # type: ignore[arg-type]
+        )
     return WorkItem.model_validate(data)
 
 
@@ -691,28 +700,38 @@ def test_a_permanent_alerts_api_failure_is_logged_and_the_correlation_still_upda
 
 
 @pytest.mark.parametrize(
-    ("item_type", "label", "code", "expected"),
+    ("item_type", "label", "code", "lifecycle", "expected"),
     [
-        (INC, "Gelöst", "6", CorrelationState.RESOLVED),  # a German integration user
-        (INC, "Fixed", "6", CorrelationState.RESOLVED),  # a relabelled choice
-        (INC, "Geschlossen", "7", CorrelationState.CLOSED),
-        (INC, "Annulé", "8", CorrelationState.CLOSED),
-        (INC, "Resolved", "2", None),  # the code decides, not the label
-        (INC, "Neu", "1", None),
-        (INC, "Awaiting vendor", "101", None),  # a custom state counts as open
-        (CHG, "Geschlossen", "3", CorrelationState.CLOSED),
-        (CHG, "Abgebrochen", "4", CorrelationState.CLOSED),
-        (CHG, "Implementieren", "-1", None),
-        (INC, "Resolved", "", CorrelationState.RESOLVED),  # no raw value stored: the label, as before
-        (INC, "Closed", "", CorrelationState.CLOSED),
-        (INC, "In Progress", "", None),
+        (INC, "Gelöst", "6", Lifecycle.RESOLVED, CorrelationState.RESOLVED),  # a German integration user
+        (INC, "Fixed", "6", Lifecycle.RESOLVED, CorrelationState.RESOLVED),  # a relabelled choice
+        (INC, "Geschlossen", "7", Lifecycle.CLOSED, CorrelationState.CLOSED),
+        (INC, "Annulé", "8", Lifecycle.CANCELLED, CorrelationState.CLOSED),
+        (INC, "Resolved", "2", Lifecycle.IN_PROGRESS, None),  # the code decides, not the label
+        (INC, "Neu", "1", Lifecycle.NEW, None),
+        (INC, "Awaiting vendor", "101", Lifecycle.IN_PROGRESS, None),  # a custom state counts as open
+        (CHG, "Geschlossen", "3", Lifecycle.CLOSED, CorrelationState.CLOSED),
+        (CHG, "Abgebrochen", "4", Lifecycle.CANCELLED, CorrelationState.CLOSED),
+        (CHG, "Implementieren", "-1", Lifecycle.IN_PROGRESS, None),
+        (INC, "Resolved", "", Lifecycle.RESOLVED, CorrelationState.RESOLVED),  # no raw value: the label
+        (INC, "Closed", "", Lifecycle.CLOSED, CorrelationState.CLOSED),
+        (INC, "In Progress", "", Lifecycle.IN_PROGRESS, None),
     ],
 )
-def test_finished_state_decides_on_the_raw_state_code_and_falls_back_to_the_label(
-    item_type: WorkItemType, label: str, code: str, expected: CorrelationState | None
+def test_the_servicenow_lifecycle_decides_on_the_raw_state_code_and_back_sync_reads_only_it(
+    item_type: WorkItemType,
+    label: str,
+    code: str,
+    lifecycle: Lifecycle,
+    expected: CorrelationState | None,
 ) -> None:
+    assert lifecycle_of(item_type, code, label) is lifecycle
     work_item = item("snow", 1, NOW, item_type=item_type, state=label, state_code=code)
+    assert work_item.lifecycle is lifecycle
     assert finished_state(work_item) is expected
+    # back sync reads the lifecycle, never a product's codes or labels
+    assert finished_state(work_item.model_copy(update={"lifecycle": None})) is None
+    relabelled = work_item.model_copy(update={"state": "Resolved", "state_code": "6"})
+    assert finished_state(relabelled) is expected
 
 
 def test_an_incident_resolved_for_a_non_english_integration_user_is_back_synced() -> None:
@@ -842,8 +861,8 @@ def test_sync_run_shows_progress_on_a_terminal_and_a_summary_and_fails_on_failur
     import io
     import types
 
+    from shared_code.cli import sync_run
     from shared_code.errors import InvalidInputError
-    from shared_code.workitems.commands import sync_run
 
     h = Harness(connection("alpha"), connection("beta"), page_size=5)
     seed(h.feeds["alpha"], 12)

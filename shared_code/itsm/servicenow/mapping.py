@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from shared_code.domain.workitem import IncidentDraft, WorkItem, WorkItemState, WorkItemType
+from shared_code.domain.workitem import IncidentDraft, Lifecycle, WorkItem, WorkItemState, WorkItemType
 from shared_code.itsm.servicenow.query import DATETIME_FORMAT
 
 INCIDENT_TABLE = "incident"
@@ -37,9 +37,63 @@ INCIDENT_RESOLVED = "6"
 INCIDENT_CLOSED = "7"
 INCIDENT_CANCELED = "8"
 
-# change_request.state choices of a stock instance that end a change
+# change_request.state choices of a stock instance
+CHANGE_NEW = "-5"
 CHANGE_CLOSED = "3"
 CHANGE_CANCELED = "4"
+
+LIFECYCLE_OF_CODE: dict[WorkItemType, dict[str, Lifecycle]] = {
+    # raw state values (the stock choices); any other value, custom ones included, is in progress
+    WorkItemType.INCIDENT: {
+        INCIDENT_NEW: Lifecycle.NEW,
+        INCIDENT_IN_PROGRESS: Lifecycle.IN_PROGRESS,
+        INCIDENT_ON_HOLD: Lifecycle.IN_PROGRESS,
+        INCIDENT_RESOLVED: Lifecycle.RESOLVED,
+        INCIDENT_CLOSED: Lifecycle.CLOSED,
+        INCIDENT_CANCELED: Lifecycle.CANCELLED,
+    },
+    WorkItemType.CHANGE_REQUEST: {
+        CHANGE_NEW: Lifecycle.NEW,
+        CHANGE_CLOSED: Lifecycle.CLOSED,
+        CHANGE_CANCELED: Lifecycle.CANCELLED,
+    },
+}
+# only for rows that carry no raw state value: the English stock labels
+LIFECYCLE_OF_LABEL: dict[str, Lifecycle] = {
+    "new": Lifecycle.NEW,
+    "resolved": Lifecycle.RESOLVED,
+    "closed": Lifecycle.CLOSED,
+    "canceled": Lifecycle.CANCELLED,
+    "cancelled": Lifecycle.CANCELLED,
+}
+
+
+def lifecycle_of(
+    item_type: WorkItemType,
+    code: str,
+    label: str = "",
+    *,
+    resolved_at: datetime | None = None,
+    closed_at: datetime | None = None,
+) -> Lifecycle:
+    """The normalised lifecycle of a row, decided on the raw state value.
+
+    The label ("Resolved") is in the integration user's language and follows relabelled choices,
+    so it is read only when the row carries no raw value; then the resolution dates decide.
+    """
+    code = code.strip()
+    if code:
+        return LIFECYCLE_OF_CODE[item_type].get(code, Lifecycle.IN_PROGRESS)
+    by_label = LIFECYCLE_OF_LABEL.get(label.strip().lower())
+    if by_label is not None:
+        return by_label
+    if not label.strip():
+        if closed_at is not None:
+            return Lifecycle.CLOSED
+        if resolved_at is not None:
+            return Lifecycle.RESOLVED
+    return Lifecycle.IN_PROGRESS
+
 
 _COMMON_FIELDS = [
     "sys_id",
@@ -212,4 +266,11 @@ def row_to_work_item(connection: str, item_type: WorkItemType, row: Mapping[str,
             "work_start": date("work_start"),
             "work_end": date("work_end"),
         }
+    values["lifecycle"] = lifecycle_of(
+        item_type,
+        values["state_code"],
+        values["state"],
+        resolved_at=values.get("resolved_at"),
+        closed_at=values["closed_at"],
+    )
     return WorkItem(**values)

@@ -1,8 +1,9 @@
-"""Partner type -> product: its connection model, its connector factory and what it offers.
+"""The product registry: partner type -> connection model, connector factory and what it offers.
 
 An explicit table, not names built into import strings. Adding a product is one folder under
-``shared_code/itsm/`` (settings, auth, connector, mapping) and one entry here; the CLI offers the
-products listed here and builds each one's options from its connection model.
+``shared_code/itsm/`` (settings, auth, connector, mapping) and one entry here. This module sits above
+the ports: it hands each product's connector out as the ``ConnectorPorts`` it offers. The CLI offers
+the products listed here and builds each one's options from its connection model.
 """
 
 from __future__ import annotations
