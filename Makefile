@@ -22,6 +22,7 @@ $(STAMP_NODE): package.json package-lock.json
 lint: $(STAMP_PY)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP_PY)
 	$(PY) -m mypy function_app.py functions shared_code tests

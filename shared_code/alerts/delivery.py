@@ -29,8 +29,7 @@ from shared_code.errors import (
     StateError,
 )
 from shared_code.ports.itsm import ConnectorPorts
-from shared_code.state.connections import ConnectionRepository
-from shared_code.state.deliveries import DeliveryRepository
+from shared_code.ports.state import ConnectionStore, DeliveryStore
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +51,8 @@ class DeliveryMessage(BaseModel):
 
 @dataclass
 class AlertDelivery:
-    connections: ConnectionRepository
-    deliveries: DeliveryRepository
+    connections: ConnectionStore
+    deliveries: DeliveryStore
     processor: AlertProcessor
     connector_for: Callable[[ConnectionBase], ConnectorPorts]
     clock: Callable[[], datetime]

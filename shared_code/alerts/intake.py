@@ -23,8 +23,7 @@ from shared_code.errors import (
     PayloadTooLargeError,
     UnsupportedPayloadError,
 )
-from shared_code.state.connections import ConnectionRepository
-from shared_code.state.deliveries import DeliveryRepository
+from shared_code.ports.state import ConnectionStore, DeliveryStore
 
 MAX_BODY_BYTES = 256 * 1024
 STALE_PENDING = timedelta(seconds=60)
@@ -114,8 +113,8 @@ def _escaped(text: str) -> str:
 
 @dataclass
 class AlertIntake:
-    connections: ConnectionRepository
-    deliveries: DeliveryRepository
+    connections: ConnectionStore
+    deliveries: DeliveryStore
     clock: Callable[[], datetime]
 
     def receive(self, connection_name: str, body: bytes, content_type: str | None) -> Receipt:

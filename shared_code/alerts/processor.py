@@ -44,7 +44,7 @@ from shared_code.domain.correlation import ALERT_ID_LIMIT, CI_LIMIT, Correlation
 from shared_code.domain.workitem import IncidentDraft, WorkItemRef
 from shared_code.errors import AlreadyExistsError, BusyError, EtagConflict, ItsmRejectedError
 from shared_code.ports.itsm import ConfigurationItems, ConnectorPorts, IncidentWriter
-from shared_code.state.correlations import CorrelationRepository
+from shared_code.ports.state import CorrelationStore
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class _LeaseHeld(Exception):
 
 @dataclass
 class AlertProcessor:
-    correlations: CorrelationRepository
+    correlations: CorrelationStore
     clock: Callable[[], datetime]
     lease_seconds: float = 60.0
     busy_budget_seconds: float = 5.0

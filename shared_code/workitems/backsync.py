@@ -66,7 +66,9 @@ class AlertCloser(Protocol):
     def close_alert(self, alert_id: str) -> CloseOutcome: ...
 
 
-class CorrelationStore(Protocol):
+class CorrelationUpdates(Protocol):
+    """The part of the correlation store back sync uses (it never creates a row)."""
+
     def get(self, connection: str, key: str) -> Correlation | None: ...
 
     def replace(self, row: Correlation) -> Correlation: ...
@@ -217,7 +219,7 @@ class BackSync:
 
     def __init__(
         self,
-        correlations: CorrelationStore,
+        correlations: CorrelationUpdates,
         alerts: AlertCloser | None,
         clock: Callable[[], datetime],
         *,

@@ -39,7 +39,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Protocol
 
 from shared_code.domain.connection import ConnectionBase
 from shared_code.domain.runs import RunRecord, SyncStateRow
@@ -55,6 +54,7 @@ from shared_code.errors import (
     StateError,
 )
 from shared_code.ports.itsm import ConnectorPorts
+from shared_code.ports.state import ConnectionStore, RunLog, SyncStateStore
 from shared_code.workitems.backsync import AlertsApiError, BackSync
 from shared_code.workitems.sinks import ErrorLog, WorkItemSink
 
@@ -112,24 +112,6 @@ class SyncProgress:
 ProgressCallback = Callable[[SyncProgress], None]
 
 
-class ConnectionSource(Protocol):
-    def get(self, name: str) -> ConnectionBase: ...
-
-    def list(self) -> list[ConnectionBase]: ...
-
-
-class SyncStateStore(Protocol):
-    def get(self, connection: str, item_type: str) -> SyncStateRow | None: ...
-
-    def insert(self, row: SyncStateRow) -> SyncStateRow: ...
-
-    def replace(self, row: SyncStateRow) -> SyncStateRow: ...
-
-
-class RunLog(Protocol):
-    def record(self, run: RunRecord) -> None: ...
-
-
 def _later(a: SyncCursor | None, b: SyncCursor) -> SyncCursor:
     """The further of two keyset positions (a watermark never moves backwards)."""
     if a is None or (b.updated_at, b.last_id) > (a.updated_at, a.last_id):
@@ -165,7 +147,7 @@ class SyncEngine:
     def __init__(
         self,
         *,
-        connections: ConnectionSource,
+        connections: ConnectionStore,
         connector_for: Callable[[ConnectionBase], ConnectorPorts],
         sync_state: SyncStateStore,
         sinks: Sequence[WorkItemSink],

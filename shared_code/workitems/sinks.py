@@ -21,8 +21,7 @@ from azure.monitor.ingestion import LogsIngestionClient
 from shared_code.domain.sync import SyncErrorRecord
 from shared_code.domain.workitem import WorkItem
 from shared_code.errors import ConnectorAppError
-from shared_code.state.syncerrors import SyncErrorRepository
-from shared_code.state.workitems import WorkItemRepository
+from shared_code.ports.state import SyncErrorStore, WorkItemStore
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ class TableSink:
 
     name = "table"
 
-    def __init__(self, repository: WorkItemRepository) -> None:
+    def __init__(self, repository: WorkItemStore) -> None:
         self._repository = repository
 
     def write(self, items: Sequence[WorkItem]) -> None:
@@ -143,7 +142,7 @@ class SyncErrorLog:
     """
 
     def __init__(
-        self, repository: SyncErrorRepository, uploader: LogsUploader | None = None, stream: str = ""
+        self, repository: SyncErrorStore, uploader: LogsUploader | None = None, stream: str = ""
     ) -> None:
         self._repository = repository
         self._uploader = uploader

@@ -71,7 +71,7 @@ def world():
     clock = Clock()
     repo = InMemoryCorrelations()
     itsm = FakeItsm()
-    processor = AlertProcessor(repo, clock, lease_seconds=60, busy_budget_seconds=0.3)  # type: ignore[arg-type]
+    processor = AlertProcessor(repo, clock, lease_seconds=60, busy_budget_seconds=0.3)
     return clock, repo, itsm, processor
 
 
@@ -347,7 +347,7 @@ def test_a_problem_another_process_opened_is_recognised_despite_the_insert_first
 
 def other_instance(repo: InMemoryCorrelations, clock: Clock) -> AlertProcessor:
     """Another host instance: its own process memory, the same table."""
-    return AlertProcessor(repo, clock, lease_seconds=60, busy_budget_seconds=0.3)  # type: ignore[arg-type]
+    return AlertProcessor(repo, clock, lease_seconds=60, busy_budget_seconds=0.3)
 
 
 def test_a_lease_taken_over_during_a_slow_ci_lookup_gives_no_second_incident(world):
