@@ -36,6 +36,34 @@ class SyncStateRow(Record):
             return None
         return SyncCursor(updated_at=self.watermark_updated_at, last_id=self.watermark_last_id)
 
+    def leased(self, owner: str, until: datetime) -> SyncStateRow:
+        return self.evolve(lease_owner=owner, lease_until=until)
+
+    def advanced(self, watermark: SyncCursor | None, lease_until: datetime) -> SyncStateRow:
+        """The watermark stored (``None`` keeps none) and the lease renewed."""
+        return self.evolve(
+            watermark_updated_at=watermark.updated_at if watermark else None,
+            watermark_last_id=watermark.last_id if watermark else "",
+            lease_until=lease_until,
+        )
+
+    def released(
+        self, *, started: datetime, outcome: str, error: str, done: int, rejected: int, succeeded: bool
+    ) -> SyncStateRow:
+        """The lease dropped and the run recorded (totals grow by what this run did)."""
+        return self.evolve(
+            lease_owner="",
+            lease_until=None,
+            last_run_at=started,
+            last_outcome=outcome,
+            last_error=error,
+            last_run_synced=done,
+            last_run_rejected=rejected,
+            synced_total=self.synced_total + done,
+            rejected_total=self.rejected_total + rejected,
+            last_success_at=started if succeeded else self.last_success_at,
+        )
+
     def leased_by_other(self, owner: str, now: datetime) -> bool:
         return bool(self.lease_owner) and self.lease_owner != owner and (self.lease_until or now) > now
 

@@ -45,14 +45,12 @@ from shared_code.domain.runs import RunRecord, SyncStateRow
 from shared_code.domain.sync import SyncCursor, SyncErrorKind, SyncErrorRecord, SyncPage
 from shared_code.domain.workitem import WorkItemType
 from shared_code.errors import (
-    AlreadyExistsError,
     BusyError,
     ConnectorAppError,
-    EtagConflict,
     ItsmAuthError,
     ItsmError,
-    StateError,
 )
+from shared_code.jobs.lease import FairBudget, JobLease, RunTally
 from shared_code.ports.itsm import ConnectorPorts
 from shared_code.ports.state import ConnectionStore, RunLog, SyncStateStore
 from shared_code.workitems.backsync import AlertsApiError, BackSync
@@ -112,13 +110,6 @@ class SyncProgress:
 ProgressCallback = Callable[[SyncProgress], None]
 
 
-def _later(a: SyncCursor | None, b: SyncCursor) -> SyncCursor:
-    """The further of two keyset positions (a watermark never moves backwards)."""
-    if a is None or (b.updated_at, b.last_id) > (a.updated_at, a.last_id):
-        return b
-    return a
-
-
 @dataclass
 class _Run:
     """One sync of one connection and type: what it is about and what it has done so far."""
@@ -164,7 +155,6 @@ class SyncEngine:
             raise ValueError("the sync engine needs at least one sink")
         self._connections = connections
         self._connector_for = connector_for
-        self._state = sync_state
         self._sinks = list(sinks)
         self._errors = errors
         self._runs = runs
@@ -172,7 +162,7 @@ class SyncEngine:
         self._page_size = page_size
         self._overlap = overlap
         self._backsync = backsync
-        self._lease = lease
+        self._leases = JobLease(sync_state, clock, lease=lease, what="sync")
         self._clock_skew = clock_skew
 
     # -- public --------------------------------------------------------------------------------
@@ -192,7 +182,6 @@ class SyncEngine:
 
         ``time_budget`` is shared: each connection and type may use the time still left divided by
         the number of them still to run, so one large sync cannot starve the others."""
-        deadline = self._clock() + time_budget if time_budget is not None else None
         if connection is not None:
             targets = [self._connections.get(connection)]
         else:
@@ -202,18 +191,13 @@ class SyncEngine:
             enabled = {WorkItemType.from_sync_name(s.value) for s in target.sync_data}
             wanted = list(item_types) if item_types is not None else sorted(enabled)
             plan += [(target, item_type, item_type in enabled) for item_type in wanted]
-        left = sum(1 for *_, synced in plan if synced)
+        budget = FairBudget(self._clock, time_budget, sum(1 for *_, synced in plan if synced))
         results: list[SyncResult] = []
         for target, item_type, synced in plan:
             if not synced:
                 results.append(self._not_enabled(target, item_type))
                 continue
-            share = None
-            if deadline is not None:
-                now = self._clock()
-                share = now + max(deadline - now, timedelta(0)) / left
-            left -= 1
-            results.append(self._sync_one(target, item_type, progress, trigger, share))
+            results.append(self._sync_one(target, item_type, progress, trigger, budget.next_share()))
         return results
 
     # -- one connection and type ---------------------------------------------------------------
@@ -235,7 +219,7 @@ class SyncEngine:
         kind: SyncErrorKind | None = None
         state: SyncStateRow | None = None
         try:
-            state = self._acquire(connection.name, item_type, owner)
+            state = self._leases.acquire(connection.name, item_type.sync_name, owner)
             run.watermark = state.watermark
             state = self._page_through(run, state)
             outcome = SyncOutcome.SUCCEEDED if run.complete else SyncOutcome.INCOMPLETE
@@ -260,7 +244,14 @@ class SyncEngine:
         finally:
             finished = self._clock()
             if state is not None:
-                self._release(run, state, owner=owner, started=started, outcome=outcome, error=error)
+                tally = RunTally(
+                    succeeded=outcome in (SyncOutcome.SUCCEEDED, SyncOutcome.INCOMPLETE),
+                    outcome=outcome.value,
+                    error=error,
+                    done=run.synced,
+                    rejected=run.rejected,
+                )
+                self._leases.release(state, owner, started, tally)
         if kind is not None:
             log.error("sync of %s %s failed: %s", connection.name, item_type.sync_name, error)
             run.errors.append(self._error(run, kind, error))
@@ -377,37 +368,7 @@ class SyncEngine:
 
     # -- SyncState lease and watermark -----------------------------------------------------------
 
-    def _acquire(self, connection: str, item_type: WorkItemType, owner: str) -> SyncStateRow:
-        for _ in range(10):
-            now = self._clock()
-            row = self._state.get(connection, item_type.sync_name)
-            try:
-                if row is None:
-                    return self._state.insert(
-                        SyncStateRow(
-                            connection=connection,
-                            item_type=item_type.sync_name,
-                            lease_owner=owner,
-                            lease_until=now + self._lease,
-                        )
-                    )
-                if row.leased_by_other(owner, now):
-                    until = row.lease_until.isoformat(timespec="seconds") if row.lease_until else "?"
-                    raise BusyError(
-                        f"another sync of {connection} {item_type.sync_name} is running "
-                        f"(its lease lasts until {until})"
-                    )
-                return self._state.replace(
-                    row.model_copy(update={"lease_owner": owner, "lease_until": now + self._lease})
-                )
-            except (AlreadyExistsError, EtagConflict):
-                continue
-        raise BusyError(f"could not take the sync lease of {connection} {item_type.sync_name}")
-
     def _advance(self, run: _Run, state: SyncStateRow, page: SyncPage) -> SyncStateRow:
-        current = state.watermark
-        if current is not None and current.updated_at > run.watermark_cap:
-            current = None  # a future watermark stored before they were capped (see _start_cursor)
         target: SyncCursor | None = page.next_cursor
         if page.next_cursor.updated_at > run.watermark_cap:
             # a row stamped in the future: the page is committed, but only its rows that are not
@@ -428,58 +389,7 @@ class SyncEngine:
             if passed:
                 updated_at, last_id = max(passed)
                 target = SyncCursor(updated_at=updated_at, last_id=last_id)
-        watermark = current if target is None else _later(current, target)
-        update = {
-            "watermark_updated_at": watermark.updated_at if watermark else None,
-            "watermark_last_id": watermark.last_id if watermark else "",
-            "lease_until": self._clock() + self._lease,
-        }
-        try:
-            return self._state.replace(state.model_copy(update=update))
-        except EtagConflict as exc:
-            raise StateError(
-                f"another sync of {state.connection} {state.item_type} took over (this run's lease expired); "
-                "stopping here, the other run goes on"
-            ) from exc
-
-    def _release(
-        self,
-        run: _Run,
-        state: SyncStateRow,
-        *,
-        owner: str,
-        started: datetime,
-        outcome: SyncOutcome,
-        error: str,
-    ) -> None:
-        """Record the run on the SyncState row and drop the lease (best effort: it also expires)."""
-
-        def write() -> None:
-            for _ in range(5):
-                row = self._state.get(state.connection, state.item_type)
-                if row is None or row.lease_owner != owner:
-                    return  # taken over: the other run owns the row now
-                ok = outcome in (SyncOutcome.SUCCEEDED, SyncOutcome.INCOMPLETE)
-                update: dict[str, object] = {
-                    "lease_owner": "",
-                    "lease_until": None,
-                    "last_run_at": started,
-                    "last_outcome": outcome.value,
-                    "last_error": error,
-                    "last_run_synced": run.synced,
-                    "last_run_rejected": run.rejected,
-                    "synced_total": row.synced_total + run.synced,
-                    "rejected_total": row.rejected_total + run.rejected,
-                }
-                if ok:
-                    update["last_success_at"] = started
-                try:
-                    self._state.replace(row.model_copy(update=update))
-                    return
-                except EtagConflict:
-                    continue
-
-        self._best_effort("releasing the sync lease", write)
+        return self._leases.advance(state, target, cap=run.watermark_cap)
 
     # -- records -------------------------------------------------------------------------------
 

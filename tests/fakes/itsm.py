@@ -84,7 +84,11 @@ class FakeItsm:
 
     def find_by_correlation(self, correlation_id: str) -> WorkItemRef | None:
         self._call("find")
-        matches = [i.ref for i in self.incidents.values() if i.draft.correlation_id == correlation_id]
+        matches = [
+            i.ref
+            for i in self.incidents.values()
+            if i.draft.correlation_id == correlation_id and i.state is WorkItemState.OPEN
+        ]
         return matches[-1] if matches else None
 
     def add_note(self, ref: WorkItemRef, text: str) -> None:

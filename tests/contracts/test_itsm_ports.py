@@ -1,0 +1,178 @@
+"""Port contract suites: every implementation of an ITSM port passes the same tests.
+
+A new product adds one entry to ``IMPLEMENTATIONS`` (a factory that returns its ``ConnectorPorts``
+against its loopback server) and nothing else; the fake used by the alert processor's unit tests
+runs here too, so the fake cannot drift from what real products do.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from shared_code.domain.sync import SyncCursor
+from shared_code.domain.workitem import IncidentDraft, WorkItemState, WorkItemType
+from shared_code.httpretry import RetryPolicy
+from shared_code.itsm.servicenow.auth import ServiceNowOAuth
+from shared_code.itsm.servicenow.connector import ServiceNowConnector
+from shared_code.ports.itsm import ConnectorPorts
+from tests.fakes.itsm import FakeItsm
+from tests.loopback.servicenow import (
+    DEFAULT_CLIENT_ID,
+    DEFAULT_CLIENT_SECRET,
+    DEFAULT_PASSWORD,
+    DEFAULT_USERNAME,
+    ServiceNowLoopback,
+)
+from tests.loopback.tls import loopback_tls
+
+
+class _TokenStore:
+    def __init__(self) -> None:
+        self.token: str | None = None
+
+    def load(self) -> str | None:
+        return self.token
+
+    def save(self, token: str) -> None:
+        self.token = token
+
+
+class Seeder:
+    """How a contract test puts changed work items into the product behind the port."""
+
+    def __init__(self, add: Callable[[int, datetime, datetime], None] | None) -> None:
+        self.add = add
+
+
+def servicenow(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
+    snow = stack.enter_context(ServiceNowLoopback())
+    client = stack.enter_context(httpx.Client(verify=loopback_tls().client_context(), timeout=10))
+    auth = ServiceNowOAuth(
+        f"{snow.url}/oauth_token.do",
+        client_id=DEFAULT_CLIENT_ID,
+        client_secret=SecretStr(DEFAULT_CLIENT_SECRET),
+        username=DEFAULT_USERNAME,
+        password=lambda: SecretStr(DEFAULT_PASSWORD),
+        refresh_token_store=_TokenStore(),
+        connection_name="contract",
+    )
+    policy = RetryPolicy(sleep=lambda _s: None, jitter=lambda cap: 0.0)
+    connector = ServiceNowConnector("contract", snow.url, client, auth, retry=policy)
+    snow.seed_cis(["contract-vm-1"])
+
+    def add(count: int, start: datetime, end: datetime) -> None:
+        snow.seed_work_items("incident", count, start=start, end=end)
+
+    return (
+        ConnectorPorts(
+            product="ServiceNow",
+            check=connector.check,
+            close=connector.close,
+            incidents=connector,
+            changes=connector,
+            configuration_items=connector,
+        ),
+        Seeder(add),
+    )
+
+
+def fake(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
+    itsm = FakeItsm()
+    itsm.cis["contract-vm-1"] = "ci-1"
+    return itsm.ports(), Seeder(None)
+
+
+IMPLEMENTATIONS: dict[str, Callable[[ExitStack], tuple[ConnectorPorts, Seeder]]] = {
+    "servicenow": servicenow,
+    "fake": fake,
+}
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def product(request: pytest.FixtureRequest) -> Iterator[tuple[ConnectorPorts, Seeder]]:
+    with ExitStack() as stack:
+        ports, seeder = IMPLEMENTATIONS[request.param](stack)
+        yield ports, seeder
+        ports.close()
+
+
+def draft(correlation_id: str) -> IncidentDraft:
+    return IncidentDraft(
+        short_description="Sev1 CPU high on contract-vm-1",
+        description="Azure Monitor alert fired",
+        impact=1,
+        urgency=2,
+        correlation_id=correlation_id,
+        configuration_item="contract-vm-1",
+    )
+
+
+def test_check_describes_what_answered(product: tuple[ConnectorPorts, Seeder]) -> None:
+    ports, _ = product
+    assert ports.check().strip()
+
+
+def test_an_incident_goes_through_its_lifecycle(product: tuple[ConnectorPorts, Seeder]) -> None:
+    ports, _ = product
+    writer = ports.require_incidents()
+    correlation = f"azmon-{uuid.uuid4().hex[:16]}-g1"
+    assert writer.find_by_correlation(correlation) is None
+    ref = writer.create_incident(draft(correlation))
+    assert ref.id
+    assert ref.number
+    found = writer.find_by_correlation(correlation)
+    assert found is not None
+    assert found.id == ref.id
+    assert writer.get_state(ref) is WorkItemState.OPEN
+    writer.add_note(ref, "fired again 3 times")
+    writer.resolve(ref, "the alert resolved")
+    assert writer.get_state(ref) is WorkItemState.RESOLVED
+    assert writer.find_by_correlation(correlation) is None  # only open work items are found
+    writer.reopen(ref, "fired again within the reopen window")
+    assert writer.get_state(ref) is WorkItemState.OPEN
+
+
+def test_configuration_items_are_found_by_name_and_unknown_ones_are_none(
+    product: tuple[ConnectorPorts, Seeder],
+) -> None:
+    ports, _ = product
+    if ports.configuration_items is None:
+        pytest.skip(f"{ports.product} offers no CI lookup")  # a capability the registry says it lacks
+    assert ports.configuration_items.ensure_configuration_item("contract-vm-1", create=False)
+    assert ports.configuration_items.ensure_configuration_item("no-such-ci-anywhere", create=False) is None
+
+
+def test_the_change_feed_pages_in_keyset_order_without_gaps_or_repeats(
+    product: tuple[ConnectorPorts, Seeder],
+) -> None:
+    ports, seeder = product
+    if ports.changes is None or seeder.add is None:
+        assert ports.changes is None or seeder.add is not None
+        return  # no change feed: nothing to page (the registry says so)
+    end = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    seeder.add(45, end - timedelta(days=2), end)
+    cursor = SyncCursor(updated_at=end - timedelta(days=3))
+    seen: list[str] = []
+    last: tuple[datetime, str] | None = None
+    for _ in range(100):  # bounded: 45 rows in pages of 10
+        page = ports.changes.fetch_changes(WorkItemType.INCIDENT, cursor, 10)
+        for item in page.items:
+            position = (item.updated_at, item.source_id)
+            assert last is None or position > last, "pages must follow (updated_at, id) order"
+            last = position
+            seen.append(item.source_id)
+            assert item.lifecycle is not None, "the product's mapping sets the normalised lifecycle"
+        assert (page.next_cursor.updated_at, page.next_cursor.last_id) >= (cursor.updated_at, cursor.last_id)
+        cursor = page.next_cursor
+        if page.is_last:
+            break
+    else:
+        pytest.fail("the change feed never reported its last page")
+    assert len(seen) == len(set(seen)) >= 45
