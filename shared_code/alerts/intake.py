@@ -120,7 +120,7 @@ class AlertIntake:
     def receive(self, connection_name: str, body: bytes, content_type: str | None) -> Receipt:
         payload = decode_json_body(body, content_type)
         connection = self.connections.get(connection_name)
-        signal = parse_alert(payload)
+        signal = parse_alert(payload, default_severity=connection.default_severity)
         now = self.clock()
         delivery = Delivery(
             connection=connection.name,

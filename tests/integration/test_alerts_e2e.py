@@ -296,10 +296,16 @@ def in_threads(count: int, action: Callable[[int], Any]) -> list[Any]:
 
 
 def expected_targets(essentials: dict[str, Any]) -> str:
-    # configurationItems (an ARM id shown by its resource name), else the targets' names
+    # configurationItems (an ARM id shown by its resource name), else the targets' names; a bare
+    # subscription is no configuration item and is shown as "subscription <id>"
     items = essentials.get("configurationItems") or essentials.get("alertTargetIDs") or []
     names = [
-        item.rstrip("/").rsplit("/", 1)[-1] if item.startswith("/subscriptions/") else item for item in items
+        f"subscription {item.split('/')[2]}"
+        if re.fullmatch(r"/subscriptions/[^/]+/?", item)
+        else item.rstrip("/").rsplit("/", 1)[-1]
+        if item.startswith("/subscriptions/")
+        else item
+        for item in items
     ]
     unique: list[str] = []
     for item in names:
@@ -350,6 +356,86 @@ def test_every_fired_fixture_becomes_one_incident_with_mapped_fields(flow: Flow,
     assert delivered.outcome == "created"
     assert delivered.work_item_number == incident["number"]
     assert flow.notes(incident) == []
+
+
+# -- 1b. Microsoft's published payloads: budgets, health events, subscription-scoped alerts ---------
+
+BUDGET_TEST_ACTIONS = [
+    "cost_budget_test_action",
+    "cost_budget_actual_test_action",
+    "cost_budget_forecasted_test_action",
+]
+
+
+@pytest.mark.parametrize("fixture", BUDGET_TEST_ACTIONS)
+def test_a_budget_alert_opens_an_incident_at_the_connection_default_severity(
+    flow: Flow, fixture: str
+) -> None:
+    flow.connect("--default-severity", "Sev1", "--severity-map", SEVERITY_MAP_OPTION, "--create-ci")
+    payload = load(fixture)
+    budget = payload["data"]["alertContext"]["AlertData"]
+    cis_before = len(flow.snow.records("cmdb_ci"))
+
+    call = flow.post(payload)
+
+    assert call.status == 202, call.json()  # Azure never retries a 4xx: a refusal loses the alert
+    assert flow.deliver() == 1
+    incident = flow.incident()
+    subscription = budget["Scope"].split("/")[2]
+    assert incident["short_description"] == f"[Sev1] {budget['BudgetName']} on subscription {subscription}"
+    assert (incident["impact"], incident["urgency"]) == tuple(str(n) for n in SEVERITY_MAP["Sev1"])
+    assert f"Budget: {budget['BudgetName']}" in incident["description"]
+    assert "the alert has no severity: the connection's default" in incident["description"]
+    assert incident["cmdb_ci"] == ""  # neither "budgets" (the category) nor the subscription
+    assert len(flow.snow.records("cmdb_ci")) == cis_before
+
+
+HEALTH_SEQUENCES = {
+    "service-health": ("service_health_fired", "service_health_update", "service_health_resolved"),
+    "resource-health": ("resource_health_fired", "resource_health_update", "resource_health_resolved"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HEALTH_SEQUENCES))
+def test_a_health_event_is_one_incident_its_updates_notes_and_its_recovery_the_resolution(
+    flow: Flow, kind: str
+) -> None:
+    flow.connect("--note-interval-minutes", "60")
+    active, update, recovery = (load(name) for name in HEALTH_SEQUENCES[kind])
+
+    created = flow.send(active)
+    flow.clock.advance(minutes=5)
+    noted = flow.send(update)
+    flow.clock.advance(minutes=5)
+    resolved = flow.send(recovery)
+
+    assert (created.outcome, noted.outcome.split(":")[0], resolved.outcome) == (
+        "created",
+        "noted",
+        "resolved",
+    )
+    incident = flow.incident()  # one incident for the whole event
+    assert incident["state"] == "6"
+    notes = flow.notes(incident)
+    assert len(notes) == 2
+    assert "update on this problem" in notes[0]
+    assert "the problem recovered" in incident["close_notes"]
+    assert flow.correlation().state is CorrelationState.RESOLVED
+
+
+def test_a_subscription_scoped_alert_never_creates_a_ci_named_by_the_subscription(flow: Flow) -> None:
+    flow.connect("--create-ci")
+    payload = load("service_health_fired")
+    subscription = payload["data"]["essentials"]["alertTargetIDs"][0].split("/")[2]
+    requests_before = len(flow.snow.requests)
+
+    flow.send(payload)
+
+    incident = flow.incident()
+    assert incident["cmdb_ci"] == ""
+    assert not [ci for ci in flow.snow.records("cmdb_ci") if subscription in str(ci.get("name", ""))]
+    assert not [path for _, path, _ in flow.snow.requests[requests_before:] if "cmdb_ci" in path]
+    assert incident["short_description"].endswith(f"on subscription {subscription}")
 
 
 # -- 2. fire, re-fire, resolve -----------------------------------------------------------------------
@@ -668,9 +754,9 @@ def test_twenty_concurrent_refires_of_one_problem_give_one_incident_and_no_dupli
 # -- 6. bad input ------------------------------------------------------------------------------------
 
 
-def _missing_severity() -> bytes:
+def _invalid_severity() -> bytes:
     payload = load("metric_fired")
-    del payload["data"]["essentials"]["severity"]
+    payload["data"]["essentials"]["severity"] = "Critical"
     return encode(payload)
 
 
@@ -747,12 +833,12 @@ BAD_REQUESTS: list[tuple[str, Callable[[], bytes], str, int, str, str]] = [
     ),
     ("json-array", lambda: b"[1, 2]", "application/json", 422, "not_common_alert_schema", "JSON array"),
     (
-        "missing-severity",
-        _missing_severity,
+        "invalid-severity",
+        _invalid_severity,
         "application/json",
         422,
         "invalid_alert",
-        "data.essentials.severity: is required",
+        "data.essentials.severity: must be one of Sev0",
     ),
     ("bad-fired-time", _bad_time, "application/json", 422, "invalid_alert", "data.essentials.firedDateTime"),
     *(
