@@ -16,7 +16,7 @@ import azure.functions as func
 from functions.http_errors import error_response, json_response
 from shared_code.bootstrap import get_container
 from shared_code.connections import CONNECTION_NAME
-from shared_code.errors import NotFoundError
+from shared_code.errors import NotFoundError, shown
 from shared_code.workitems.commands import parse_item_types
 from shared_code.workitems.engine import SyncOutcome, SyncResult
 
@@ -70,7 +70,7 @@ def sync_connection(req: func.HttpRequest) -> func.HttpResponse:
     try:
         name = req.route_params.get("connection", "")
         if not CONNECTION_NAME.match(name):
-            raise NotFoundError(f"no ITSM connection named {name!r}")
+            raise NotFoundError(f"no ITSM connection named {shown(name)}")
         wanted = req.params.get("type")
         types = parse_item_types([wanted]) if wanted else None
         results = get_container().sync_engine.run(name, types, trigger="http", time_budget=HTTP_BUDGET)

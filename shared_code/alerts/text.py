@@ -12,21 +12,15 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from shared_code.errors import shown
+
+__all__ = ["shown"]  # re-exported: the alert modules take every text helper from here
+
 QUERY_LIMIT = 1_000
 VALUE_LIMIT = 300
 COMMUNICATION_LIMIT = 1_200
 MAX_ITEMS = 10
 MAX_PAIRS = 20
-SHOWN_LIMIT = 80
-
-
-def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
-    """``repr`` of a value taken from a request, cut to ``limit`` characters: error messages name
-    what was wrong without echoing a client's megabyte back."""
-    text = repr(value) if not isinstance(value, str) or len(value) <= limit * 4 else repr(value[: limit * 4])
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 _TAG = re.compile(r"<[^>]*>")
 _BREAK = re.compile(r"<\s*(br|/p|/div|/li|/tr|/h\d)\s*/?\s*>", re.IGNORECASE)
 

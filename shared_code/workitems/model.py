@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared_code.errors import shown
+
 
 class WorkItemType(StrEnum):
     INCIDENT = "Incident"
@@ -28,7 +30,7 @@ class WorkItemType(StrEnum):
         for item in cls:
             if item.sync_name == name:
                 return item
-        raise ValueError(f"unknown work item type {name!r}: use incidents or change_requests")
+        raise ValueError(f"unknown work item type {shown(name)}: use incidents or change_requests")
 
 
 class WorkItem(BaseModel):

@@ -29,6 +29,7 @@ import pytest
 
 import function_app
 from shared_code import httpretry
+from shared_code.alerts.schema import parse_alert
 from shared_code.bootstrap import Container, get_container, reset_container
 from shared_code.state.correlations import Correlation, CorrelationState
 from shared_code.state.deliveries import Delivery, DeliveryStatus
@@ -909,6 +910,98 @@ def test_an_unknown_connection_is_404_and_nothing_is_stored(flow: Flow, connecti
     assert call.outputs == {}
     assert flow.queued() == 0
     assert flow.deliveries() == []
+
+
+def _signal_json() -> dict[str, Any]:
+    return json.loads(parse_alert(load("metric_fired")).model_dump_json())
+
+
+FORGED_MESSAGES: dict[str, Callable[[], str]] = {
+    "bad-json": lambda: '{"connection": ',
+    "not-utf8": lambda: b'{"connection": "\xff"}'.decode("latin-1"),
+    "json-array": lambda: "[1, 2]",
+    "wrong-types": lambda: json.dumps({"connection": 5, "deliveryId": ["x"]}),
+    "traversal-in-connection": lambda: json.dumps(
+        {"connection": "../../Connections", "deliveryId": "0" * 32}
+    ),
+    "traversal-with-signal": lambda: json.dumps(
+        {"connection": "sn/../x", "deliveryId": "0" * 32, "signal": _signal_json()}
+    ),
+    "huge-delivery-id": lambda: json.dumps({"connection": "sn-x", "deliveryId": "a" * 20_000}),
+    "unknown-field": lambda: json.dumps({"connection": "sn-x", "deliveryId": "0" * 32, "x" * 5_000: 1}),
+    "damaged-signal": lambda: json.dumps(
+        {"connection": "sn-x", "deliveryId": "0" * 32, "signal": {"alert_id": "x", "severity": "Sev9"}}
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FORGED_MESSAGES))
+def test_a_forged_or_damaged_queue_message_is_dropped_and_writes_nothing(
+    flow: Flow, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    flow.connect()
+    body = FORGED_MESSAGES[kind]()
+
+    with caplog.at_level(logging.ERROR):
+        flow.host.call_queue("deliver_alert", body)  # returns: no uncaught error, no retry
+
+    assert flow.deliveries() == []
+    assert list(flow.container.tables.table("AlertDeliveries").list_entities()) == []
+    assert list(flow.container.tables.table("Correlations").list_entities()) == []
+    assert flow.incidents() == []
+    dropped = [r.getMessage() for r in caplog.records if "dropping queue message" in r.getMessage()]
+    assert dropped, [r.getMessage() for r in caplog.records]
+    assert all(len(line) < 600 for line in dropped)
+
+
+def test_a_message_for_an_unknown_connection_writes_no_row(
+    flow: Flow, caplog: pytest.LogCaptureFixture
+) -> None:
+    flow.connect()
+    message = {
+        "connection": "sn-nobody",
+        "deliveryId": "0123456789abcdef0123456789abcdef",
+        "signal": _signal_json(),
+    }
+
+    with caplog.at_level(logging.ERROR):
+        flow.host.call_queue("deliver_alert", json.dumps(message))
+
+    assert flow.deliveries(connection="sn-nobody") == []
+    assert list(flow.container.tables.table("AlertDeliveries").list_entities()) == []
+    assert flow.incidents() == []
+    assert any("no connection named sn-nobody" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stored_delivery_of_a_removed_connection_ends_failed(flow: Flow) -> None:
+    flow.connect()
+    delivery_id = flow.accepted(alert(alert_id="removed", fired_at=T0), send=True).json()["deliveryId"]
+    code, output = flow.stack.cli("connections", "remove", flow.name)
+    assert code == 0, output
+
+    flow.deliver()
+
+    row = flow.delivery(delivery_id)
+    assert row.status is DeliveryStatus.FAILED
+    assert "no ITSM connection named" in row.last_error
+    assert flow.incidents() == []
+
+
+def test_long_client_values_are_cut_in_error_messages(flow: Flow) -> None:
+    flow.connect()
+    huge_name = "n" * 100_000
+
+    unknown = flow.post(load("metric_fired"), connection=huge_name)
+    huge_id = flow.status("a" * 16_000)
+
+    assert unknown.status == 404
+    assert len(unknown.json()["error"]["message"]) < 200
+    assert "…" in unknown.json()["error"]["message"]
+    assert huge_id.status == 404  # not 503: an id that is not one never reaches storage
+    assert len(huge_id.json()["error"]["message"]) < 250
+    wrong_type = flow.post(load("metric_fired"), headers={"Content-Type": "text/" + "x" * 50_000})
+    assert wrong_type.status == 415
+    assert len(wrong_type.json()["error"]["message"]) < 200
 
 
 def _outsized(kind: str) -> dict[str, Any]:
