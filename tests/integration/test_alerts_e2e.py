@@ -913,7 +913,8 @@ def test_an_unknown_connection_is_404_and_nothing_is_stored(flow: Flow, connecti
 
 
 def _signal_json() -> dict[str, Any]:
-    return json.loads(parse_alert(load("metric_fired")).model_dump_json())
+    signal: dict[str, Any] = json.loads(parse_alert(load("metric_fired")).model_dump_json())
+    return signal
 
 
 FORGED_MESSAGES: dict[str, Callable[[], str]] = {
