@@ -11,10 +11,11 @@ import azure.functions as func
 
 from functions.http_errors import error_response, json_response
 from shared_code.alerts.delivery import DeliveryMessage
+from shared_code.alerts.intake import DELIVERY_ID
 from shared_code.bootstrap import get_container
 from shared_code.domain.connection import CONNECTION_NAME
 from shared_code.domain.delivery import Delivery
-from shared_code.errors import NotFoundError, StateError
+from shared_code.errors import InvalidInputError, NotFoundError, StateError, shown
 from shared_code.settings import DEFAULT_REDRIVE_SCHEDULE
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ bp = func.Blueprint()  # type: ignore[no-untyped-call]
 def _connection_name(req: func.HttpRequest) -> str:
     name = str(req.route_params.get("connection", ""))
     if not CONNECTION_NAME.match(name):
-        raise NotFoundError(f"no ITSM connection named {name!r}")
+        raise NotFoundError(f"no ITSM connection named {shown(name)}")
     return name
 
 
@@ -76,11 +77,9 @@ def alert_status(req: func.HttpRequest) -> func.HttpResponse:
     try:
         name = _connection_name(req)
         delivery_id = req.route_params.get("delivery_id", "")
-        found = (
-            _stored_delivery(name, delivery_id) if delivery_id.isascii() and delivery_id.isalnum() else None
-        )
+        found = _stored_delivery(name, delivery_id) if DELIVERY_ID.match(delivery_id) else None
         if found is None:
-            raise NotFoundError(f"no delivery {delivery_id!r} on connection {name!r}")
+            raise NotFoundError(f"no delivery {shown(delivery_id)} on connection {shown(name)}")
     except Exception as exc:  # noqa: BLE001
         return error_response(exc)
     return json_response(
@@ -129,9 +128,9 @@ def _stored_delivery(connection: str, delivery_id: str) -> Delivery | None:
 def deliver_alert(msg: func.QueueMessage) -> None:
     """Deliver one stored alert; raising RetryLaterError lets the host redeliver the message."""
     try:
-        message = DeliveryMessage.model_validate_json(msg.get_body())
-    except ValueError:
-        log.error("dropping a queue message that is not a delivery message (id %s)", msg.id)
+        message = DeliveryMessage.from_queue(msg.get_body())
+    except InvalidInputError as exc:  # retrying cannot fix it: dropped, and said why
+        log.error("dropping queue message %s: %s", shown(msg.id), exc)
         return
     get_container().alert_delivery.deliver(message, attempt=msg.dequeue_count or 1)
 

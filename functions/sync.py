@@ -17,7 +17,7 @@ from functions.http_errors import error_response, json_response
 from shared_code.bootstrap import get_container
 from shared_code.domain.connection import CONNECTION_NAME
 from shared_code.domain.workitem import WorkItemType
-from shared_code.errors import NotFoundError
+from shared_code.errors import NotFoundError, shown
 from shared_code.workitems.engine import SyncOutcome, SyncResult
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def sync_connection(req: func.HttpRequest) -> func.HttpResponse:
     try:
         name = req.route_params.get("connection", "")
         if not CONNECTION_NAME.match(name):
-            raise NotFoundError(f"no ITSM connection named {name!r}")
+            raise NotFoundError(f"no ITSM connection named {shown(name)}")
         wanted = req.params.get("type")
         types = WorkItemType.parse_many([wanted]) if wanted else None
         results = get_container().sync_engine.run(name, types, trigger="http", time_budget=HTTP_BUDGET)

@@ -78,6 +78,7 @@ class Cli:
             "assignment_group": args.assignment_group or "",
             "caller": args.caller or "",
             "close_azure_alerts": args.close_azure_alerts,
+            "default_severity": args.default_severity,
         }
         if args.severity_map:
             data["severity_map"] = parse_severity_map(args.severity_map)
@@ -379,6 +380,7 @@ FLAG_OF_FIELD = {
     "assignment_group": "--assignment-group",
     "caller": "--caller",
     "severity_map": "--severity-map",
+    "default_severity": "--default-severity",
     "close_azure_alerts": "--close-azure-alerts",
 }
 """The CLI flag of each common connection field, so validation errors name what the operator typed."""
@@ -511,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--close-azure-alerts", action="store_true", help="close the Azure alert when resolved in ITSM"
     )
     add_product_options(add)
+    add.add_argument(
+        "--default-severity",
+        default="Sev3",
+        choices=[s.value for s in Severity],
+        help="severity of alerts that carry none, e.g. budget alerts (default: %(default)s)",
+    )
     add_secret_options(add)
     add.add_argument("--test", action="store_true", help="test the connection after adding it")
     lst = conn.add_parser("list", help="list connections")

@@ -21,11 +21,22 @@
         └── ItsmUnavailableError      5xx, 429, timeouts or transport errors after bounded retries
 
 Messages never contain a secret, a token or a password: they are built from names, ids, status
-codes and the product's own error text. HTTP status codes are chosen at the edge (functions/),
-never here.
+codes and the product's own error text. A value a client sent is shown through ``shown`` (cut to
+80 characters), so a megabyte sent in is never echoed back. HTTP status codes are chosen at the
+edge (functions/), never here.
 """
 
 from __future__ import annotations
+
+SHOWN_LIMIT = 80
+
+
+def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
+    """``repr`` of a value taken from a request, cut to ``limit`` characters with an ellipsis."""
+    if isinstance(value, str) and len(value) > limit * 4:
+        value = value[: limit * 4]  # repr of a megabyte string costs a megabyte: cut it first
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ConnectorAppError(Exception):

@@ -14,19 +14,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from shared_code.alerts.intake import DELIVERY_ID
 from shared_code.alerts.processor import AlertProcessor
 from shared_code.domain.alert import AlertSignal
-from shared_code.domain.connection import ConnectionBase
+from shared_code.domain.connection import CONNECTION_NAME, ConnectionBase
 from shared_code.domain.delivery import Delivery, DeliveryStatus
 from shared_code.errors import (
     BusyError,
+    InvalidInputError,
     ItsmUnavailableError,
     NotFoundError,
     RetryLaterError,
     SecretStoreError,
     StateError,
+    shown,
 )
 from shared_code.ports.itsm import ConnectorPorts
 from shared_code.ports.state import ConnectionStore, DeliveryStore
@@ -37,16 +40,48 @@ TRANSIENT = (ItsmUnavailableError, BusyError, StateError, SecretStoreError)
 
 
 class DeliveryMessage(BaseModel):
-    """The queue message the webhook leaves for the delivery function."""
+    """The queue message the webhook leaves for the delivery function.
 
-    model_config = ConfigDict(populate_by_name=True)
+    Validated as strictly as the webhook's route: a queue message is input too (anyone holding the
+    storage key can write one, and a damaged one must not reach storage or the ITSM product).
+    """
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
 
     connection: str
     delivery_id: str = Field(alias="deliveryId")
     signal: AlertSignal | None = None
 
+    @field_validator("connection")
+    @classmethod
+    def _connection(cls, value: str) -> str:
+        if not CONNECTION_NAME.match(value):
+            raise ValueError("is not a connection name")
+        return value
+
+    @field_validator("delivery_id")
+    @classmethod
+    def _delivery_id(cls, value: str) -> str:
+        if not DELIVERY_ID.match(value):
+            raise ValueError("is not a delivery id (32 lower-case hex digits)")
+        return value
+
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, exclude_none=True)
+
+    @classmethod
+    def from_queue(cls, body: bytes | str) -> DeliveryMessage:
+        """The message in a queue body; InvalidInputError (naming fields, never echoing values) if
+        it is not one."""
+        try:
+            return cls.model_validate_json(body)
+        except ValidationError as exc:
+            problems = [
+                ".".join(shown(part, 40) if isinstance(part, str) else str(part) for part in error["loc"])
+                + f" {error['msg'][:120]}"
+                for error in exc.errors(include_url=False, include_input=False)[:3]
+            ]
+            raise InvalidInputError("not a delivery message: " + "; ".join(problems)) from None
 
 
 @dataclass
@@ -65,6 +100,8 @@ class AlertDelivery:
         ``final``: no retry follows (a redrive in this process), so a transient failure ends it
         ``failed`` instead of raising ``RetryLaterError`` for the queue.
         """
+        if self._unknown_connection(message):
+            return self._drop_for_unknown_connection(message)
         signal = message.signal
         stored: Delivery | None = None
         if signal is None:
@@ -112,6 +149,40 @@ class AlertDelivery:
             ref.number if ref else "",
         )
         return done
+
+    def _unknown_connection(self, message: DeliveryMessage) -> bool:
+        try:
+            self.connections.get(message.connection)
+        except NotFoundError:
+            return True
+        except TRANSIENT:
+            return False  # cannot tell now: the delivery below meets the same trouble and retries
+        return False
+
+    def _drop_for_unknown_connection(self, message: DeliveryMessage) -> Delivery | None:
+        """A message for a connection that does not exist writes nothing; the stored delivery of a
+        connection removed since is ended ``failed`` (it would otherwise be redriven forever)."""
+        stored = self.deliveries.get(message.connection, message.delivery_id)
+        if stored is None:
+            log.error(
+                "dropping delivery %s: there is no connection named %s and no such stored delivery",
+                message.delivery_id,
+                message.connection,
+            )
+            return None
+        failed = stored.model_copy(
+            update={
+                "status": DeliveryStatus.FAILED,
+                "attempts": stored.attempts + 1,
+                "last_error": f"NotFoundError: no ITSM connection named {message.connection!r} (removed?)",
+                "updated_at": self.clock(),
+            }
+        )
+        self.deliveries.save(failed)
+        log.error(
+            "delivery %s failed: connection %s no longer exists", message.delivery_id, message.connection
+        )
+        return failed
 
     def _recorded_elsewhere(self, message: DeliveryMessage, waits: int = 10) -> Delivery | None:
         """The row as recorded by the handling of this notification that had its effect.

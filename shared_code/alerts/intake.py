@@ -22,11 +22,14 @@ from shared_code.errors import (
     MalformedPayloadError,
     PayloadTooLargeError,
     UnsupportedPayloadError,
+    shown,
 )
 from shared_code.ports.state import ConnectionStore, DeliveryStore
 
 MAX_BODY_BYTES = 256 * 1024
 STALE_PENDING = timedelta(seconds=60)
+DELIVERY_ID = re.compile(r"^[0-9a-f]{32}$")
+"""What ``delivery_id_for`` makes: anything else names no delivery, and never reaches storage."""
 
 
 def delivery_id_for(connection: str, signal: AlertSignal) -> str:
@@ -48,7 +51,7 @@ def decode_json_body(body: bytes, content_type: str | None, limit: int = MAX_BOD
         raise PayloadTooLargeError(f"the body is {len(body)} bytes; the limit is {limit} bytes")
     media = (content_type or "").split(";")[0].strip().lower()
     if media and media != "application/json" and not media.endswith("+json"):
-        raise UnsupportedPayloadError(f"content type {media!r} is not JSON; send application/json")
+        raise UnsupportedPayloadError(f"content type {shown(media)} is not JSON; send application/json")
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -120,7 +123,7 @@ class AlertIntake:
     def receive(self, connection_name: str, body: bytes, content_type: str | None) -> Receipt:
         payload = decode_json_body(body, content_type)
         connection = self.connections.get(connection_name)
-        signal = parse_alert(payload)
+        signal = parse_alert(payload, default_severity=connection.default_severity)
         now = self.clock()
         delivery = Delivery(
             connection=connection.name,

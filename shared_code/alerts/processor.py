@@ -21,7 +21,10 @@ recognised and not counted twice.
 One problem may hold several Azure alerts (a metric alert split by dimension, under the
 per-rule-and-CI key): the row keeps which alert ids still fire and which resolved. The work item is
 resolved when the last one resolves; a 'fired' delivered late is ignored only when its own alert
-resolved already. A work item the product no longer lets us write (403/404) is left behind: a
+resolved already. A problem its source names (``AlertSignal.problem_key``: a service health event,
+a resource's health) is different: every state change arrives as a new Azure alert, so its
+recovery resolves the whole problem, each update is noted at once, and a 'fired' notified before
+the recovery is late. A work item the product no longer lets us write (403/404) is left behind: a
 firing opens a new one, a resolution is recorded without it.
 """
 
@@ -179,6 +182,8 @@ class _Step:
         self.token = f"{delivery_id}:{uuid.uuid4().hex[:8]}"
         self.signal = signal
         self.alert_id = signal.alert_id
+        self.whole_problem = bool(signal.problem_key)
+        """Its recovery resolves the problem, whatever other alert ids of it fired."""
         self.key = key
         self.key_text = key_text
 
@@ -241,9 +246,27 @@ class _Step:
     def first_cis(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.signal.configuration_items))[:CI_LIMIT]
 
+    def is_late(self, row: Correlation) -> bool:
+        """A 'fired' that belongs to a resolution already recorded: its own alert resolved, or, for a
+        problem its source names, it was notified before the recovery was."""
+        if row.is_late_firing(self.alert_id, self.signal.fired_at):
+            return True
+        recovered = row.resolved_alert_fired_at
+        return self.whole_problem and recovered is not None and self.signal.fired_at <= recovered
+
     def latest_resolution(self, row: Correlation) -> datetime:
         before = row.resolved_alert_fired_at
         return self.signal.fired_at if before is None else max(before, self.signal.fired_at)
+
+    def resolution_change(self, row: Correlation) -> dict[str, object]:
+        """The row's alert lists and resolution time once this notification resolved; a named
+        problem's recovery leaves none of its alerts firing."""
+        change = row.resolution_change(self.alert_id) | {
+            "resolved_alert_fired_at": self.latest_resolution(row)
+        }
+        if self.whole_problem:
+            change["firing_alerts"] = ()
+        return change
 
     def take_lease(self, row: Correlation, now: datetime, **changes: object) -> Correlation:
         return self.repo.replace(
@@ -554,14 +577,19 @@ class _Step:
         # a new CI is noted at once, unless the row's list is full (then it waits for the interval:
         # a CI the row no longer remembers must not bring a note with every firing)
         at_once = bool(new_cis) and len(row.configuration_items) < CI_LIMIT
-        due = at_once or row.last_note_at is None or now - row.last_note_at >= interval
+        # a named problem's notification is an update (its next communication), not a repeat
+        due = at_once or self.whole_problem or row.last_note_at is None or now - row.last_note_at >= interval
         if not due:
             return self.count_firing(row, now, pending=arrived)
         ref = row.ref
         assert ref is not None
         taken = self.take_lease(row, now)
         firings = taken.unnoted_fires + 1
-        text = render.refire_note(self.signal, firings, taken.last_note_at, new_cis)
+        text = (
+            render.update_note(self.signal)
+            if self.whole_problem
+            else render.refire_note(self.signal, firings, taken.last_note_at, new_cis)
+        )
         held, gone = self.itsm_write(taken, lambda: self.connector.add_note(ref, text))
         if gone is not None:
             log.warning(
@@ -591,7 +619,7 @@ class _Step:
         return self.result(Outcome.NOTED, self.release(noted, held), f"note for {firings} firing(s)")
 
     def fire_after_close(self, row: Correlation, now: datetime) -> ProcessResult:
-        if row.is_late_firing(self.alert_id, self.signal.fired_at):
+        if self.is_late(row):
             return self.record_only(row, Outcome.IGNORED, LATE_FIRING)
         window = timedelta(hours=self.connection.reopen_window_hours)
         ref = row.ref
@@ -675,12 +703,10 @@ class _Step:
             raise
         if ref is not None:
             return self.apply_resolution(taken, ref, now, recovered=True)
-        single = self.connection.correlation is CorrelationMode.PER_ALERT
+        single = self.connection.correlation is CorrelationMode.PER_ALERT or self.whole_problem
 
         def recorded(current: Correlation) -> dict[str, object]:
-            change = current.resolution_change(self.alert_id) | {
-                "resolved_alert_fired_at": self.latest_resolution(current)
-            }
+            change = self.resolution_change(current)
             if single or not current.still_firing_without(self.alert_id):
                 change["state"] = CorrelationState.RESOLVED
             return change
@@ -703,7 +729,7 @@ class _Step:
         """Resolve the work item (or note the resolution), unless other alerts of the problem still
         fire: then a note says so and the work item stays open. ``recovered``: the row was still
         "creating" and ``ref`` was found by its correlation id; the row records it now."""
-        single = self.connection.correlation is CorrelationMode.PER_ALERT
+        single = self.connection.correlation is CorrelationMode.PER_ALERT or self.whole_problem
         still = () if single else taken.still_firing_without(self.alert_id)
         auto = self.connection.auto_resolve
         closes = auto and not still
@@ -730,9 +756,7 @@ class _Step:
             )
 
         def resolved(current: Correlation) -> dict[str, object]:
-            change: dict[str, object] = current.resolution_change(self.alert_id) | {
-                "resolved_alert_fired_at": self.latest_resolution(current)
-            }
+            change = self.resolution_change(current)
             if recovered:
                 change |= {
                     "state": CorrelationState.OPEN,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 
+from shared_code.alerts.armid import is_guid, is_subscription_scope, resource_name, subscription_of
 from shared_code.domain.alert import AlertSignal
 from shared_code.domain.connection import ConnectionBase, CorrelationMode
 from shared_code.domain.workitem import IncidentDraft
@@ -17,7 +18,13 @@ NOTE_ALERT_LIMIT = 10
 
 
 def correlation_key_text(mode: CorrelationMode, signal: AlertSignal) -> str:
-    """The human-readable identity of 'one problem' under the connection's correlation mode."""
+    """The human-readable identity of 'one problem' under the connection's correlation mode.
+
+    A source that names its problems (a service health event's tracking id, a resource's health)
+    decides under every mode: each of its notifications is a new Azure alert of the same problem.
+    """
+    if signal.problem_key:
+        return f"problem|{signal.problem_key}".lower()
     rule = signal.rule_id or signal.rule
     if mode is CorrelationMode.PER_ALERT:
         return f"alert|{signal.origin_alert_id or signal.alert_id}"
@@ -57,9 +64,7 @@ def _when(moment: datetime) -> str:
 def ci_name(ci: str) -> str:
     """What people call a configuration item: an ARM resource id (as log search alerts V2 send
     it) becomes its resource name, which is also what a CMDB server record is named."""
-    if ci.startswith("/subscriptions/") and "/providers/" in ci:
-        return ci.rstrip("/").rsplit("/", 1)[-1]
-    return ci
+    return resource_name(ci)
 
 
 def ci_names(signal: AlertSignal) -> list[str]:
@@ -78,9 +83,22 @@ def alert_name(alert_id: str) -> str:
     return alert_id.rstrip("/").rsplit("/", 1)[-1] or alert_id
 
 
+def target_label(signal: AlertSignal) -> str:
+    """What the alert is about, for people: its configuration items, else its targets' names (a
+    subscription-scoped target as "subscription <id>", since no CI names it)."""
+    names = [name for name in ci_names(signal) if name]
+    if names:
+        return ", ".join(names)
+    labels = [
+        f"subscription {subscription_of(target)}" if is_subscription_scope(target) else resource_name(target)
+        for target in signal.target_ids
+    ]
+    return ", ".join(dict.fromkeys(label for label in labels if label)) or "(no target)"
+
+
 def short_description(signal: AlertSignal) -> str:
     """Rule, severity and target, whole where they fit (the old connector cut at 40 characters)."""
-    target = ", ".join(ci_names(signal)) or "(no target)"
+    target = target_label(signal)
     return _clip(f"[{signal.severity.value}] {signal.rule} on {target}", SHORT_DESCRIPTION_LIMIT)
 
 
@@ -88,7 +106,8 @@ def incident_description(signal: AlertSignal, impact: int, urgency: int) -> str:
     lines = [
         f"Azure Monitor alert {signal.condition.value.lower()}: {signal.rule}",
         "",
-        f"Severity: {signal.severity.value} (impact {impact}, urgency {urgency})",
+        f"Severity: {signal.severity.value} (impact {impact}, urgency {urgency})"
+        + (" - the alert has no severity: the connection's default" if signal.severity_assumed else ""),
         f"Monitoring service: {signal.monitoring_service}"
         + (f" / signal type: {signal.signal_type}" if signal.signal_type else ""),
         f"Affected: {', '.join(ci_names(signal)) or '(none named)'}",
@@ -110,6 +129,7 @@ def incident_draft(
     connection: ConnectionBase, signal: AlertSignal, key_text: str, correlation: str
 ) -> IncidentDraft:
     mapping = connection.mapping_for(signal.severity)
+    ci = ci_name(signal.primary_ci)
     return IncidentDraft(
         short_description=short_description(signal),
         description=incident_description(signal, mapping.impact, mapping.urgency),
@@ -117,8 +137,9 @@ def incident_draft(
         urgency=mapping.urgency,
         correlation_id=correlation,
         correlation_display=_clip(key_text, 100),
-        configuration_item=ci_name(signal.primary_ci) or None,
-        create_configuration_item=connection.create_configuration_items,
+        configuration_item=ci or None,
+        # a GUID names no CMDB item anyone would recognise: look it up, never create one
+        create_configuration_item=connection.create_configuration_items and not is_guid(ci),
         assignment_group=connection.assignment_group or None,
         caller=connection.caller or None,
     )
@@ -141,9 +162,20 @@ def refire_note(signal: AlertSignal, firings: int, since: datetime | None, new_c
     return "\n".join(lines)
 
 
+def update_note(signal: AlertSignal) -> str:
+    """A new notification of a problem its source names (a health event's next communication)."""
+    lines = [f"Azure Monitor: update on this problem, notified at {_when(signal.fired_at)}."]
+    if signal.context_summary:
+        lines += ["", _clip(signal.context_summary, NOTE_CONTEXT_LIMIT)]
+    if signal.portal_link:
+        lines.append(f"Latest alert: {signal.portal_link}")
+    return "\n".join(lines)
+
+
 def resolved_note(signal: AlertSignal, total_firings: int, unnoted: int, auto_resolve: bool) -> str:
     when = _when(signal.resolved_at or signal.fired_at)
-    lines = [f"Azure Monitor: the alert resolved at {when}. It fired {total_firings} time(s) in all."]
+    what = "the problem recovered" if signal.problem_key else "the alert resolved"
+    lines = [f"Azure Monitor: {what} at {when}. It fired {total_firings} time(s) in all."]
     if unnoted:
         lines.append(f"{unnoted} firing(s) since the last note were not noted separately.")
     lines.append(
@@ -151,6 +183,8 @@ def resolved_note(signal: AlertSignal, total_firings: int, unnoted: int, auto_re
         if auto_resolve
         else "Auto-resolve is off for this connection: resolve the incident when the work is done."
     )
+    if signal.problem_key and signal.context_summary:  # the recovery's own words (a mitigation summary)
+        lines += ["", _clip(signal.context_summary, NOTE_CONTEXT_LIMIT)]
     return "\n".join(lines)
 
 

@@ -32,9 +32,14 @@ class AlertSignal(BaseModel):
 
     alert_id: str = Field(min_length=1, description="essentials.alertId: stable for one fire/resolve cycle")
     origin_alert_id: str = ""
-    rule: str = Field(min_length=1, description="essentials.alertRule (the rule's name)")
+    rule: str = Field(
+        min_length=1, description="essentials.alertRule (the rule's name); a budget alert's budget name"
+    )
     rule_id: str = Field(default="", description="essentials.alertRuleID where sent, else derived")
     severity: Severity
+    severity_assumed: bool = Field(
+        default=False, description="the alert has no severity: this is the connection's default"
+    )
     signal_type: str = ""
     monitoring_service: str = Field(min_length=1)
     condition: MonitorCondition
@@ -42,7 +47,13 @@ class AlertSignal(BaseModel):
     resolved_at: datetime | None = None
     target_ids: tuple[str, ...] = ()
     configuration_items: tuple[str, ...] = Field(
-        default=(), description="essentials.configurationItems, else the target resource names"
+        default=(),
+        description="essentials.configurationItems, else the target resource names; never a subscription",
+    )
+    problem_key: str = Field(
+        default="",
+        description="the source's stable key of the underlying problem where it has one (a service health "
+        "tracking id, a resource's health): every notification with it is one problem",
     )
     description: str = ""
     context_summary: str = Field(

@@ -74,6 +74,10 @@ class ConnectionBase(BaseModel):
     create_configuration_items: bool = False
     correlation: CorrelationMode = CorrelationMode.PER_RULE_AND_CI
     severity_map: dict[Severity, SeverityMapping] = Field(default_factory=lambda: dict(DEFAULT_SEVERITY_MAP))
+    default_severity: Severity = Field(
+        default=Severity.SEV3,
+        description="the severity of alerts that carry none (Cost Management budget alerts)",
+    )
     auto_resolve: bool = True
     note_interval_minutes: int = Field(default=15, ge=0, le=1440)
     reopen_window_hours: int = Field(default=24, ge=0, le=720)

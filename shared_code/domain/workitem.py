@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared_code.errors import InvalidInputError
+from shared_code.errors import InvalidInputError, shown
 
 
 class WorkItemType(StrEnum):
@@ -31,7 +31,7 @@ class WorkItemType(StrEnum):
         for item in cls:
             if item.sync_name == name:
                 return item
-        raise ValueError(f"unknown work item type {name!r}: use incidents or change_requests")
+        raise ValueError(f"unknown work item type {shown(name)}: use incidents or change_requests")
 
     @classmethod
     def parse_many(cls, names: Sequence[str] | None) -> list[WorkItemType] | None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from azure.data.tables import TableClient
 
 from shared_code.domain.connection import ConnectionBase
-from shared_code.errors import NotFoundError
+from shared_code.errors import NotFoundError, shown
 from shared_code.state.tables import delete_entity, get_entity, insert_entity, merge_entity, query_entities
 
 TABLE = "Connections"
@@ -67,7 +67,7 @@ class ConnectionRepository:
             return cached[1]
         entity = get_entity(self._table, PARTITION, name)
         if entity is None:
-            raise NotFoundError(f"no ITSM connection named {name!r}")
+            raise NotFoundError(f"no ITSM connection named {shown(name)}")
         connection = self._from_entity(entity)
         with self._lock:
             self._cache[name] = (now, connection)

@@ -29,6 +29,7 @@ import pytest
 
 import function_app
 from shared_code import httpretry
+from shared_code.alerts.schema import parse_alert
 from shared_code.bootstrap import Container, get_container, reset_container
 from shared_code.domain.correlation import Correlation, CorrelationState
 from shared_code.domain.delivery import Delivery, DeliveryStatus
@@ -296,10 +297,16 @@ def in_threads(count: int, action: Callable[[int], Any]) -> list[Any]:
 
 
 def expected_targets(essentials: dict[str, Any]) -> str:
-    # configurationItems (an ARM id shown by its resource name), else the targets' names
+    # configurationItems (an ARM id shown by its resource name), else the targets' names; a bare
+    # subscription is no configuration item and is shown as "subscription <id>"
     items = essentials.get("configurationItems") or essentials.get("alertTargetIDs") or []
     names = [
-        item.rstrip("/").rsplit("/", 1)[-1] if item.startswith("/subscriptions/") else item for item in items
+        f"subscription {item.split('/')[2]}"
+        if re.fullmatch(r"/subscriptions/[^/]+/?", item)
+        else item.rstrip("/").rsplit("/", 1)[-1]
+        if item.startswith("/subscriptions/")
+        else item
+        for item in items
     ]
     unique: list[str] = []
     for item in names:
@@ -350,6 +357,86 @@ def test_every_fired_fixture_becomes_one_incident_with_mapped_fields(flow: Flow,
     assert delivered.outcome == "created"
     assert delivered.work_item_number == incident["number"]
     assert flow.notes(incident) == []
+
+
+# -- 1b. Microsoft's published payloads: budgets, health events, subscription-scoped alerts ---------
+
+BUDGET_TEST_ACTIONS = [
+    "cost_budget_test_action",
+    "cost_budget_actual_test_action",
+    "cost_budget_forecasted_test_action",
+]
+
+
+@pytest.mark.parametrize("fixture", BUDGET_TEST_ACTIONS)
+def test_a_budget_alert_opens_an_incident_at_the_connection_default_severity(
+    flow: Flow, fixture: str
+) -> None:
+    flow.connect("--default-severity", "Sev1", "--severity-map", SEVERITY_MAP_OPTION, "--create-ci")
+    payload = load(fixture)
+    budget = payload["data"]["alertContext"]["AlertData"]
+    cis_before = len(flow.snow.records("cmdb_ci"))
+
+    call = flow.post(payload)
+
+    assert call.status == 202, call.json()  # Azure never retries a 4xx: a refusal loses the alert
+    assert flow.deliver() == 1
+    incident = flow.incident()
+    subscription = budget["Scope"].split("/")[2]
+    assert incident["short_description"] == f"[Sev1] {budget['BudgetName']} on subscription {subscription}"
+    assert (incident["impact"], incident["urgency"]) == tuple(str(n) for n in SEVERITY_MAP["Sev1"])
+    assert f"Budget: {budget['BudgetName']}" in incident["description"]
+    assert "the alert has no severity: the connection's default" in incident["description"]
+    assert incident["cmdb_ci"] == ""  # neither "budgets" (the category) nor the subscription
+    assert len(flow.snow.records("cmdb_ci")) == cis_before
+
+
+HEALTH_SEQUENCES = {
+    "service-health": ("service_health_fired", "service_health_update", "service_health_resolved"),
+    "resource-health": ("resource_health_fired", "resource_health_update", "resource_health_resolved"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HEALTH_SEQUENCES))
+def test_a_health_event_is_one_incident_its_updates_notes_and_its_recovery_the_resolution(
+    flow: Flow, kind: str
+) -> None:
+    flow.connect("--note-interval-minutes", "60")
+    active, update, recovery = (load(name) for name in HEALTH_SEQUENCES[kind])
+
+    created = flow.send(active)
+    flow.clock.advance(minutes=5)
+    noted = flow.send(update)
+    flow.clock.advance(minutes=5)
+    resolved = flow.send(recovery)
+
+    assert (created.outcome, noted.outcome.split(":")[0], resolved.outcome) == (
+        "created",
+        "noted",
+        "resolved",
+    )
+    incident = flow.incident()  # one incident for the whole event
+    assert incident["state"] == "6"
+    notes = flow.notes(incident)
+    assert len(notes) == 2
+    assert "update on this problem" in notes[0]
+    assert "the problem recovered" in incident["close_notes"]
+    assert flow.correlation().state is CorrelationState.RESOLVED
+
+
+def test_a_subscription_scoped_alert_never_creates_a_ci_named_by_the_subscription(flow: Flow) -> None:
+    flow.connect("--create-ci")
+    payload = load("service_health_fired")
+    subscription = payload["data"]["essentials"]["alertTargetIDs"][0].split("/")[2]
+    requests_before = len(flow.snow.requests)
+
+    flow.send(payload)
+
+    incident = flow.incident()
+    assert incident["cmdb_ci"] == ""
+    assert not [ci for ci in flow.snow.records("cmdb_ci") if subscription in str(ci.get("name", ""))]
+    assert not [path for _, path, _ in flow.snow.requests[requests_before:] if "cmdb_ci" in path]
+    assert incident["short_description"].endswith(f"on subscription {subscription}")
 
 
 # -- 2. fire, re-fire, resolve -----------------------------------------------------------------------
@@ -668,9 +755,9 @@ def test_twenty_concurrent_refires_of_one_problem_give_one_incident_and_no_dupli
 # -- 6. bad input ------------------------------------------------------------------------------------
 
 
-def _missing_severity() -> bytes:
+def _invalid_severity() -> bytes:
     payload = load("metric_fired")
-    del payload["data"]["essentials"]["severity"]
+    payload["data"]["essentials"]["severity"] = "Critical"
     return encode(payload)
 
 
@@ -747,12 +834,12 @@ BAD_REQUESTS: list[tuple[str, Callable[[], bytes], str, int, str, str]] = [
     ),
     ("json-array", lambda: b"[1, 2]", "application/json", 422, "not_common_alert_schema", "JSON array"),
     (
-        "missing-severity",
-        _missing_severity,
+        "invalid-severity",
+        _invalid_severity,
         "application/json",
         422,
         "invalid_alert",
-        "data.essentials.severity: is required",
+        "data.essentials.severity: must be one of Sev0",
     ),
     ("bad-fired-time", _bad_time, "application/json", 422, "invalid_alert", "data.essentials.firedDateTime"),
     *(
@@ -823,6 +910,99 @@ def test_an_unknown_connection_is_404_and_nothing_is_stored(flow: Flow, connecti
     assert call.outputs == {}
     assert flow.queued() == 0
     assert flow.deliveries() == []
+
+
+def _signal_json() -> dict[str, Any]:
+    signal: dict[str, Any] = json.loads(parse_alert(load("metric_fired")).model_dump_json())
+    return signal
+
+
+FORGED_MESSAGES: dict[str, Callable[[], str]] = {
+    "bad-json": lambda: '{"connection": ',
+    "not-utf8": lambda: b'{"connection": "\xff"}'.decode("latin-1"),
+    "json-array": lambda: "[1, 2]",
+    "wrong-types": lambda: json.dumps({"connection": 5, "deliveryId": ["x"]}),
+    "traversal-in-connection": lambda: json.dumps(
+        {"connection": "../../Connections", "deliveryId": "0" * 32}
+    ),
+    "traversal-with-signal": lambda: json.dumps(
+        {"connection": "sn/../x", "deliveryId": "0" * 32, "signal": _signal_json()}
+    ),
+    "huge-delivery-id": lambda: json.dumps({"connection": "sn-x", "deliveryId": "a" * 20_000}),
+    "unknown-field": lambda: json.dumps({"connection": "sn-x", "deliveryId": "0" * 32, "x" * 5_000: 1}),
+    "damaged-signal": lambda: json.dumps(
+        {"connection": "sn-x", "deliveryId": "0" * 32, "signal": {"alert_id": "x", "severity": "Sev9"}}
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FORGED_MESSAGES))
+def test_a_forged_or_damaged_queue_message_is_dropped_and_writes_nothing(
+    flow: Flow, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    flow.connect()
+    body = FORGED_MESSAGES[kind]()
+
+    with caplog.at_level(logging.ERROR):
+        flow.host.call_queue("deliver_alert", body)  # returns: no uncaught error, no retry
+
+    assert flow.deliveries() == []
+    assert list(flow.container.tables.table("AlertDeliveries").list_entities()) == []
+    assert list(flow.container.tables.table("Correlations").list_entities()) == []
+    assert flow.incidents() == []
+    dropped = [r.getMessage() for r in caplog.records if "dropping queue message" in r.getMessage()]
+    assert dropped, [r.getMessage() for r in caplog.records]
+    assert all(len(line) < 600 for line in dropped)
+
+
+def test_a_message_for_an_unknown_connection_writes_no_row(
+    flow: Flow, caplog: pytest.LogCaptureFixture
+) -> None:
+    flow.connect()
+    message = {
+        "connection": "sn-nobody",
+        "deliveryId": "0123456789abcdef0123456789abcdef",
+        "signal": _signal_json(),
+    }
+
+    with caplog.at_level(logging.ERROR):
+        flow.host.call_queue("deliver_alert", json.dumps(message))
+
+    assert flow.deliveries(connection="sn-nobody") == []
+    assert list(flow.container.tables.table("AlertDeliveries").list_entities()) == []
+    assert flow.incidents() == []
+    assert any("no connection named sn-nobody" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stored_delivery_of_a_removed_connection_ends_failed(flow: Flow) -> None:
+    flow.connect()
+    delivery_id = flow.accepted(alert(alert_id="removed", fired_at=T0), send=True).json()["deliveryId"]
+    code, output = flow.stack.cli("connections", "remove", flow.name)
+    assert code == 0, output
+
+    flow.deliver()
+
+    row = flow.delivery(delivery_id)
+    assert row.status is DeliveryStatus.FAILED
+    assert "no ITSM connection named" in row.last_error
+    assert flow.incidents() == []
+
+
+def test_long_client_values_are_cut_in_error_messages(flow: Flow) -> None:
+    flow.connect()
+    huge_name = "n" * 100_000
+
+    unknown = flow.post(load("metric_fired"), connection=huge_name)
+    huge_id = flow.status("a" * 16_000)
+
+    assert unknown.status == 404
+    assert len(unknown.json()["error"]["message"]) < 200
+    assert "…" in unknown.json()["error"]["message"]
+    assert huge_id.status == 404  # not 503: an id that is not one never reaches storage
+    assert len(huge_id.json()["error"]["message"]) < 250
+    wrong_type = flow.post(load("metric_fired"), headers={"Content-Type": "text/" + "x" * 50_000})
+    assert wrong_type.status == 415
+    assert len(wrong_type.json()["error"]["message"]) < 200
 
 
 def _outsized(kind: str) -> dict[str, Any]:
