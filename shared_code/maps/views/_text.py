@@ -27,9 +27,16 @@ def one_line(text: str) -> str:
     return _LINE_BREAKS.sub(" ", clean(text)).strip()
 
 
+_WHITESPACE_REFS = str.maketrans({"\n": "&#10;", "\r": "&#13;", "\t": "&#9;"})
+
+
 def esc(text: str) -> str:
-    """Safe in HTML/SVG/XML element text and in double- or single-quoted attribute values."""
-    return html.escape(clean(text), quote=True)
+    """Safe in HTML/SVG/XML element text and in double- or single-quoted attribute values.
+
+    Line breaks and tabs become character references, so an XML parser's attribute-value
+    normalisation cannot turn a name into a different one (``data-`` values must match exactly).
+    """
+    return html.escape(clean(text), quote=True).translate(_WHITESPACE_REFS)
 
 
 def shorten(text: str, limit: int) -> str:
