@@ -82,7 +82,7 @@ def synthetic_map(
     server: str = "web-01",
     seed: int = 7,
     hostile: bool = False,
-    failed_every: int = 9,
+    failed_every: int = 11,
     source: str = "synthetic",
     imported_at: datetime = IMPORTED_AT,
 ) -> ServerMap:
