@@ -6,9 +6,16 @@ PY := $(VENV)/bin/python
 STAMP_PY := $(VENV)/.installed
 STAMP_NODE := node_modules/.installed
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup browser demo test lint typecheck unit bench clean
 
-setup: $(STAMP_PY) $(STAMP_NODE)
+setup: $(STAMP_PY) $(STAMP_NODE) browser
+
+# Headless Chromium for the map-view browser tests (Debian's package; Playwright downloads nothing).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium; }
 
 $(STAMP_PY): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -285,3 +285,96 @@ def summarise(server_map: ServerMap, *, limit: int = 20) -> DependencySummary:
         dependencies=capped(dependencies),
         failed=capped(failed),
     )
+
+
+MIGRATE_CSV_COLUMNS: tuple[str, ...] = (
+    "Timeslot",
+    "Source server name",
+    "Source IP",
+    "Source application",
+    "Source process",
+    "Destination server name",
+    "Destination IP",
+    "Destination application",
+    "Destination process",
+    "Destination port",
+)
+"""The columns of Azure Migrate's dependency export, in its order (the CSV view writes them, the
+Migrate source reads them)."""
+
+
+class MapStatus(StrEnum):
+    """Outcome of a server's latest import, as the ``GET /api/maps`` listing shows it."""
+
+    OK = "ok"
+    FAILED = "failed"  # the latest import failed; the map shown is the previous one
+
+
+class MapListing(BaseModel):
+    """One row of the mapped-servers index: enough to pick a server without loading its graph."""
+
+    model_config = ConfigDict(frozen=True)
+
+    server: str = Field(min_length=1)
+    machine_id: str = ""
+    source: str = ""
+    source_kind: str = ""
+    status: MapStatus = MapStatus.OK
+    last_error: str = ""
+    imported_at: datetime | None = None
+    nodes: int = Field(default=0, ge=0)
+    clients: int = Field(default=0, ge=0, description="distinct machines / client groups connecting in")
+    dependencies: int = Field(default=0, ge=0, description="outbound connection edges")
+    failed: int = Field(default=0, ge=0, description="outbound connection edges whose links all failed")
+    added: int = Field(default=0, ge=0)
+    removed: int = Field(default=0, ge=0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "server": self.server,
+            "machineId": self.machine_id,
+            "source": self.source,
+            "sourceKind": self.source_kind,
+            "status": self.status.value,
+            "lastError": self.last_error,
+            "importedAt": self.imported_at.isoformat() if self.imported_at else None,
+            "nodes": self.nodes,
+            "clients": self.clients,
+            "dependencies": self.dependencies,
+            "failed": self.failed,
+            "changes": {"added": self.added, "removed": self.removed},
+        }
+
+
+def listing_of(server_map: ServerMap, *, status: MapStatus = MapStatus.OK, last_error: str = "") -> MapListing:
+    """The index row of a stored map (``status``/``last_error`` come from the latest import run)."""
+    owners = {
+        node.id: node.machine if node.machine and node.kind in (NodeKind.PROCESS, NodeKind.PORT) else node.id
+        for node in server_map.nodes
+    }
+    clients: set[str] = set()
+    dependencies = 0
+    failed = 0
+    for edge in server_map.edges:
+        if edge.kind is not EdgeKind.CONNECTION:
+            continue
+        if edge.direction is Direction.INBOUND:
+            clients.add(owners.get(edge.source, edge.source))
+        elif edge.direction is Direction.OUTBOUND:
+            dependencies += 1
+            failed += edge.failed
+    return MapListing(
+        server=server_map.server,
+        machine_id=server_map.machine_id,
+        source=server_map.source,
+        source_kind=server_map.source_kind,
+        status=status,
+        last_error=last_error,
+        imported_at=server_map.imported_at,
+        nodes=len(server_map.nodes),
+        clients=len(clients),
+        dependencies=dependencies,
+        failed=failed,
+        added=len(server_map.changes.added),
+        removed=len(server_map.changes.removed),
+    )
