@@ -51,7 +51,7 @@ LOGS_AUDIENCE = "https://api.loganalytics.io"
 TEMPLATE = re.compile(r"^//\s*itsm-connector:(?P<name>[a-z-]+)\s+v(?P<version>\d+)\s*$")
 LET = re.compile(r"^let (?P<name>\w+) = (?P<value>dynamic\(\[.*\]\)|datetime\([^)]*\)|\"[^\"]*\");$")
 TABLES = ("VMConnection", "VMComputer", "VMProcess", "VMBoundPort", "NTANetAnalytics")
-WILDCARD = ("0.0.0.0", "::")  # noqa: S104 - data, not a bind address
+WILDCARD = ("0.0.0.0", "::")
 
 
 def _error(code: str, message: str, inner: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -402,8 +402,9 @@ class LogAnalyticsLoopback(LoopbackServer):
                 ):
                     if column in values:
                         values[column] = bad
-                row = [values[name] for name in names]
-            broken.append(row)
+                broken.append([values[name] for name in names])
+            else:
+                broken.append(row)
         return broken
 
     # -- template evaluation ----------------------------------------------------------------------
@@ -475,8 +476,8 @@ def _vminsights_servers(
                     or _in(row.get("DisplayName"), names)
                     or _in(row.get("HostName"), names)
                 )
-                matches = (
-                    matches or bool(scope) and str(row.get("AzureResourceId", "")).lower().startswith(scope)
+                matches = matches or (
+                    bool(scope) and str(row.get("AzureResourceId", "")).lower().startswith(scope)
                 )
                 if matches and (
                     machine not in newest or row["TimeGenerated"] >= newest[machine]["TimeGenerated"]
@@ -489,7 +490,7 @@ def _vminsights_servers(
         ("Ipv4Addresses", "dynamic"),
         ("AzureResourceId", "string"),
     ]
-    rows = [
+    out = [
         [
             row["Machine"],
             row.get("Computer", ""),
@@ -499,7 +500,7 @@ def _vminsights_servers(
         ]
         for row in newest.values()
     ]
-    return columns, rows
+    return columns, out
 
 
 MAP_COLUMNS: list[tuple[str, str]] = [
@@ -562,7 +563,7 @@ def _vminsights_map(
                 total = links.get(key)
                 if total is None:
                     total = {column: row.get(column) for column in _LINK_KEY}
-                    total.update({column: 0 for column in _SUMS})
+                    total.update(dict.fromkeys(_SUMS, 0))
                     total["LinksLive"] = 0
                     links[key] = total
                 for column in _SUMS:
@@ -576,12 +577,15 @@ def _vminsights_map(
         for ip in remote_ips:
             candidates |= ws.computers_by_ip.get(ip, set())
         for machine in candidates:
-            row = _newest(ws.computers.get(machine, ()), inv_low, inv_high)
-            if row is None:
+            newest = _newest(ws.computers.get(machine, ()), inv_low, inv_high)
+            if newest is None:
                 continue
-            if machine in ids or remote_ips & set(row.get("Ipv4Addresses") or ()):
-                if machine not in computers or row["TimeGenerated"] >= computers[machine]["TimeGenerated"]:
-                    computers[machine] = row
+            row = newest
+            related = machine in ids or bool(remote_ips & set(row.get("Ipv4Addresses") or ()))
+            if related and (
+                machine not in computers or row["TimeGenerated"] >= computers[machine]["TimeGenerated"]
+            ):
+                computers[machine] = row
     ports: dict[tuple[Any, ...], dict[str, Any]] = {}
     for ws in workspaces:
         for machine in computers:
@@ -599,11 +603,11 @@ def _vminsights_map(
     processes: dict[str, dict[str, Any]] = {}
     for ws in workspaces:
         for process in process_ids:
-            row = _newest(ws.processes.get(process, ()), inv_low, inv_high)
-            if row is not None and (
-                process not in processes or row["TimeGenerated"] >= processes[process]["TimeGenerated"]
+            found = _newest(ws.processes.get(process, ()), inv_low, inv_high)
+            if found is not None and (
+                process not in processes or found["TimeGenerated"] >= processes[process]["TimeGenerated"]
             ):
-                processes[process] = row
+                processes[process] = found
     names = [name for name, _ in MAP_COLUMNS]
     out: list[list[Any]] = []
 
@@ -763,7 +767,8 @@ def seed_vminsights(
                 "Ipv4Addresses": [s.ip],
                 "DnsNames": [f"{s.computer}.corp.example"],
                 "OperatingSystemFullName": "Ubuntu 22.04",
-                "AzureResourceId": f"{resource_group}/providers/Microsoft.Compute/virtualMachines/{s.computer}",
+                "AzureResourceId": f"{resource_group}/providers/Microsoft.Compute/virtualMachines/"
+                f"{s.computer}",
             }
         )
         for name, exe in (("web", "nginx"), ("app", "java")):
@@ -784,7 +789,7 @@ def seed_vminsights(
                 "Machine": s.machine_id,
                 "Process": f"p-{s.machine_id[2:10]}web",
                 "ProcessName": "nginx",
-                "Ip": "0.0.0.0",  # noqa: S104 - seeded data
+                "Ip": "0.0.0.0",
                 "Port": 443,
                 "Protocol": "tcp",
             }
