@@ -253,7 +253,9 @@ def build_server_map(
             props.get("destination"),
             props.get("serverPort"),
         )
-        source_owner = index.owner(source_ref).lower()
+        # a client group stands for machines Service Map does not monitor: it belongs to no machine
+        from_clients = "/clientgroups/" in _ref_id(source_ref).lower()
+        source_owner = "" if from_clients else index.owner(source_ref).lower()
         destination_owner = index.owner(destination).lower()
         if me not in (source_owner, destination_owner) or source_owner == destination_owner:
             continue
@@ -276,7 +278,7 @@ def build_server_map(
             )
         else:
             rid = _ref_id(source_ref).lower()
-            if "/clientgroups/" in rid:
+            if from_clients:
                 client = graph.client_group(source_ref, server.machine_id, number or 0)
             elif "/processes/" in rid:
                 client = graph.process(source_ref)
