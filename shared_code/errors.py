@@ -15,6 +15,8 @@
     │   ├── EtagConflict              an ETag-matched write lost its race: re-read and try again
     │   └── BusyError                 another instance holds the lease on this correlation now
     ├── RetryLaterError               a delivery failed in a way a later attempt may fix
+    ├── MapSourceError                a dependency-map source (Log Analytics, Service Map) failed a
+    │                                 call after bounded retries or answered something unusable
     └── ItsmError                     the ITSM product failed a call
         ├── ItsmAuthError             credentials refused: the connection must be re-authorised
         ├── ItsmRejectedError         a 4xx that retrying cannot fix (has .status)
@@ -102,6 +104,14 @@ class BusyError(StateError):
 
 class RetryLaterError(ConnectorAppError):
     """A delivery attempt failed in a way a later attempt may fix; the queue should retry it."""
+
+
+class MapSourceError(ConnectorAppError):
+    """A dependency-map source failed a call after bounded retries, or answered something unusable."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
 
 
 class ItsmError(ConnectorAppError):

@@ -77,6 +77,16 @@ class Settings(BaseModel):
         default="Custom-ServiceDeskLog_CL", alias="LOGS_INGESTION_ERROR_STREAM"
     )
     arm_endpoint: HttpsUrl = Field(default="https://management.azure.com", alias="ARM_ENDPOINT")
+    logs_query_endpoint: HttpsUrl = Field(
+        default="https://api.loganalytics.azure.com",
+        alias="LOGS_QUERY_ENDPOINT",
+        description="the Log Analytics query API the table map sources read (VM Insights, flow logs)",
+    )
+    logs_query_audience: HttpsUrl = Field(
+        default="https://api.loganalytics.io",
+        alias="LOGS_QUERY_AUDIENCE",
+        description="token audience of the query API (national clouds have their own)",
+    )
     sync_schedule: Schedule = Field(default=DEFAULT_SYNC_SCHEDULE, alias="SYNC_SCHEDULE")
     alert_redrive_schedule: Schedule = Field(default=DEFAULT_REDRIVE_SCHEDULE, alias="ALERT_REDRIVE_SCHEDULE")
 

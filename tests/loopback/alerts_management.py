@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from tests.loopback.base import LoopbackServer
@@ -61,6 +61,16 @@ def _error(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
+class ArmMount(Protocol):
+    """Another ARM API served by this loopback (e.g. ``tests.loopback.servicemap.ServiceMapApi``)."""
+
+    def handles(self, path: str) -> bool: ...
+
+    def dispatch(
+        self, method: str, path: str, query: dict[str, list[str]], raw: bytes, base_url: str
+    ) -> tuple[int, Any, dict[str, str]]: ...
+
+
 @dataclass(frozen=True)
 class StateChange:
     alert_id: str
@@ -96,6 +106,12 @@ class AlertsHandler(NoDelayHandler):
             status, body = fault[0], _error("InjectedFault", "Injected fault")
             if fault[1] is not None:
                 headers["Retry-After"] = f"{fault[1]:g}"
+        elif (mount := self.app.mount_for(unquote(path))) is not None:
+            try:
+                status, body, extra = mount.dispatch(method, unquote(path), query, raw, self.app.url)
+                headers.update(extra)
+            except Exception as exc:  # a bug there must not kill the connection silently
+                status, body = 500, _error("InternalServerError", repr(exc)[:300])
         else:
             try:
                 status, body = self.app.dispatch(method, unquote(path), query, raw)
@@ -161,6 +177,15 @@ class AlertsManagementLoopback(LoopbackServer):
         self._faults: list[tuple[int, float | None]] = []
         self._history: list[StateChange] = []
         self.requests = RequestLog()
+        self._mounts: list[ArmMount] = []
+
+    def mount(self, api: ArmMount) -> None:
+        """Serve another ARM API from this endpoint: requests whose path ``api.handles`` go to it
+        (after the token check and ``fail_next``), so the app needs one ``ARM_ENDPOINT``."""
+        self._mounts.append(api)
+
+    def mount_for(self, path: str) -> ArmMount | None:
+        return next((api for api in self._mounts if api.handles(path)), None)
 
     # -- test accessors ------------------------------------------------------------------------
     def add_alert(

@@ -8,7 +8,10 @@
 * Azurite (tables, queues) in memory on free ports, or one passed in (a test session shares one);
 * Entra ID, Key Vault, ServiceNow, Logs Ingestion and Alerts Management over TLS with the
   throwaway CA in ``tests/loopback/tls.py``; Key Vault, Logs Ingestion and Alerts Management accept
-  only tokens the loopback Entra issued for their audience.
+  only tokens the loopback Entra issued for their audience;
+* for the dependency maps (``maps=True``, the default): the Log Analytics query API
+  (``LOGS_QUERY_ENDPOINT``) and the Service Map API, mounted in the Alerts Management loopback so
+  both ARM APIs share the one ``ARM_ENDPOINT`` the app reads.
 
 ``app()`` points the process environment (the app settings and the ``AZURE_*`` variables of
 azure-identity's EnvironmentCredential) at these servers and resets the app's container, so the
@@ -32,7 +35,9 @@ from tests.loopback.alerts_management import AlertsManagementLoopback
 from tests.loopback.azurite import Azurite
 from tests.loopback.entra import EntraLoopback
 from tests.loopback.keyvault import KeyVaultLoopback
+from tests.loopback.loganalytics import LogAnalyticsLoopback
 from tests.loopback.logs_ingestion import LogsIngestionLoopback
+from tests.loopback.servicemap import ServiceMapApi
 from tests.loopback.servicenow import ServiceNowLoopback
 from tests.loopback.tls import loopback_tls
 
@@ -64,6 +69,7 @@ class LoopbackStack:
         azurite: Azurite | None = None,
         servicenow: ServiceNowLoopback | None = None,
         table_prefix: str = "",
+        maps: bool = True,
     ) -> None:
         self._own_azurite = azurite is None
         self.azurite = azurite or Azurite()
@@ -73,6 +79,10 @@ class LoopbackStack:
         self.servicenow = servicenow or ServiceNowLoopback(rotate_refresh_tokens=True)
         self.logs = LogsIngestionLoopback(self.entra, rules={LOGS_RULE_ID: (LOGS_STREAM, LOGS_ERROR_STREAM)})
         self.alerts = AlertsManagementLoopback(self.entra)
+        self.loganalytics: LogAnalyticsLoopback | None = LogAnalyticsLoopback(self.entra) if maps else None
+        self.servicemap = ServiceMapApi()
+        if maps:
+            self.alerts.mount(self.servicemap)
         self.table_prefix = table_prefix
         self._started: list[Any] = []
 
@@ -85,7 +95,9 @@ class LoopbackStack:
             if self._own_azurite:
                 self.azurite.start()
                 self._started.append(self.azurite)
-            for server in (self.entra, self.keyvault, self.logs, self.alerts):
+            for server in (self.entra, self.keyvault, self.logs, self.alerts, self.loganalytics):
+                if server is None:
+                    continue
                 server.start()
                 self._started.append(server)
             if self._own_servicenow:
@@ -122,6 +134,7 @@ class LoopbackStack:
             "LOGS_INGESTION_STREAM": LOGS_STREAM,
             "LOGS_INGESTION_ERROR_STREAM": LOGS_ERROR_STREAM,
             "ARM_ENDPOINT": self.alerts.url,
+            **({"LOGS_QUERY_ENDPOINT": self.loganalytics.url} if self.loganalytics is not None else {}),
             "HTTP_TIMEOUT_SECONDS": "10",
             **self.entra.environment(),
         }
