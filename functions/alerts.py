@@ -10,6 +10,7 @@ from datetime import timedelta
 import azure.functions as func
 
 from functions.http_errors import error_response, json_response
+from functions.webhook_auth import require_secure_webhook
 from shared_code.alerts.delivery import DeliveryMessage
 from shared_code.bootstrap import get_container
 from shared_code.connections import CONNECTION_NAME
@@ -43,6 +44,7 @@ def receive_alert(req: func.HttpRequest, delivery: func.Out[str]) -> func.HttpRe
     """Store the alert, queue its delivery, answer 202 with the delivery id."""
     try:
         name = _connection_name(req)
+        require_secure_webhook(name, req.headers.get("Authorization"))
         receipt = get_container().alert_intake.receive(name, req.get_body(), req.headers.get("Content-Type"))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a clear HTTP answer
         return error_response(exc)

@@ -26,6 +26,7 @@ from shared_code.connections import Connection
 from shared_code.itsm.base import ItsmConnector
 from shared_code.itsm.registry import build_connector
 from shared_code.secrets import KeyVaultSecretStore, SecretStore
+from shared_code.security.secure_webhook import SecureWebhookValidator
 from shared_code.settings import Settings
 from shared_code.state import connections as connections_table
 from shared_code.state import correlations as correlations_table
@@ -169,6 +170,12 @@ class Container:
             self.connector_for,
             self.clock,
             max_attempts=self.settings.alert_max_attempts,
+        )
+
+    @cached_property
+    def secure_webhook(self) -> SecureWebhookValidator:
+        return SecureWebhookValidator(
+            self.settings.authority_host, self.http, build_ssl_context(self.settings)
         )
 
     @cached_property

@@ -81,6 +81,9 @@ class Cli:
             "assignment_group": args.assignment_group or "",
             "caller": args.caller or "",
             "close_azure_alerts": args.close_azure_alerts,
+            "secure_webhook_app_id": args.secure_webhook_app_id or "",
+            "secure_webhook_tenant_id": args.secure_webhook_tenant_id or "",
+            "secure_webhook_app_id_uri": args.secure_webhook_app_id_uri or "",
         }
         if args.severity_map:
             data["severity_map"] = parse_severity_map(args.severity_map)
@@ -363,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--close-azure-alerts", action="store_true", help="close the Azure alert when resolved in ITSM"
     )
+    add.add_argument(
+        "--secure-webhook-app-id",
+        metavar="CLIENT_ID",
+        help="require action-group secure webhook tokens for this app",
+    )
+    add.add_argument("--secure-webhook-tenant-id", metavar="TENANT_ID", help="the app registration's tenant")
+    add.add_argument("--secure-webhook-app-id-uri", metavar="URI", help="its Application ID URI (v1 tokens)")
     add_secret_options(add)
     add.add_argument("--test", action="store_true", help="test the connection after adding it")
     lst = conn.add_parser("list", help="list connections")

@@ -19,6 +19,7 @@ from shared_code.itsm.base import SeverityMapping
 
 CONNECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,49}$")
 SERVICENOW_HOST_SUFFIXES = (".service-now.com", ".servicenow.com")
+OPTIONAL_GUID = r"^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})?$"
 
 
 class PartnerType(StrEnum):
@@ -88,6 +89,10 @@ class Connection(BaseModel):
     close_azure_alerts: bool = Field(
         default=False, description="backward sync: close the Azure alert when its work item is resolved"
     )
+    # secure webhook: when set, the webhook also requires an Entra ID token for this app registration
+    secure_webhook_app_id: str = Field(default="", pattern=OPTIONAL_GUID)
+    secure_webhook_tenant_id: str = Field(default="", pattern=OPTIONAL_GUID)
+    secure_webhook_app_id_uri: str = Field(default="", max_length=256, pattern=r"^((api|https)://\S+)?$")
 
     @field_validator("name")
     @classmethod
@@ -114,6 +119,10 @@ class Connection(BaseModel):
     def _rules(self) -> Self:
         if self.auth_method is AuthMethod.OAUTH and not self.client_id:
             raise ValueError("client_id is required for OAuth connections")
+        if bool(self.secure_webhook_app_id) != bool(self.secure_webhook_tenant_id):
+            raise ValueError("secure_webhook_app_id and secure_webhook_tenant_id go together")
+        if self.secure_webhook_app_id_uri and not self.secure_webhook_app_id:
+            raise ValueError("secure_webhook_app_id_uri needs secure_webhook_app_id")
         if self.partner_type is PartnerType.SERVICENOW and not self.private_instance:
             host = urlsplit(self.server_url).hostname or ""
             if not host.endswith(SERVICENOW_HOST_SUFFIXES):

@@ -77,6 +77,13 @@ class Settings(BaseModel):
         default="Custom-ServiceDeskLog_CL", alias="LOGS_INGESTION_ERROR_STREAM"
     )
     arm_endpoint: HttpsUrl = Field(default="https://management.azure.com", alias="ARM_ENDPOINT")
+    authority_host: HttpsUrl = Field(
+        default="https://login.microsoftonline.com",
+        alias="AZURE_AUTHORITY_HOST",
+        description="Entra ID authority: OpenID metadata and signing keys for secure webhook tokens",
+    )
+    storage_account_name: str = Field(default="", alias="AzureWebJobsStorage__accountName")
+    queue_service_uri: HttpsUrl = Field(default="", alias="AzureWebJobsStorage__queueServiceUri")
     sync_schedule: Schedule = Field(default=DEFAULT_SYNC_SCHEDULE, alias="SYNC_SCHEDULE")
     alert_redrive_schedule: Schedule = Field(default=DEFAULT_REDRIVE_SCHEDULE, alias="ALERT_REDRIVE_SCHEDULE")
 
