@@ -17,10 +17,10 @@ from shared_code.connections import CONNECTION_NAME
 from shared_code.errors import NotFoundError, StateError
 from shared_code.settings import DEFAULT_REDRIVE_SCHEDULE
 from shared_code.state.deliveries import Delivery
+from shared_code.state.queues import ALERT_QUEUE
 
 log = logging.getLogger(__name__)
 
-ALERT_QUEUE = "alert-deliveries"
 MAX_MESSAGE_BYTES = 40_000
 """A queue message holds 64 KiB, base64-encoded by the Functions host: 48 KiB of text, less room."""
 # read at import, before settings are validated (Settings checks the same variable's shape)

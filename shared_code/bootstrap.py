@@ -23,6 +23,7 @@ from shared_code.alerts.delivery import AlertDelivery
 from shared_code.alerts.intake import AlertIntake
 from shared_code.alerts.processor import AlertProcessor
 from shared_code.connections import Connection
+from shared_code.health import HealthMonitor, build_health_monitor
 from shared_code.itsm.base import ItsmConnector
 from shared_code.itsm.registry import build_connector
 from shared_code.secrets import KeyVaultSecretStore, SecretStore
@@ -179,6 +180,10 @@ class Container:
         )
 
     @cached_property
+    def health(self) -> HealthMonitor:
+        return build_health_monitor(self)
+
+    @cached_property
     def sync_engine(self) -> SyncEngine:
         return build_sync_engine(self)
 
@@ -191,6 +196,8 @@ class Container:
             self.http.close()
         if "tables" in self.__dict__:
             self.tables.close()
+        if "health" in self.__dict__:
+            self.health.close()
 
 
 _container: Container | None = None

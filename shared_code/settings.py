@@ -82,6 +82,7 @@ class Settings(BaseModel):
         alias="AZURE_AUTHORITY_HOST",
         description="Entra ID authority: OpenID metadata and signing keys for secure webhook tokens",
     )
+    health_timeout_seconds: float = Field(default=3.0, alias="HEALTH_TIMEOUT_SECONDS", ge=0.2, le=10)
     storage_account_name: str = Field(default="", alias="AzureWebJobsStorage__accountName")
     queue_service_uri: HttpsUrl = Field(default="", alias="AzureWebJobsStorage__queueServiceUri")
     sync_schedule: Schedule = Field(default=DEFAULT_SYNC_SCHEDULE, alias="SYNC_SCHEDULE")
