@@ -10,6 +10,7 @@ from datetime import timedelta
 import azure.functions as func
 
 from functions.http_errors import error_response, json_response
+from functions.webhook_auth import require_secure_webhook
 from shared_code.alerts.delivery import DeliveryMessage
 from shared_code.alerts.intake import DELIVERY_ID
 from shared_code.bootstrap import get_container
@@ -17,10 +18,10 @@ from shared_code.domain.connection import CONNECTION_NAME
 from shared_code.domain.delivery import Delivery
 from shared_code.errors import InvalidInputError, NotFoundError, StateError, shown
 from shared_code.settings import DEFAULT_REDRIVE_SCHEDULE
+from shared_code.state.queues import ALERT_QUEUE
 
 log = logging.getLogger(__name__)
 
-ALERT_QUEUE = "alert-deliveries"
 MAX_MESSAGE_BYTES = 40_000
 """A queue message holds 64 KiB, base64-encoded by the Functions host: 48 KiB of text, less room."""
 # read at import, before settings are validated (Settings checks the same variable's shape)
@@ -44,6 +45,7 @@ def receive_alert(req: func.HttpRequest, delivery: func.Out[str]) -> func.HttpRe
     """Store the alert, queue its delivery, answer 202 with the delivery id."""
     try:
         name = _connection_name(req)
+        require_secure_webhook(name, req.headers.get("Authorization"))
         receipt = get_container().alert_intake.receive(name, req.get_body(), req.headers.get("Content-Type"))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a clear HTTP answer
         return error_response(exc)

@@ -12,6 +12,7 @@ from shared_code.errors import (
     AlertSchemaError,
     ConfigurationError,
     ConnectorAppError,
+    IdentityProviderError,
     InvalidInputError,
     MalformedPayloadError,
     NotCommonSchemaError,
@@ -19,6 +20,7 @@ from shared_code.errors import (
     PayloadTooLargeError,
     SecretStoreError,
     StateError,
+    UnauthorizedError,
     UnsupportedPayloadError,
 )
 
@@ -32,10 +34,12 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
     (AlertSchemaError, 422, "invalid_alert"),
     (InvalidInputError, 400, "invalid_request"),
     (NotFoundError, 404, "not_found"),
+    (UnauthorizedError, 401, "unauthorized"),  # generic message; the reason is logged where refused
     # the app's own trouble, not the caller's: 503 makes action groups retry later
     (ConfigurationError, 503, "misconfigured"),
     (StateError, 503, "storage_unavailable"),
     (SecretStoreError, 503, "secrets_unavailable"),
+    (IdentityProviderError, 503, "identity_provider_unavailable"),
 ]
 
 
@@ -55,6 +59,8 @@ def error_response(exc: Exception) -> func.HttpResponse:
             if isinstance(exc, AlertSchemaError) and exc.path:
                 error["path"] = exc.path
             headers = {"Retry-After": "30"} if status == 503 else None
+            if status == 401:
+                headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
             if status >= 500:
                 log.error("request failed: %s", exc)
             return json_response(status, {"error": error}, headers)

@@ -23,9 +23,11 @@ from shared_code.alerts.delivery import AlertDelivery
 from shared_code.alerts.intake import AlertIntake
 from shared_code.alerts.processor import AlertProcessor
 from shared_code.domain.connection import ConnectionBase
+from shared_code.health import HealthMonitor, build_health_monitor
 from shared_code.ports.itsm import ConnectorPorts
 from shared_code.products import build_connector, parse_connection
 from shared_code.secrets import KeyVaultSecretStore, SecretStore
+from shared_code.security.secure_webhook import SecureWebhookValidator
 from shared_code.settings import Settings
 from shared_code.state import connections as connections_table
 from shared_code.state import correlations as correlations_table
@@ -181,6 +183,16 @@ class Container:
         )
 
     @cached_property
+    def secure_webhook(self) -> SecureWebhookValidator:
+        return SecureWebhookValidator(
+            self.settings.authority_host, self.http, build_ssl_context(self.settings)
+        )
+
+    @cached_property
+    def health(self) -> HealthMonitor:
+        return build_health_monitor(self)
+
+    @cached_property
     def sync_engine(self) -> SyncEngine:
         return build_sync_engine(self)
 
@@ -193,6 +205,8 @@ class Container:
             self.http.close()
         if "tables" in self.__dict__:
             self.tables.close()
+        if "health" in self.__dict__:
+            self.health.close()
 
 
 def build_sync_engine(container: Container) -> SyncEngine:

@@ -79,6 +79,9 @@ class Cli:
             "caller": args.caller or "",
             "close_azure_alerts": args.close_azure_alerts,
             "default_severity": args.default_severity,
+            "secure_webhook_app_id": args.secure_webhook_app_id or "",
+            "secure_webhook_tenant_id": args.secure_webhook_tenant_id or "",
+            "secure_webhook_app_id_uri": args.secure_webhook_app_id_uri or "",
         }
         if args.severity_map:
             data["severity_map"] = parse_severity_map(args.severity_map)
@@ -382,6 +385,9 @@ FLAG_OF_FIELD = {
     "severity_map": "--severity-map",
     "default_severity": "--default-severity",
     "close_azure_alerts": "--close-azure-alerts",
+    "secure_webhook_app_id": "--secure-webhook-app-id",
+    "secure_webhook_tenant_id": "--secure-webhook-tenant-id",
+    "secure_webhook_app_id_uri": "--secure-webhook-app-id-uri",
 }
 """The CLI flag of each common connection field, so validation errors name what the operator typed."""
 
@@ -519,6 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[s.value for s in Severity],
         help="severity of alerts that carry none, e.g. budget alerts (default: %(default)s)",
     )
+    add.add_argument(
+        "--secure-webhook-app-id",
+        metavar="CLIENT_ID",
+        help="require action-group secure webhook tokens for this app",
+    )
+    add.add_argument("--secure-webhook-tenant-id", metavar="TENANT_ID", help="the app registration's tenant")
+    add.add_argument("--secure-webhook-app-id-uri", metavar="URI", help="its Application ID URI (v1 tokens)")
     add_secret_options(add)
     add.add_argument("--test", action="store_true", help="test the connection after adding it")
     lst = conn.add_parser("list", help="list connections")

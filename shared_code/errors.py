@@ -8,6 +8,8 @@
     │   ├── MalformedPayloadError     the body is not parseable JSON
     │   ├── UnsupportedPayloadError   the body is not JSON at all (content type)
     │   └── PayloadTooLargeError      the body is over the size limit
+    ├── UnauthorizedError             the caller did not prove who it is (secure webhook token)
+    ├── IdentityProviderError         Entra ID metadata or signing keys could not be fetched
     ├── NotFoundError                 a named connection, delivery or row does not exist
     ├── AlreadyExistsError            a create found the row already there
     ├── SecretStoreError              Key Vault could not be read or written
@@ -76,6 +78,20 @@ class UnsupportedPayloadError(InvalidInputError):
 
 class PayloadTooLargeError(InvalidInputError):
     """The body is over the size limit."""
+
+
+class UnauthorizedError(ConnectorAppError):
+    """The caller did not prove who it is. The message is deliberately generic (it is what the
+    caller sees); the reason goes to the log only, so a probe learns nothing from the answer."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__("authentication failed")
+
+
+class IdentityProviderError(ConnectorAppError):
+    """Entra ID's OpenID metadata or signing keys could not be fetched: the app cannot judge a
+    token now (not the caller's fault, so the answer asks it to retry)."""
 
 
 class NotFoundError(ConnectorAppError):

@@ -87,6 +87,14 @@ class Settings(BaseModel):
         alias="LOGS_QUERY_AUDIENCE",
         description="token audience of the query API (national clouds have their own)",
     )
+    authority_host: HttpsUrl = Field(
+        default="https://login.microsoftonline.com",
+        alias="AZURE_AUTHORITY_HOST",
+        description="Entra ID authority: OpenID metadata and signing keys for secure webhook tokens",
+    )
+    health_timeout_seconds: float = Field(default=3.0, alias="HEALTH_TIMEOUT_SECONDS", ge=0.2, le=10)
+    storage_account_name: str = Field(default="", alias="AzureWebJobsStorage__accountName")
+    queue_service_uri: HttpsUrl = Field(default="", alias="AzureWebJobsStorage__queueServiceUri")
     sync_schedule: Schedule = Field(default=DEFAULT_SYNC_SCHEDULE, alias="SYNC_SCHEDULE")
     alert_redrive_schedule: Schedule = Field(default=DEFAULT_REDRIVE_SCHEDULE, alias="ALERT_REDRIVE_SCHEDULE")
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from typing import Self
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared_code.domain.alert import Severity
 from shared_code.domain.workitem import SeverityMapping
 
 CONNECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,49}$")
+OPTIONAL_GUID = r"^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})?$"
 
 
 class SyncData(StrEnum):
@@ -86,6 +88,10 @@ class ConnectionBase(BaseModel):
     close_azure_alerts: bool = Field(
         default=False, description="backward sync: close the Azure alert when its work item is resolved"
     )
+    # secure webhook: when set, the webhook also requires an Entra ID token for this app registration
+    secure_webhook_app_id: str = Field(default="", pattern=OPTIONAL_GUID)
+    secure_webhook_tenant_id: str = Field(default="", pattern=OPTIONAL_GUID)
+    secure_webhook_app_id_uri: str = Field(default="", max_length=256, pattern=r"^((api|https)://\S+)?$")
 
     @field_validator("name")
     @classmethod
@@ -107,6 +113,14 @@ class ConnectionBase(BaseModel):
         if parts.query or parts.fragment:
             raise ValueError("must be the instance's base URL without query or fragment")
         return f"https://{parts.netloc}{parts.path.rstrip('/')}"
+
+    @model_validator(mode="after")
+    def _secure_webhook(self) -> Self:
+        if bool(self.secure_webhook_app_id) != bool(self.secure_webhook_tenant_id):
+            raise ValueError("secure_webhook_app_id and secure_webhook_tenant_id go together")
+        if self.secure_webhook_app_id_uri and not self.secure_webhook_app_id:
+            raise ValueError("secure_webhook_app_id_uri needs secure_webhook_app_id")
+        return self
 
     def secret_specs(self) -> tuple[SecretSpec, ...]:
         """The secrets this connection keeps in Key Vault; products with more override it."""

@@ -165,9 +165,11 @@ class _Components:
     left_out: int
 
     def of(self, group: str) -> tuple[str, ...]:
-        return {"ServerGroup": self.server, "ClientsGroup": self.clients, "DependenciesGroup": self.dependencies}[
-            group
-        ]
+        return {
+            "ServerGroup": self.server,
+            "ClientsGroup": self.clients,
+            "DependenciesGroup": self.dependencies,
+        }[group]
 
 
 def _components(server_map: ServerMap) -> _Components:
@@ -178,7 +180,11 @@ def _components(server_map: ServerMap) -> _Components:
         if node.kind is NodeKind.MACHINE:
             return node
         owner = by_id.get(node.machine) if node.machine else None
-        if owner is not None and owner.kind is NodeKind.MACHINE and node.kind in (NodeKind.PROCESS, NodeKind.PORT):
+        if (
+            owner is not None
+            and owner.kind is NodeKind.MACHINE
+            and node.kind in (NodeKind.PROCESS, NodeKind.PORT)
+        ):
             return owner
         return None
 
@@ -241,7 +247,10 @@ def _membership_expression(rule: ET.Element, names: Sequence[str]) -> None:
 
 
 def _group_populator(
-    discoveries: ET.Element, discovery_id: str, target: str, rules: Sequence[tuple[str, str, Sequence[str] | None]]
+    discoveries: ET.Element,
+    discovery_id: str,
+    target: str,
+    rules: Sequence[tuple[str, str, Sequence[str] | None]],
 ) -> None:
     """A GroupPopulator discovery: each rule is (monitoring class, relationship, names or None for all)."""
     discovery = _sub(
@@ -292,7 +301,9 @@ def render_management_pack(
     parse_version(version)
     pack = pack_id or pack_id_for([m.server for m in maps])
     if not MP_ID_PATTERN.match(pack) or len(pack) > 200:
-        raise InvalidInputError(f"management pack id {pack[:60]!r} is not a valid id (letters, digits, _ and .)")
+        raise InvalidInputError(
+            f"management pack id {pack[:60]!r} is not a valid id (letters, digits, _ and .)"
+        )
     tokens = [server_token(m.server) for m in maps]
     if len(set(tokens)) != len(tokens):
         raise InvalidInputError("the same server is named twice in one management pack")
@@ -332,7 +343,9 @@ def render_management_pack(
     views = _sub(presentation, "Views")
     folders = _sub(presentation, "Folders")
     folder_items = _sub(presentation, "FolderItems")
-    strings = _sub(_sub(_sub(root, "LanguagePacks"), "LanguagePack", ID="ENU", IsDefault="true"), "DisplayStrings")
+    strings = _sub(
+        _sub(_sub(root, "LanguagePacks"), "LanguagePack", ID="ENU", IsDefault="true"), "DisplayStrings"
+    )
     folder_id = f"{pack}.Folder"
     _sub(folders, "Folder", ID=folder_id, Accessibility="Public",
          ParentFolder="SC!Microsoft.SystemCenter.Monitoring.ViewFolder.Root")  # fmt: skip
@@ -395,7 +408,9 @@ def _add_application(
         names = components.of(suffix)
         if names:
             discovery = f"{prefix}.{suffix}.Discovery"
-            _group_populator(discoveries, discovery, group, [("System!System.Computer", contains_computer, names)])
+            _group_populator(
+                discoveries, discovery, group, [("System!System.Computer", contains_computer, names)]
+            )
             _display(strings, discovery, f"{server} {label} membership",
                      f"Computers named in the latest dependency map as {label.lower()} of {server}.")  # fmt: skip
             member_rollup = f"{prefix}.{suffix}.ComputerAvailabilityRollup"

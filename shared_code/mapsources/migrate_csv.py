@@ -97,7 +97,7 @@ def _parse_moment(text: str) -> datetime | None:
         moment = None
         for pattern in _DATETIME_FORMATS:
             try:
-                moment = datetime.strptime(text.strip(), pattern)  # noqa: DTZ007 - exports are UTC
+                moment = datetime.strptime(text.strip(), pattern)
                 break
             except ValueError:
                 continue
@@ -109,7 +109,7 @@ def _parse_moment(text: str) -> datetime | None:
 def _parse_time_on(day: datetime, text: str) -> datetime | None:
     for pattern in _TIME_FORMATS:
         try:
-            clock = datetime.strptime(text.strip(), pattern)  # noqa: DTZ007
+            clock = datetime.strptime(text.strip(), pattern)
         except ValueError:
             continue
         return day.replace(hour=clock.hour, minute=clock.minute, second=clock.second, microsecond=0)
@@ -129,7 +129,9 @@ def parse_timeslot(text: str) -> tuple[datetime, datetime] | None:
         parts = value.split("/", 1)
     start = _parse_moment(parts[0])
     if start is None:
-        raise ValueError(f"{value[:60]!r} is not a time slot (like 2024-05-01 10:00:00 - 2024-05-01 11:00:00)")
+        raise ValueError(
+            f"{value[:60]!r} is not a time slot (like 2024-05-01 10:00:00 - 2024-05-01 11:00:00)"
+        )
     if len(parts) == 1:
         return start, start + DEFAULT_SLOT
     end = _parse_moment(parts[1]) or _parse_time_on(start, parts[1])
@@ -280,7 +282,9 @@ class _MapBuilder:
         if ip:
             self.ips.setdefault(machine_id, set()).add(ip)
         if machine_id not in self.nodes:
-            self.nodes[machine_id] = MapNode(id=machine_id, kind=NodeKind.MACHINE, name=name, monitored=monitored)
+            self.nodes[machine_id] = MapNode(
+                id=machine_id, kind=NodeKind.MACHINE, name=name, monitored=monitored
+            )
         return machine_id
 
     def process(self, machine_id: str, machine_key: str, name: str, application: str) -> str:

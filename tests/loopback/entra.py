@@ -2,7 +2,12 @@
 
 What MSAL (inside azure-identity) asks for, served over TLS on 127.0.0.1:
 
-* ``GET /{tenant}/v2.0/.well-known/openid-configuration`` (tenant discovery);
+* ``GET /{tenant}/v2.0/.well-known/openid-configuration`` (tenant discovery, v2.0 issuer) and
+  ``GET /{tenant}/.well-known/openid-configuration`` (v1.0: issuer ``https://sts.windows.net/{tid}/``);
+* ``GET /common/discovery/keys`` and ``GET /{tenant}/discovery/v2.0/keys``: the JWKS of the RSA keys
+  made with :meth:`EntraLoopback.add_signing_key`, which sign the JWTs that
+  :meth:`EntraLoopback.signed_token` issues (secure webhook tests); ``openid_fault`` /
+  ``keys_fault`` make those routes answer an error status instead;
 * ``GET /common/discovery/instance`` (instance discovery; MSAL only calls it on
   login.microsoftonline.com unless told otherwise, served for completeness);
 * ``POST /{tenant}/oauth2/v2.0/token`` with ``grant_type=client_credentials``, ``client_id``,
@@ -49,6 +54,7 @@ Keyword arguments, on the credential (all three credential types accept them)::
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import socket
 import threading
@@ -59,7 +65,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs
 
+import jwt
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.loopback.base import LoopbackHandler, LoopbackServer
 
@@ -274,6 +283,38 @@ def _aad_error(code: str, aadsts: int, description: str, *, status: int = 400) -
     }
 
 
+@dataclass(frozen=True)
+class SigningKey:
+    """An RSA key pair the loopback Entra signs JWTs with; ``jwk`` is its public half as published."""
+
+    kid: str
+    private_pem: bytes
+    public_pem: bytes
+    jwk: dict[str, Any]
+
+
+def make_signing_key(kid: str | None = None) -> SigningKey:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    kid = kid or uuid.uuid4().hex
+    public = private.public_key()
+    jwk: dict[str, Any] = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public))
+    jwk.update({"kid": kid, "use": "sig", "kty": "RSA"})
+    return SigningKey(
+        kid=kid,
+        private_pem=private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+        public_pem=public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        jwk=jwk,
+    )
+
+
+V1_ISSUER = "https://sts.windows.net/{tid}/"
+_KEY_ROUTES = (["common", "discovery", "keys"], ["common", "discovery", "v2.0", "keys"])
+
+
 class EntraHandler(NoDelayHandler):
     app: EntraLoopback
 
@@ -283,6 +324,12 @@ class EntraHandler(NoDelayHandler):
         status, body = 404, {"error": "not_found", "error_description": f"no route for GET {path}"}
         if len(parts) == 4 and parts[1:] == ["v2.0", ".well-known", "openid-configuration"]:
             status, body = self.app.openid_configuration(parts[0])
+            status, body = self.app.faulted("openid", status, body)
+        elif len(parts) == 3 and parts[1:] == [".well-known", "openid-configuration"]:
+            status, body = self.app.openid_configuration_v1(parts[0])
+            status, body = self.app.faulted("openid", status, body)
+        elif parts in _KEY_ROUTES or (len(parts) >= 3 and parts[1] == "discovery" and parts[-1] == "keys"):
+            status, body = self.app.faulted("keys", 200, self.app.jwks())
         elif parts == ["common", "discovery", "instance"]:
             status, body = 200, self.app.instance_discovery(query)
         self.app.log_request(RecordedRequest("GET", path, query, status, authorized=True))
@@ -321,6 +368,9 @@ class EntraLoopback(LoopbackServer):
         self._clients: dict[str, str] = dict(clients or {DEFAULT_CLIENT_ID: DEFAULT_CLIENT_SECRET})
         self._tokens = _TokenTable()
         self.requests = RequestLog()
+        self._signing_keys: list[SigningKey] = []
+        self.openid_fault: int | None = None
+        self.keys_fault: int | None = None
 
     # -- configuration -------------------------------------------------------------------------
     @property
@@ -378,6 +428,40 @@ class EntraLoopback(LoopbackServer):
     def log_request(self, item: RecordedRequest) -> None:
         self.requests.add(item)
 
+    # -- signed JWTs (secure webhook) ----------------------------------------------------------
+    def add_signing_key(self, kid: str | None = None) -> SigningKey:
+        """A new RSA key, published in the key set from now on."""
+        key = make_signing_key(kid)
+        with self._clients_lock:
+            self._signing_keys.append(key)
+        return key
+
+    def signing_key(self) -> SigningKey:
+        """The first published key (made on first use: RSA key generation is not free)."""
+        with self._clients_lock:
+            if self._signing_keys:
+                return self._signing_keys[0]
+        return self.add_signing_key()
+
+    def jwks(self) -> dict[str, Any]:
+        with self._clients_lock:
+            return {"keys": [key.jwk for key in self._signing_keys]}
+
+    def signed_token(
+        self, claims: dict[str, Any], *, key: SigningKey | None = None, headers: dict[str, Any] | None = None
+    ) -> str:
+        """``claims`` signed RS256 with ``key`` (default: the first published key), its kid in the header."""
+        key = key or self.signing_key()
+        return jwt.encode(
+            claims, key.private_pem, algorithm="RS256", headers={"kid": key.kid, **(headers or {})}
+        )
+
+    def faulted(self, route: str, status: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        fault = self.openid_fault if route == "openid" else self.keys_fault
+        if fault is None:
+            return status, body
+        return fault, {"error": "temporarily_unavailable", "error_description": f"{route} fault injected"}
+
     # -- protocol ------------------------------------------------------------------------------
     def _known_tenant(self, tenant: str) -> bool:
         return tenant.lower() in {self.tenant_id.lower(), "organizations", "common"}
@@ -420,6 +504,19 @@ class EntraLoopback(LoopbackServer):
             "cloud_graph_host_name": "graph.windows.net",
             "msgraph_host": "graph.microsoft.com",
             "rbac_url": "https://pas.windows.net",
+        }
+
+    def openid_configuration_v1(self, tenant: str) -> tuple[int, dict[str, Any]]:
+        """The v1.0 document: Entra's v1 issuer (sts.windows.net) and the common key set."""
+        status, body = self.openid_configuration(tenant)
+        if status != 200:
+            return status, body
+        tid = self.tenant_id if tenant.lower() in {"organizations", "common"} else tenant
+        return 200, {
+            **body,
+            "issuer": V1_ISSUER.format(tid=tid),
+            "jwks_uri": f"{self.url}/common/discovery/keys",
+            "token_endpoint": f"{self.url}/{tid}/oauth2/token",
         }
 
     def instance_discovery(self, query: dict[str, list[str]]) -> dict[str, Any]:

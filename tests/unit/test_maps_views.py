@@ -21,7 +21,6 @@ from shared_code.domain.maps import (
 from shared_code.errors import InvalidInputError
 from shared_code.maps.views import ViewFormat, render_index_html, render_index_json, render_json, render_view
 from shared_code.maps.views._model import view_of
-from shared_code.maps.views._text import one_line
 from shared_code.maps.views.csvexport import FORMULA_PREFIXES, render_migrate_csv
 from shared_code.maps.views.drawio import render_drawio
 from shared_code.maps.views.html import CONTENT_SECURITY_POLICY, render_html
@@ -63,7 +62,9 @@ def test_html_view_escapes_every_name_and_runs_only_its_own_script():
     parsed = _Collector()
     parsed.feed(page)
     tags = {tag for tag, _ in parsed.tags}
-    assert "img" not in tags and "b" not in tags and "x" not in tags
+    assert "img" not in tags
+    assert "b" not in tags
+    assert "x" not in tags
     assert [tag for tag, _ in parsed.tags].count("script") == 1
     assert all(not name.startswith("on") for _, attrs in parsed.tags for name in attrs)
     text = "\n".join(parsed.text)
@@ -87,8 +88,10 @@ def test_html_header_shows_server_source_window_counts_and_changes():
     parsed.feed(page)
     text = " ".join(parsed.text)
     view = view_of(server_map)
-    assert server_map.server in text and server_map.source in text
-    assert "2025-06-02T08:30Z" in text and "2025-06-02T09:30Z" in text
+    assert server_map.server in text
+    assert server_map.source in text
+    assert "2025-06-02T08:30Z" in text
+    assert "2025-06-02T09:30Z" in text
     assert f"Nodes {len(server_map.nodes)}" in re.sub(r"\s+", " ", text)
     assert f"Dependencies added ({len(server_map.changes.added)})" in text
     assert f"Dependencies removed ({len(server_map.changes.removed)})" in text
@@ -128,7 +131,9 @@ def test_mermaid_quotes_every_label_and_uses_only_its_own_ids():
         assert not stripped.startswith(("%%", "click", "style ")), line
         inside = re.findall(r'"([^"]*)"', line)
         for label in inside:
-            assert "<" not in label and ">" not in label and "`" not in label
+            assert "<" not in label
+            assert ">" not in label
+            assert "`" not in label
             assert not re.search(r"#(?![a-z0-9]+;)", label), label
         outside = re.sub(r'"[^"]*"', "", stripped)
         assert re.fullmatch(r"[A-Za-z0-9_ \-\.>|\[\]\(\){}:,#;%]*", outside), line
@@ -141,7 +146,8 @@ def test_mermaid_quotes_every_label_and_uses_only_its_own_ids():
 
 def test_mermaid_label_encodes_what_could_end_or_inject():
     assert mermaid_label('a"b#c<d>&`e\nf') == "a#quot;b#35;c#lt;d#gt;#amp;#96;e f"
-    assert mermaid_label("x" * 1000).endswith("\u2026") and len(mermaid_label("x" * 1000)) == 80
+    assert mermaid_label("x" * 1000).endswith("\u2026")
+    assert len(mermaid_label("x" * 1000)) == 80
 
 
 def test_drawio_is_an_mxfile_draw_io_opens_with_every_node_and_connection():
@@ -152,20 +158,23 @@ def test_drawio_is_an_mxfile_draw_io_opens_with_every_node_and_connection():
     assert model is not None
     cells = model.findall("root/mxCell")
     ids = {cell.get("id") for cell in cells}
-    assert {"0", "1"} <= ids and len(ids) == len(cells)
+    assert {"0", "1"} <= ids
+    assert len(ids) == len(cells)
     vertices = [c for c in cells if c.get("vertex") == "1"]
     edges = [c for c in cells if c.get("edge") == "1"]
     assert len(vertices) == len(server_map.nodes)
     assert len(edges) == sum(1 for e in server_map.edges if e.kind is EdgeKind.CONNECTION)
     for edge in edges:
-        assert edge.get("source") in ids and edge.get("target") in ids
+        assert edge.get("source") in ids
+        assert edge.get("target") in ids
         assert edge.find("mxGeometry").get("relative") == "1"
         if "dashed=1" in edge.get("style", ""):
             assert "strokeColor=#d32f2f" in edge.get("style")
     for vertex in vertices:
         assert "html=0" in vertex.get("style")
         geometry = vertex.find("mxGeometry")
-        assert geometry.get("as") == "geometry" and float(geometry.get("width")) > 0
+        assert geometry.get("as") == "geometry"
+        assert float(geometry.get("width")) > 0
         assert vertex.get("parent") in ids
     values = {vertex.get("value") for vertex in vertices}
     for node in server_map.nodes:
@@ -199,7 +208,9 @@ def test_render_view_answers_every_format_and_refuses_unknown_ones():
     server_map = synthetic_map(20)
     for view_format in ViewFormat:
         rendered = render_view(server_map, view_format.value)
-        assert rendered.body and rendered.media_type and rendered.filename.startswith("web-01.")
+        assert rendered.body
+        assert rendered.media_type
+        assert rendered.filename.startswith("web-01.")
     assert render_view(server_map, None).media_type.startswith("text/html")
     with pytest.raises(InvalidInputError, match="drawio"):
         render_view(server_map, "pdf")
@@ -214,14 +225,16 @@ def test_index_lists_servers_with_links_status_and_counts():
     page = render_index_html(listings)
     parsed = _Collector()
     parsed.feed(page)
-    assert "script" not in {tag for tag, _ in parsed.tags} and "b" not in {tag for tag, _ in parsed.tags}
+    assert "script" not in {tag for tag, _ in parsed.tags}
+    assert "b" not in {tag for tag, _ in parsed.tags}
     hrefs = [a["href"] for tag, a in parsed.tags if tag == "a" and a.get("href")]
     for server_map in maps:
         assert f"/api/maps/{server_map.server}" in {unquote(h) for h in hrefs}
         assert f"/api/maps/{server_map.server}?format=json" in {unquote(h) for h in hrefs}
     assert all(re.fullmatch(r"[A-Za-z0-9/%._?=-]+", h) for h in hrefs)
     text = " ".join(parsed.text)
-    assert "failed" in text and "timeout <b>x</b>" in text
+    assert "failed" in text
+    assert "timeout <b>x</b>" in text
     body = json.loads(render_index_json(listings))
     assert [s["server"] for s in body["servers"]] == sorted((m.server for m in maps), key=str.lower)
     first = body["servers"][0]
@@ -239,6 +252,11 @@ def test_listing_counts_clients_by_machine_and_outbound_dependencies():
             node = by_id[edge.source]
             inbound_owners.add(node.machine if node.kind is NodeKind.PROCESS else node.id)
     assert listing.clients == len(inbound_owners)
-    outbound = [e for e in server_map.edges if e.kind is EdgeKind.CONNECTION and e.direction.value == "outbound"]
-    assert listing.dependencies == len(outbound) and listing.failed == sum(e.failed for e in outbound)
-    assert listing.nodes == 60 and listing.added == 3 and listing.removed == 1
+    outbound = [
+        e for e in server_map.edges if e.kind is EdgeKind.CONNECTION and e.direction.value == "outbound"
+    ]
+    assert listing.dependencies == len(outbound)
+    assert listing.failed == sum(e.failed for e in outbound)
+    assert listing.nodes == 60
+    assert listing.added == 3
+    assert listing.removed == 1

@@ -95,6 +95,8 @@ def render_view(
     elif chosen is ViewFormat.CSV:
         body = render_migrate_csv(server_map)
     else:
-        body = render_management_pack([server_map], version=scom_version or version_from_time(server_map.imported_at))
+        body = render_management_pack(
+            [server_map], version=scom_version or version_from_time(server_map.imported_at)
+        )
     media_type, suffix = _MEDIA[chosen]
     return RenderedView(body=body, media_type=media_type, filename=safe_filename(server_map.server, suffix))

@@ -29,7 +29,9 @@ _BASE_CARD = (
     "container=1;collapsible=0;"
 )
 _ROW_STYLE = "text;html=0;align=left;verticalAlign=middle;spacingLeft=4;overflow=hidden;whiteSpace=nowrap;"
-_EDGE_STYLE = "edgeStyle=none;curved=1;html=0;endArrow=block;endFill=1;fontSize=10;labelBackgroundColor=#ffffff;"
+_EDGE_STYLE = (
+    "edgeStyle=none;curved=1;html=0;endArrow=block;endFill=1;fontSize=10;labelBackgroundColor=#ffffff;"
+)
 
 
 def _label(view: MapView, node_id: str) -> str:
@@ -45,7 +47,9 @@ def render_drawio(server_map: ServerMap, *, view: MapView | None = None) -> str:
     view = view if view is not None else view_of(server_map)
     layout = view.layout
     mxfile = ET.Element("mxfile", host="itsm-connector", type="device")
-    diagram = ET.SubElement(mxfile, "diagram", id="dependency-map", name=one_line(server_map.server)[:100] or "map")
+    diagram = ET.SubElement(
+        mxfile, "diagram", id="dependency-map", name=one_line(server_map.server)[:100] or "map"
+    )
     model = ET.SubElement(
         diagram,
         "mxGraphModel",
@@ -64,7 +68,9 @@ def render_drawio(server_map: ServerMap, *, view: MapView | None = None) -> str:
         style = _BASE_CARD + _KIND_STYLE.get(header.kind, _CARD_STYLE[card.side])
         if header.kind is NodeKind.MACHINE and not header.monitored and card.side != "center":
             style += "dashed=1;"
-        cell = ET.SubElement(root, "mxCell", id=card_id, value=clean(header.name), style=style, vertex="1", parent="1")
+        cell = ET.SubElement(
+            root, "mxCell", id=card_id, value=clean(header.name), style=style, vertex="1", parent="1"
+        )
         r = card.rect
         ET.SubElement(cell, "mxGeometry", x=f"{r.x:.0f}", y=f"{r.y:.0f}", width=f"{r.width:.0f}",
                       height=f"{r.height:.0f}", attrib={"as": "geometry"})  # fmt: skip

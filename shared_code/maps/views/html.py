@@ -162,9 +162,14 @@ def render_html(server_map: ServerMap, *, view: MapView | None = None, json_href
             f" <small>server dependency map{json_link}</small></h1>",
             f'<dl class="facts">{"".join(facts)}</dl>',
             '<div class="changes">',
-            _change_list("added", "Dependencies added", map(view.describe_change, changes.added), len(changes.added)),
             _change_list(
-                "removed", "Dependencies removed", map(view.describe_change, changes.removed), len(changes.removed)
+                "added", "Dependencies added", map(view.describe_change, changes.added), len(changes.added)
+            ),
+            _change_list(
+                "removed",
+                "Dependencies removed",
+                map(view.describe_change, changes.removed),
+                len(changes.removed),
             ),
             "</div>",
             '<div class="toolbar">',

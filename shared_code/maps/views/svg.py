@@ -128,7 +128,9 @@ def render_svg_body(view: MapView) -> list[str]:
         if band.side != "center":
             title += f" ({band.count})"
         x = band.x + band.width / 2
-        out.append(f'<text class="band-title" x="{x:.1f}" y="{MARGIN + 14:.1f}" text-anchor="middle">{esc(title)}</text>')
+        out.append(
+            f'<text class="band-title" x="{x:.1f}" y="{MARGIN + 14:.1f}" text-anchor="middle">{esc(title)}</text>'
+        )
 
     out.append('<g class="edges">')
     for edge in view.connections:

@@ -1,0 +1,1 @@
+"""Who may call the app: validation of Entra ID tokens presented to the HTTP triggers."""
