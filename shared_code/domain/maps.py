@@ -346,7 +346,9 @@ class MapListing(BaseModel):
         }
 
 
-def listing_of(server_map: ServerMap, *, status: MapStatus = MapStatus.OK, last_error: str = "") -> MapListing:
+def listing_of(
+    server_map: ServerMap, *, status: MapStatus = MapStatus.OK, last_error: str = ""
+) -> MapListing:
     """The index row of a stored map (``status``/``last_error`` come from the latest import run)."""
     owners = {
         node.id: node.machine if node.machine and node.kind in (NodeKind.PROCESS, NodeKind.PORT) else node.id

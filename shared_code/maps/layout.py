@@ -119,7 +119,11 @@ def _root_id(server_map: ServerMap) -> str:
     if root:
         return root
     for node in server_map.nodes:
-        if node.kind is NodeKind.MACHINE and server_map.machine_id and node.id.endswith(server_map.machine_id.lower()):
+        if (
+            node.kind is NodeKind.MACHINE
+            and server_map.machine_id
+            and node.id.endswith(server_map.machine_id.lower())
+        ):
             return node.id
     for node in server_map.nodes:
         if node.kind is NodeKind.MACHINE:
@@ -127,7 +131,9 @@ def _root_id(server_map: ServerMap) -> str:
     return ""
 
 
-def _card_rows(header: MapNode, members: list[MapNode], listens: dict[str, list[str]]) -> list[tuple[MapNode, str]]:
+def _card_rows(
+    header: MapNode, members: list[MapNode], listens: dict[str, list[str]]
+) -> list[tuple[MapNode, str]]:
     """Rows of a card under its header: processes (each followed by its ports), then the rest."""
     processes = sorted((n for n in members if n.kind is NodeKind.PROCESS), key=_sort_key)
     member_ids = {n.id for n in members}
@@ -137,7 +143,8 @@ def _card_rows(header: MapNode, members: list[MapNode], listens: dict[str, list[
     for process in processes:
         rows.append((process, ""))
         ports = sorted(
-            (by_id[p] for p in listens.get(process.id, ()) if p in member_ids and p not in nested), key=_sort_key
+            (by_id[p] for p in listens.get(process.id, ()) if p in member_ids and p not in nested),
+            key=_sort_key,
         )
         for port in ports:
             nested.add(port.id)
@@ -213,7 +220,10 @@ def layout_map(server_map: ServerMap) -> MapLayout:
     top = MARGIN + TITLE_HEIGHT
     tallest = max(
         [center_height]
-        + [sum(h for _, _, h in column) + CARD_GAP * (len(column) - 1) for column in left_columns + right_columns]
+        + [
+            sum(h for _, _, h in column) + CARD_GAP * (len(column) - 1)
+            for column in left_columns + right_columns
+        ]
     )
     left_width = band_width(left_columns)
     center_x = MARGIN + left_width + (BAND_GAP if left_columns else 0)
@@ -222,8 +232,15 @@ def layout_map(server_map: ServerMap) -> MapLayout:
     cards: list[CardPlacement] = []
     rows_out: dict[str, RowPlacement] = {}
 
-    def place(header: MapNode, rows: list[tuple[MapNode, str]], side: Side, x: float, y: float, width: float,
-              height: float) -> None:
+    def place(
+        header: MapNode,
+        rows: list[tuple[MapNode, str]],
+        side: Side,
+        x: float,
+        y: float,
+        width: float,
+        height: float,
+    ) -> None:
         rect = Rect(x, y, width, height)
         ids = [header.id]
         rows_out[header.id] = RowPlacement(header.id, header.id, Rect(x, y, width, HEADER_HEIGHT), True)
@@ -231,8 +248,11 @@ def layout_map(server_map: ServerMap) -> MapLayout:
         for node, parent in rows:
             indent = NESTED_INDENT if parent else 0.0
             rows_out[node.id] = RowPlacement(
-                node.id, header.id, Rect(x + CARD_PADDING + indent, row_y, width - 2 * CARD_PADDING - indent,
-                                         ROW_HEIGHT), False, parent
+                node.id,
+                header.id,
+                Rect(x + CARD_PADDING + indent, row_y, width - 2 * CARD_PADDING - indent, ROW_HEIGHT),
+                False,
+                parent,
             )
             ids.append(node.id)
             row_y += ROW_HEIGHT

@@ -30,7 +30,7 @@ IMPORTED_AT = datetime(2025, 6, 2, 9, 30, tzinfo=UTC)
 HOSTILE_NAMES = (
     "<script>window.__pwned=1</script>",
     '"><img src=x onerror="window.__pwned=1">',
-    "it's \"quoted\" & <b>bold</b>",
+    'it\'s "quoted" & <b>bold</b>',
     "]]><!-- end --><x>",
     "line one\nline two\r\nthree",
     "=cmd|' /C calc'!A0",
@@ -90,24 +90,54 @@ def synthetic_map(
     if nodes < 5:
         raise ValueError("a synthetic map needs at least 5 nodes")
     b = _Builder(server, seed, hostile)
-    root = b.add(MapNode(id=node_id(NodeKind.MACHINE, server), kind=NodeKind.MACHINE, name=server, monitored=True,
-                         ips=("10.0.0.10",), properties={"os": "Windows Server 2022", "fqdn": f"{server}.corp.example"}))
+    root = b.add(
+        MapNode(
+            id=node_id(NodeKind.MACHINE, server),
+            kind=NodeKind.MACHINE,
+            name=server,
+            monitored=True,
+            ips=("10.0.0.10",),
+            properties={"os": "Windows Server 2022", "fqdn": f"{server}.corp.example"},
+        )
+    )
     process_count = max(1, min(len(_PROCESSES), nodes // 30 + 1))
     server_ports: list[MapNode] = []
     server_processes: list[MapNode] = []
     for index in range(process_count):
         process_name = b.name(_PROCESSES[index])
-        process = b.add(MapNode(id=node_id(NodeKind.PROCESS, server, process_name), kind=NodeKind.PROCESS,
-                                name=process_name, machine=root.id, properties={"executable": f"C:/bin/{index}.exe"}))
+        process = b.add(
+            MapNode(
+                id=node_id(NodeKind.PROCESS, server, process_name),
+                kind=NodeKind.PROCESS,
+                name=process_name,
+                machine=root.id,
+                properties={"executable": f"C:/bin/{index}.exe"},
+            )
+        )
         server_processes.append(process)
         b.edge(MapEdge(source=root.id, target=process.id, kind=EdgeKind.OWNS))
         port_number = _SERVER_PORTS[index % len(_SERVER_PORTS)]
-        port = b.add(MapNode(id=node_id(NodeKind.PORT, server, "10.0.0.10", str(port_number), "tcp"),
-                             kind=NodeKind.PORT, name=str(port_number), machine=root.id, ips=("10.0.0.10",),
-                             port=port_number, protocol=Protocol.TCP))
+        port = b.add(
+            MapNode(
+                id=node_id(NodeKind.PORT, server, "10.0.0.10", str(port_number), "tcp"),
+                kind=NodeKind.PORT,
+                name=str(port_number),
+                machine=root.id,
+                ips=("10.0.0.10",),
+                port=port_number,
+                protocol=Protocol.TCP,
+            )
+        )
         server_ports.append(port)
-        b.edge(MapEdge(source=process.id, target=port.id, kind=EdgeKind.LISTENS, port=port_number,
-                       protocol=Protocol.TCP))
+        b.edge(
+            MapEdge(
+                source=process.id,
+                target=port.id,
+                kind=EdgeKind.LISTENS,
+                port=port_number,
+                protocol=Protocol.TCP,
+            )
+        )
     budget = nodes - len(b.nodes)
     inbound_budget = budget * 2 // 5
     connections = 0
@@ -117,10 +147,22 @@ def synthetic_map(
         connections += 1
         failed = failed_every > 0 and connections % failed_every == 0
         links = b.rng.randrange(1, 60)
-        b.edge(MapEdge(source=source_id, target=target_id, kind=EdgeKind.CONNECTION, port=port,
-                       protocol=Protocol.TCP, direction=direction, failed=failed,
-                       links_established=0 if failed else links, links_failed=links if failed else 0,
-                       bytes_sent=links * 1500, bytes_received=links * 9000, responses=links * 3))
+        b.edge(
+            MapEdge(
+                source=source_id,
+                target=target_id,
+                kind=EdgeKind.CONNECTION,
+                port=port,
+                protocol=Protocol.TCP,
+                direction=direction,
+                failed=failed,
+                links_established=0 if failed else links,
+                links_failed=links if failed else 0,
+                bytes_sent=links * 1500,
+                bytes_received=links * 9000,
+                responses=links * 3,
+            )
+        )
 
     client = 0
     while inbound_budget > 0:
@@ -128,18 +170,37 @@ def synthetic_map(
         port = server_ports[client % len(server_ports)]
         if inbound_budget == 1 or client % 5 == 0:
             group_name = b.name(f"clients of {port.name}")
-            group = b.add(MapNode(id=node_id(NodeKind.CLIENT_GROUP, server, port.name, str(client)),
-                                  kind=NodeKind.CLIENT_GROUP, name=group_name, machine=root.id,
-                                  properties={"members": str(b.rng.randrange(2, 40))}))
+            group = b.add(
+                MapNode(
+                    id=node_id(NodeKind.CLIENT_GROUP, server, port.name, str(client)),
+                    kind=NodeKind.CLIENT_GROUP,
+                    name=group_name,
+                    machine=root.id,
+                    properties={"members": str(b.rng.randrange(2, 40))},
+                )
+            )
             connect(group.id, port.id, port.port or 0, Direction.INBOUND)
             inbound_budget -= 1
             continue
         machine_name = b.name(f"client-{client:04d}")
-        machine = b.add(MapNode(id=node_id(NodeKind.MACHINE, machine_name), kind=NodeKind.MACHINE,
-                                name=machine_name, monitored=client % 2 == 0, ips=(b.ip(),)))
+        machine = b.add(
+            MapNode(
+                id=node_id(NodeKind.MACHINE, machine_name),
+                kind=NodeKind.MACHINE,
+                name=machine_name,
+                monitored=client % 2 == 0,
+                ips=(b.ip(),),
+            )
+        )
         process_name = b.name(("chrome", "java", "python", "curl")[client % 4])
-        process = b.add(MapNode(id=node_id(NodeKind.PROCESS, machine_name, process_name), kind=NodeKind.PROCESS,
-                                name=process_name, machine=machine.id))
+        process = b.add(
+            MapNode(
+                id=node_id(NodeKind.PROCESS, machine_name, process_name),
+                kind=NodeKind.PROCESS,
+                name=process_name,
+                machine=machine.id,
+            )
+        )
         b.edge(MapEdge(source=machine.id, target=process.id, kind=EdgeKind.OWNS))
         connect(process.id, port.id, port.port or 0, Direction.INBOUND)
         inbound_budget -= 2
@@ -152,24 +213,59 @@ def synthetic_map(
         port_number = _REMOTE_PORTS[remote % len(_REMOTE_PORTS)]
         if left < 3 or remote % 7 == 0:
             external_name = b.name(f"api{remote}.partner.example")
-            external = b.add(MapNode(id=node_id(NodeKind.EXTERNAL, external_name, str(port_number)),
-                                     kind=NodeKind.EXTERNAL, name=external_name, ips=(f"203.0.113.{remote % 250}",),
-                                     port=port_number, protocol=Protocol.TCP))
+            external = b.add(
+                MapNode(
+                    id=node_id(NodeKind.EXTERNAL, external_name, str(port_number)),
+                    kind=NodeKind.EXTERNAL,
+                    name=external_name,
+                    ips=(f"203.0.113.{remote % 250}",),
+                    port=port_number,
+                    protocol=Protocol.TCP,
+                )
+            )
             connect(process.id, external.id, port_number, Direction.OUTBOUND)
             continue
         machine_name = b.name(f"dep-{remote:04d}")
         ip = b.ip()
-        machine = b.add(MapNode(id=node_id(NodeKind.MACHINE, machine_name), kind=NodeKind.MACHINE,
-                                name=machine_name, monitored=remote % 3 != 0, ips=(ip,)))
+        machine = b.add(
+            MapNode(
+                id=node_id(NodeKind.MACHINE, machine_name),
+                kind=NodeKind.MACHINE,
+                name=machine_name,
+                monitored=remote % 3 != 0,
+                ips=(ip,),
+            )
+        )
         remote_process_name = b.name(_PROCESSES[remote % len(_PROCESSES)])
-        remote_process = b.add(MapNode(id=node_id(NodeKind.PROCESS, machine_name, remote_process_name),
-                                       kind=NodeKind.PROCESS, name=remote_process_name, machine=machine.id))
+        remote_process = b.add(
+            MapNode(
+                id=node_id(NodeKind.PROCESS, machine_name, remote_process_name),
+                kind=NodeKind.PROCESS,
+                name=remote_process_name,
+                machine=machine.id,
+            )
+        )
         b.edge(MapEdge(source=machine.id, target=remote_process.id, kind=EdgeKind.OWNS))
-        remote_port = b.add(MapNode(id=node_id(NodeKind.PORT, machine_name, ip, str(port_number), "tcp"),
-                                    kind=NodeKind.PORT, name=str(port_number), machine=machine.id, ips=(ip,),
-                                    port=port_number, protocol=Protocol.TCP))
-        b.edge(MapEdge(source=remote_process.id, target=remote_port.id, kind=EdgeKind.LISTENS, port=port_number,
-                       protocol=Protocol.TCP))
+        remote_port = b.add(
+            MapNode(
+                id=node_id(NodeKind.PORT, machine_name, ip, str(port_number), "tcp"),
+                kind=NodeKind.PORT,
+                name=str(port_number),
+                machine=machine.id,
+                ips=(ip,),
+                port=port_number,
+                protocol=Protocol.TCP,
+            )
+        )
+        b.edge(
+            MapEdge(
+                source=remote_process.id,
+                target=remote_port.id,
+                kind=EdgeKind.LISTENS,
+                port=port_number,
+                protocol=Protocol.TCP,
+            )
+        )
         connect(process.id, remote_port.id, port_number, Direction.OUTBOUND)
 
     built = ServerMap(
@@ -183,5 +279,10 @@ def synthetic_map(
         edges=tuple(b.edges.values()),
     )
     keys = sorted(built.dependency_keys())
-    return built.model_copy(update={"changes": MapChanges(added=tuple(keys[:3]),
-                                                           removed=(f"connection|{root.id}|machine|gone-01|1433|tcp",))})
+    return built.model_copy(
+        update={
+            "changes": MapChanges(
+                added=tuple(keys[:3]), removed=(f"connection|{root.id}|machine|gone-01|1433|tcp",)
+            )
+        }
+    )

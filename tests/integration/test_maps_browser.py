@@ -31,7 +31,12 @@ def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(
             executable_path=executable,
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+            ],
         )
         yield launched
         launched.close()
@@ -59,15 +64,18 @@ def _open(browser: Browser, tmp_path: Path, html: str, *, width: int = 1600, hei
 
 
 def _visible_edges(page: Page) -> list[dict[str, str]]:
-    return page.eval_on_selector_all(
+    found: list[dict[str, str]] = page.eval_on_selector_all(
         "g.edge",
         "els => els.filter(e => getComputedStyle(e).display !== 'none')"
         ".map(e => ({port: e.dataset.port, process: e.dataset.process, source: e.dataset.source,"
         " target: e.dataset.target}))",
     )
+    return found
 
 
-def test_a_small_map_shows_every_node_and_connection_marks_failed_ones_and_runs_no_name(browser, tmp_path, shots):
+def test_a_small_map_shows_every_node_and_connection_marks_failed_ones_and_runs_no_name(
+    browser, tmp_path, shots
+):
     server_map = synthetic_map(5, hostile=True, failed_every=2)
     page = _open(browser, tmp_path, render_html(server_map), width=1200, height=700)
     connections = [e for e in server_map.edges if e.kind is EdgeKind.CONNECTION]
@@ -76,11 +84,13 @@ def test_a_small_map_shows_every_node_and_connection_marks_failed_ones_and_runs_
     failed = page.locator("g.edge.failed path")
     assert failed.count() == sum(e.failed for e in connections) > 0
     style = failed.first.evaluate("p => [getComputedStyle(p).stroke, getComputedStyle(p).strokeDasharray]")
-    assert style[0] == RED and style[1] not in ("none", "")
+    assert style[0] == RED
+    assert style[1] not in ("none", "")
     legend = page.locator(".legend-failed")
     assert "failed connection" in legend.inner_text()
-    legend_line = legend.locator("i.line").evaluate("e => [getComputedStyle(e).borderTopStyle,"
-                                                     " getComputedStyle(e).borderTopColor]")  # fmt: skip
+    legend_line = legend.locator("i.line").evaluate(
+        "e => [getComputedStyle(e).borderTopStyle, getComputedStyle(e).borderTopColor]"
+    )
     assert legend_line == ["dashed", RED]
     assert page.evaluate("window.__pwned") is None
     assert page.errors == []  # type: ignore[attr-defined]
@@ -125,7 +135,8 @@ def test_a_300_node_map_filters_by_port_and_by_process(browser, tmp_path, shots)
 
     page.select_option("#filter-port", "443")
     shown = _visible_edges(page)
-    assert shown and all(edge["port"] == "443" for edge in shown)
+    assert shown
+    assert all(edge["port"] == "443" for edge in shown)
     assert {(e["source"], e["target"]) for e in shown} == _expected(server_map, port=443)
     assert page.locator("#filter-status").inner_text() == f"{len(shown)} of {total} connections shown"
     touched = {e["source"] for e in shown} | {e["target"] for e in shown}
@@ -147,7 +158,8 @@ def test_a_300_node_map_filters_by_port_and_by_process(browser, tmp_path, shots)
     page.select_option("#filter-port", "")
     page.select_option("#filter-process", chosen.id)
     shown = _visible_edges(page)
-    assert shown and all(edge["process"] == chosen.id for edge in shown)
+    assert shown
+    assert all(edge["process"] == chosen.id for edge in shown)
     assert {(e["source"], e["target"]) for e in shown} == _expected(server_map, process=chosen.id)
     other_process_rows = page.eval_on_selector_all(
         "g.card[data-side='center'] g.node.kind-process",
@@ -179,8 +191,9 @@ def test_the_index_links_every_server_to_its_view_and_json(browser, tmp_path, sh
     page.goto(page_file.as_uri())
     servers = page.eval_on_selector_all("a.server", "els => els.map(a => [a.textContent, a.pathname])")
     assert sorted(text for text, _ in servers) == sorted(m.server for m in maps)
-    for text, path in servers:
-        assert path.startswith("/api/maps/") and "/" not in path.removeprefix("/api/maps/")
+    for _text, path in servers:
+        assert path.startswith("/api/maps/")
+        assert "/" not in path.removeprefix("/api/maps/")
     assert page.locator("tbody b").count() == 0
     assert "query timed out" in page.locator("tbody").inner_text()
     page.screenshot(path=str(shots / "index.png"))

@@ -6,12 +6,21 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shared_code.domain.maps import Direction, EdgeKind, MapEdge, MapNode, MapWindow, NodeKind, ServerMap, node_id
-from shared_code.maps.layout import CARD_WIDTH, layout_map
+from shared_code.domain.maps import (
+    Direction,
+    EdgeKind,
+    MapEdge,
+    MapNode,
+    MapWindow,
+    NodeKind,
+    ServerMap,
+    node_id,
+)
+from shared_code.maps.layout import CARD_WIDTH, Rect, layout_map
 from tests.fakes.maps import synthetic_map
 
 
-def _overlap(a, b) -> bool:
+def _overlap(a: Rect, b: Rect) -> bool:
     return a.x < b.right and b.x < a.right and a.y < b.y + b.height and b.y < a.y + a.height
 
 
@@ -22,15 +31,17 @@ def test_every_node_has_one_row_inside_its_card_and_cards_never_overlap(size):
     assert set(layout.rows) == {node.id for node in server_map.nodes}
     cards = {card.key: card for card in layout.cards}
     for row in layout.rows.values():
-        card = cards[row.card].rect
-        assert card.x <= row.rect.x and row.rect.right <= card.right
-        assert card.y <= row.rect.y and row.rect.y + row.rect.height <= card.y + card.height + 0.01
+        box = cards[row.card].rect
+        assert box.x <= row.rect.x
+        assert row.rect.right <= box.right
+        assert box.y <= row.rect.y
+        assert row.rect.y + row.rect.height <= box.y + box.height + 0.01
     placed = sorted(layout.cards, key=lambda c: (c.rect.x, c.rect.y))
     for index, card in enumerate(placed):
         for other in placed[index + 1 : index + 40]:
             assert not _overlap(card.rect, other.rect), (card.key, other.key)
-    assert all(0 <= c.rect.x and c.rect.right <= layout.width for c in layout.cards)
-    assert all(0 <= c.rect.y and c.rect.y + c.rect.height <= layout.height for c in layout.cards)
+    assert all(c.rect.x >= 0 and c.rect.right <= layout.width for c in layout.cards)
+    assert all(c.rect.y >= 0 and c.rect.y + c.rect.height <= layout.height for c in layout.cards)
 
 
 def test_clients_are_left_of_the_server_and_dependencies_right():
@@ -66,7 +77,9 @@ def test_the_server_card_lists_its_processes_each_followed_by_its_ports():
 
 def test_the_same_map_lays_out_the_same_and_input_order_does_not_matter():
     server_map = synthetic_map(200)
-    shuffled = server_map.model_copy(update={"nodes": server_map.nodes[::-1], "edges": server_map.edges[::-1]})
+    shuffled = server_map.model_copy(
+        update={"nodes": server_map.nodes[::-1], "edges": server_map.edges[::-1]}
+    )
     first, second = layout_map(server_map), layout_map(shuffled)
     assert first.rows == second.rows
     assert (first.width, first.height) == (second.width, second.height)
@@ -76,7 +89,8 @@ def test_long_bands_wrap_into_columns_so_a_big_map_stays_wide_not_tall():
     layout = layout_map(synthetic_map(3000))
     right_columns = {card.rect.x for card in layout.cards if card.side == "right"}
     left_columns = {card.rect.x for card in layout.cards if card.side == "left"}
-    assert len(right_columns) > 3 and len(left_columns) > 3
+    assert len(right_columns) > 3
+    assert len(left_columns) > 3
     assert layout.height < 8000
     assert 0.5 < layout.width / layout.height < 6
     # wrapped columns grow away from the server, never through it
@@ -90,10 +104,13 @@ def test_a_map_whose_server_machine_is_not_named_like_the_server_still_lays_out(
     machine = MapNode(id=node_id(NodeKind.MACHINE, "m-1"), kind=NodeKind.MACHINE, name="srv01.corp")
     remote = MapNode(id=node_id(NodeKind.EXTERNAL, "x"), kind=NodeKind.EXTERNAL, name="x", port=53)
     server_map = ServerMap(
-        server="srv01", source="s", window=MapWindow(start=start, end=start + timedelta(hours=1)),
-        imported_at=start, nodes=(machine, remote),
+        server="srv01",
+        source="s",
+        window=MapWindow(start=start, end=start + timedelta(hours=1)),
+        imported_at=start,
+        nodes=(machine, remote),
         edges=(MapEdge(source=machine.id, target=remote.id, kind=EdgeKind.CONNECTION, port=53),),
-    )  # fmt: skip
+    )
     layout = layout_map(server_map)
     assert layout.side_of(machine.id) == "center"
     assert layout.side_of(remote.id) == "right"

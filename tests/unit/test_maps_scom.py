@@ -1,4 +1,4 @@
-"""The SCOM management pack: schema order, declared references, resolvable ids, stable ids, growing versions."""
+"""The SCOM management pack: schema order, declared references, resolvable and stable ids, versions."""
 
 from __future__ import annotations
 
@@ -24,8 +24,18 @@ from tests.fakes.maps import synthetic_map
 
 ALIAS_USE = re.compile(r"^([A-Za-z][A-Za-z0-9]*)!")
 MP_ELEMENT = re.compile(r'\$MPElement\[Name="([^"]+)"\]')
-ELEMENT_REF_ATTRIBUTES = ("Base", "Type", "Target", "TypeID", "RelationshipType", "ParentMonitorID", "MemberMonitor",
-                          "ParentFolder", "ElementID", "Folder")  # fmt: skip
+ELEMENT_REF_ATTRIBUTES = (
+    "Base",
+    "Type",
+    "Target",
+    "TypeID",
+    "RelationshipType",
+    "ParentMonitorID",
+    "MemberMonitor",
+    "ParentFolder",
+    "ElementID",
+    "Folder",
+)
 
 
 def _pack(*maps, version="1.0.0.1"):
@@ -33,15 +43,17 @@ def _pack(*maps, version="1.0.0.1"):
 
 
 def _declared_ids(root: ET.Element) -> set[str]:
-    return {element.get("ID") for element in root.iter() if element.get("ID") and element.tag != "LanguagePack"}
+    ids = (element.get("ID") for element in root.iter() if element.tag != "LanguagePack")
+    return {element_id for element_id in ids if element_id}
 
 
 def _references(root: ET.Element) -> list[str]:
-    found = []
+    found: list[str] = []
     for element in root.iter():
         for attribute in ELEMENT_REF_ATTRIBUTES:
-            if element.get(attribute):
-                found.append(element.get(attribute))
+            value = element.get(attribute)
+            if value:
+                found.append(value)
         if element.text:
             found.extend(MP_ELEMENT.findall(element.text))
     return found
@@ -61,7 +73,9 @@ def test_root_children_follow_the_schema_order_and_the_manifest_comes_first():
 
 def test_references_are_the_sealed_libraries_with_microsofts_key():
     root = _pack(synthetic_map(40))
-    references = {r.get("Alias"): (r.findtext("ID"), r.findtext("PublicKeyToken")) for r in root.iter("Reference")}
+    references = {
+        r.get("Alias"): (r.findtext("ID"), r.findtext("PublicKeyToken")) for r in root.iter("Reference")
+    }
     assert references["System"][0] == "System.Library"
     assert references["SC"][0] == "Microsoft.SystemCenter.Library"
     assert references["ServiceDesigner"][0] == "Microsoft.SystemCenter.ServiceDesigner.Library"
@@ -83,7 +97,8 @@ def test_every_alias_used_is_declared_and_every_local_id_referenced_exists():
         else:
             assert reference in declared, reference
     for element_id in _declared_ids(root):
-        assert MP_ID_PATTERN.match(element_id) and len(element_id) < 256, element_id
+        assert MP_ID_PATTERN.match(element_id), element_id
+        assert len(element_id) < 256, element_id
     display = {d.get("ElementID") for d in root.iter("DisplayString")}
     for tag in ("ClassType", "RelationshipType", "Discovery", "DependencyMonitor", "View", "Folder"):
         for element in root.iter(tag):
@@ -93,7 +108,9 @@ def test_every_alias_used_is_declared_and_every_local_id_referenced_exists():
 def test_one_distributed_application_per_server_with_its_computers_as_components():
     web = synthetic_map(60)
     root = _pack(web, synthetic_map(20, server="db-02"))
-    applications = [c for c in root.iter("ClassType") if c.get("Base").endswith("ServiceDesigner.GenericService")]
+    applications = [
+        c for c in root.iter("ClassType") if c.get("Base").endswith("ServiceDesigner.GenericService")
+    ]
     assert len(applications) == 2
     groups = [c for c in root.iter("ClassType") if c.get("Base").endswith("ServiceComponentGroup")]
     assert len(groups) == 6
@@ -106,10 +123,14 @@ def test_one_distributed_application_per_server_with_its_computers_as_components
     assert re.search(patterns[f"{prefix}.ServerGroup"], "WEB-01.corp.example")
     assert not re.search(patterns[f"{prefix}.ServerGroup"], "web-010")
     client_names = [n.name for n in web.nodes if n.kind.value == "machine" and n.name.startswith("client")]
-    assert client_names and all(re.search(patterns[f"{prefix}.ClientsGroup"], name) for name in client_names)
+    assert client_names
+    assert all(re.search(patterns[f"{prefix}.ClientsGroup"], name) for name in client_names)
     assert not re.search(patterns[f"{prefix}.ClientsGroup"], "dep-0001")
     references = [r for r in root.iter("RelationshipType") if r.get("Base") == "System!System.Reference"]
-    assert {r.find("Source").get("Type").rsplit(".", 1)[1] for r in references} == {"ClientsGroup", "ServerGroup"}
+    assert {r.find("Source").get("Type").rsplit(".", 1)[1] for r in references} == {
+        "ClientsGroup",
+        "ServerGroup",
+    }
     for discovery in root.iter("Discovery"):
         source = discovery.find("DataSource")
         assert source.get("TypeID") == "SC!Microsoft.SystemCenter.GroupPopulator"
@@ -123,10 +144,11 @@ def test_hostile_names_stay_text_and_patterns_match_them_literally():
     hostile = synthetic_map(90, hostile=True)
     body = render_management_pack([hostile], version="1.0.0.0")
     root = ET.fromstring(body)
-    assert "<script>" not in body and "]]>" not in body.replace("]]&gt;", "")
+    assert "<script>" not in body
+    assert "]]>" not in body.replace("]]&gt;", "")
     names = [n.name for n in hostile.nodes if n.kind.value == "machine" and n.name != hostile.server]
     assert any(name.startswith("<script>") for name in names)
-    patterns = [p.text for p in root.iter("Pattern")]
+    patterns = [p.text or "" for p in root.iter("Pattern")]
     for name in names:
         assert any(re.search(pattern, " ".join(name.split())) for pattern in patterns), name
 
@@ -145,12 +167,18 @@ def test_ids_are_stable_across_imports_and_only_the_version_changes():
 
 
 def test_versions_grow_with_time_counter_and_previous():
-    moments = [datetime(2024, 12, 31, 23, 59, 59, tzinfo=UTC), datetime(2025, 1, 1, tzinfo=UTC),
-               datetime(2025, 1, 1, 0, 0, 1, tzinfo=UTC), datetime(2025, 6, 2, 9, 30, tzinfo=UTC)]  # fmt: skip
+    moments = [
+        datetime(2024, 12, 31, 23, 59, 59, tzinfo=UTC),
+        datetime(2025, 1, 1, tzinfo=UTC),
+        datetime(2025, 1, 1, 0, 0, 1, tzinfo=UTC),
+        datetime(2025, 6, 2, 9, 30, tzinfo=UTC),
+    ]
     versions = [parse_version(version_from_time(m)) for m in moments]
-    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    assert versions == sorted(versions)
+    assert len(set(versions)) == len(versions)
     counters = [parse_version(version_from_counter(n)) for n in (0, 1, 65534, 65535, 10**9)]
-    assert counters == sorted(counters) and len(set(counters)) == len(counters)
+    assert counters == sorted(counters)
+    assert len(set(counters)) == len(counters)
     now = moments[-1]
     assert parse_version(next_version(None, now)) == parse_version(version_from_time(now))
     ahead = "1.99.0.5"  # a previous export from a clock that ran ahead

@@ -13,6 +13,7 @@ from urllib.parse import unquote
 import pytest
 
 from shared_code.domain.maps import (
+    Direction,
     EdgeKind,
     MapStatus,
     NodeKind,
@@ -21,7 +22,6 @@ from shared_code.domain.maps import (
 from shared_code.errors import InvalidInputError
 from shared_code.maps.views import ViewFormat, render_index_html, render_index_json, render_json, render_view
 from shared_code.maps.views._model import view_of
-from shared_code.maps.views._text import one_line
 from shared_code.maps.views.csvexport import FORMULA_PREFIXES, render_migrate_csv
 from shared_code.maps.views.drawio import render_drawio
 from shared_code.maps.views.html import CONTENT_SECURITY_POLICY, render_html
@@ -30,6 +30,13 @@ from shared_code.maps.views.svg import render_svg
 from tests.fakes.maps import HOSTILE_NAMES, synthetic_map
 
 HOSTILE = synthetic_map(90, hostile=True)
+
+
+def _get(element: ET.Element | None, name: str) -> str:
+    assert element is not None
+    value = element.get(name)
+    assert value is not None, name
+    return value
 
 
 class _Collector(HTMLParser):
@@ -63,7 +70,9 @@ def test_html_view_escapes_every_name_and_runs_only_its_own_script():
     parsed = _Collector()
     parsed.feed(page)
     tags = {tag for tag, _ in parsed.tags}
-    assert "img" not in tags and "b" not in tags and "x" not in tags
+    assert "img" not in tags
+    assert "b" not in tags
+    assert "x" not in tags
     assert [tag for tag, _ in parsed.tags].count("script") == 1
     assert all(not name.startswith("on") for _, attrs in parsed.tags for name in attrs)
     text = "\n".join(parsed.text)
@@ -87,8 +96,10 @@ def test_html_header_shows_server_source_window_counts_and_changes():
     parsed.feed(page)
     text = " ".join(parsed.text)
     view = view_of(server_map)
-    assert server_map.server in text and server_map.source in text
-    assert "2025-06-02T08:30Z" in text and "2025-06-02T09:30Z" in text
+    assert server_map.server in text
+    assert server_map.source in text
+    assert "2025-06-02T08:30Z" in text
+    assert "2025-06-02T09:30Z" in text
     assert f"Nodes {len(server_map.nodes)}" in re.sub(r"\s+", " ", text)
     assert f"Dependencies added ({len(server_map.changes.added)})" in text
     assert f"Dependencies removed ({len(server_map.changes.removed)})" in text
@@ -110,7 +121,7 @@ def test_svg_is_well_formed_with_a_group_per_connection_and_failed_ones_marked()
     assert len(edges) == len(connections)
     failed = [g for g in edges if "failed" in g.get("class", "").split()]
     assert len(failed) == sum(e.failed for e in connections) > 0
-    assert all(g.find(f"{ns}path").get("marker-end") == "url(#arrow-failed)" for g in failed)
+    assert all(_get(g.find(f"{ns}path"), "marker-end") == "url(#arrow-failed)" for g in failed)
     nodes = {g.get("data-node-id") for g in root.iter(f"{ns}g") if g.get("data-node-id") is not None}
     assert nodes == {node.id for node in server_map.nodes}
     titles = "\n".join(t.text or "" for t in root.iter(f"{ns}title"))
@@ -128,7 +139,9 @@ def test_mermaid_quotes_every_label_and_uses_only_its_own_ids():
         assert not stripped.startswith(("%%", "click", "style ")), line
         inside = re.findall(r'"([^"]*)"', line)
         for label in inside:
-            assert "<" not in label and ">" not in label and "`" not in label
+            assert "<" not in label
+            assert ">" not in label
+            assert "`" not in label
             assert not re.search(r"#(?![a-z0-9]+;)", label), label
         outside = re.sub(r'"[^"]*"', "", stripped)
         assert re.fullmatch(r"[A-Za-z0-9_ \-\.>|\[\]\(\){}:,#;%]*", outside), line
@@ -141,7 +154,8 @@ def test_mermaid_quotes_every_label_and_uses_only_its_own_ids():
 
 def test_mermaid_label_encodes_what_could_end_or_inject():
     assert mermaid_label('a"b#c<d>&`e\nf') == "a#quot;b#35;c#lt;d#gt;#amp;#96;e f"
-    assert mermaid_label("x" * 1000).endswith("\u2026") and len(mermaid_label("x" * 1000)) == 80
+    assert mermaid_label("x" * 1000).endswith("\u2026")
+    assert len(mermaid_label("x" * 1000)) == 80
 
 
 def test_drawio_is_an_mxfile_draw_io_opens_with_every_node_and_connection():
@@ -152,20 +166,23 @@ def test_drawio_is_an_mxfile_draw_io_opens_with_every_node_and_connection():
     assert model is not None
     cells = model.findall("root/mxCell")
     ids = {cell.get("id") for cell in cells}
-    assert {"0", "1"} <= ids and len(ids) == len(cells)
+    assert {"0", "1"} <= ids
+    assert len(ids) == len(cells)
     vertices = [c for c in cells if c.get("vertex") == "1"]
     edges = [c for c in cells if c.get("edge") == "1"]
     assert len(vertices) == len(server_map.nodes)
     assert len(edges) == sum(1 for e in server_map.edges if e.kind is EdgeKind.CONNECTION)
     for edge in edges:
-        assert edge.get("source") in ids and edge.get("target") in ids
-        assert edge.find("mxGeometry").get("relative") == "1"
+        assert edge.get("source") in ids
+        assert edge.get("target") in ids
+        assert _get(edge.find("mxGeometry"), "relative") == "1"
         if "dashed=1" in edge.get("style", ""):
-            assert "strokeColor=#d32f2f" in edge.get("style")
+            assert "strokeColor=#d32f2f" in _get(edge, "style")
     for vertex in vertices:
-        assert "html=0" in vertex.get("style")
+        assert "html=0" in _get(vertex, "style")
         geometry = vertex.find("mxGeometry")
-        assert geometry.get("as") == "geometry" and float(geometry.get("width")) > 0
+        assert _get(geometry, "as") == "geometry"
+        assert float(_get(geometry, "width")) > 0
         assert vertex.get("parent") in ids
     values = {vertex.get("value") for vertex in vertices}
     for node in server_map.nodes:
@@ -178,10 +195,17 @@ def test_csv_has_the_migrate_columns_and_no_cell_a_spreadsheet_would_run():
     assert body.startswith("\ufeff")
     rows = list(csv.reader(io.StringIO(body.removeprefix("\ufeff"))))
     assert rows[0] == [
-        "Timeslot", "Source server name", "Source IP", "Source application", "Source process",
-        "Destination server name", "Destination IP", "Destination application", "Destination process",
+        "Timeslot",
+        "Source server name",
+        "Source IP",
+        "Source application",
+        "Source process",
+        "Destination server name",
+        "Destination IP",
+        "Destination application",
+        "Destination process",
         "Destination port",
-    ]  # fmt: skip
+    ]
     assert len(rows) - 1 == sum(1 for e in HOSTILE.edges if e.kind is EdgeKind.CONNECTION)
     cells = [cell for row in rows[1:] for cell in row]
     assert not [cell for cell in cells if cell.startswith(FORMULA_PREFIXES)]
@@ -199,7 +223,9 @@ def test_render_view_answers_every_format_and_refuses_unknown_ones():
     server_map = synthetic_map(20)
     for view_format in ViewFormat:
         rendered = render_view(server_map, view_format.value)
-        assert rendered.body and rendered.media_type and rendered.filename.startswith("web-01.")
+        assert rendered.body
+        assert rendered.media_type
+        assert rendered.filename.startswith("web-01.")
     assert render_view(server_map, None).media_type.startswith("text/html")
     with pytest.raises(InvalidInputError, match="drawio"):
         render_view(server_map, "pdf")
@@ -209,19 +235,24 @@ def test_render_view_answers_every_format_and_refuses_unknown_ones():
 
 def test_index_lists_servers_with_links_status_and_counts():
     maps = [synthetic_map(30, server=name) for name in ("web-01", "db 02/#?", '<script>x</script>"')]
-    listings = [listing_of(maps[0]), listing_of(maps[1], status=MapStatus.FAILED, last_error="timeout <b>x</b>"),
-                listing_of(maps[2])]  # fmt: skip
+    listings = [
+        listing_of(maps[0]),
+        listing_of(maps[1], status=MapStatus.FAILED, last_error="timeout <b>x</b>"),
+        listing_of(maps[2]),
+    ]
     page = render_index_html(listings)
     parsed = _Collector()
     parsed.feed(page)
-    assert "script" not in {tag for tag, _ in parsed.tags} and "b" not in {tag for tag, _ in parsed.tags}
-    hrefs = [a["href"] for tag, a in parsed.tags if tag == "a" and a.get("href")]
+    assert "script" not in {tag for tag, _ in parsed.tags}
+    assert "b" not in {tag for tag, _ in parsed.tags}
+    hrefs = [str(a["href"]) for tag, a in parsed.tags if tag == "a" and a.get("href")]
     for server_map in maps:
         assert f"/api/maps/{server_map.server}" in {unquote(h) for h in hrefs}
         assert f"/api/maps/{server_map.server}?format=json" in {unquote(h) for h in hrefs}
     assert all(re.fullmatch(r"[A-Za-z0-9/%._?=-]+", h) for h in hrefs)
     text = " ".join(parsed.text)
-    assert "failed" in text and "timeout <b>x</b>" in text
+    assert "failed" in text
+    assert "timeout <b>x</b>" in text
     body = json.loads(render_index_json(listings))
     assert [s["server"] for s in body["servers"]] == sorted((m.server for m in maps), key=str.lower)
     first = body["servers"][0]
@@ -239,6 +270,11 @@ def test_listing_counts_clients_by_machine_and_outbound_dependencies():
             node = by_id[edge.source]
             inbound_owners.add(node.machine if node.kind is NodeKind.PROCESS else node.id)
     assert listing.clients == len(inbound_owners)
-    outbound = [e for e in server_map.edges if e.kind is EdgeKind.CONNECTION and e.direction.value == "outbound"]
-    assert listing.dependencies == len(outbound) and listing.failed == sum(e.failed for e in outbound)
-    assert listing.nodes == 60 and listing.added == 3 and listing.removed == 1
+    outbound = [
+        e for e in server_map.edges if e.kind is EdgeKind.CONNECTION and e.direction is Direction.OUTBOUND
+    ]
+    assert listing.dependencies == len(outbound)
+    assert listing.failed == sum(e.failed for e in outbound)
+    assert listing.nodes == 60
+    assert listing.added == 3
+    assert listing.removed == 1

@@ -19,7 +19,8 @@ from shared_code.maps.views.svg import SVG_STYLE, edge_direction_counts, render_
 
 PAGE_STYLE = """
 *{box-sizing:border-box}
-body{margin:0;font-family:"Segoe UI",system-ui,-apple-system,"DejaVu Sans",sans-serif;color:#1c2b33;background:#eef1f3}
+body{margin:0;font-family:"Segoe UI",system-ui,-apple-system,"DejaVu Sans",sans-serif;
+ color:#1c2b33;background:#eef1f3}
 header{background:#fff;border-bottom:1px solid #cfd8dc;padding:12px 20px 10px}
 h1{font-size:20px;margin:0 0 6px;word-break:break-all}
 h1 small{font-weight:400;color:#607d8b;font-size:13px}
@@ -44,7 +45,8 @@ h1 small{font-weight:400;color:#607d8b;font-size:13px}
 .sw-ext{background:#fff6ec;border-color:#d98324}.sw-unmon{background:#fff;border-color:#78909c;border-style:dashed}
 .line{display:inline-block;width:26px;border-top:2px solid #4f8f54}
 .line.in{border-top-color:#4a7fb5}.line.failed{border-top:2px dashed #d32f2f}
-main{overflow:auto;height:calc(100vh - 150px);min-height:420px;background:#fff;margin:10px;border:1px solid #cfd8dc}
+main{overflow:auto;height:calc(100vh - 150px);min-height:420px;background:#fff;margin:10px;
+ border:1px solid #cfd8dc}
 main.fit svg.map{width:100%;height:auto}
 """
 
@@ -62,7 +64,8 @@ FILTER_SCRIPT = """
     var port = portSelect.value, proc = processSelect.value, filtering = port !== "" || proc !== "";
     var seen = new Set(), shown = 0;
     edges.forEach(function (edge) {
-      var match = (port === "" || edge.dataset.port === port) && (proc === "" || edge.dataset.process === proc);
+      var match = (port === "" || edge.dataset.port === port) &&
+                  (proc === "" || edge.dataset.process === proc);
       edge.classList.toggle("hidden", !match);
       if (match) { shown += 1; seen.add(edge.dataset.source); seen.add(edge.dataset.target); }
     });
@@ -162,13 +165,19 @@ def render_html(server_map: ServerMap, *, view: MapView | None = None, json_href
             f" <small>server dependency map{json_link}</small></h1>",
             f'<dl class="facts">{"".join(facts)}</dl>',
             '<div class="changes">',
-            _change_list("added", "Dependencies added", map(view.describe_change, changes.added), len(changes.added)),
             _change_list(
-                "removed", "Dependencies removed", map(view.describe_change, changes.removed), len(changes.removed)
+                "added", "Dependencies added", map(view.describe_change, changes.added), len(changes.added)
+            ),
+            _change_list(
+                "removed",
+                "Dependencies removed",
+                map(view.describe_change, changes.removed),
+                len(changes.removed),
             ),
             "</div>",
             '<div class="toolbar">',
-            f'<label>Port <select id="filter-port"><option value="">All ports</option>{port_options}</select></label>',
+            '<label>Port <select id="filter-port"><option value="">All ports</option>'
+            f"{port_options}</select></label>",
             '<label>Process <select id="filter-process"><option value="">All processes</option>'
             f"{process_options}</select></label>",
             '<button type="button" id="filter-reset">Show all</button>',

@@ -54,7 +54,9 @@ def render_mermaid(server_map: ServerMap, *, view: MapView | None = None) -> str
                 shape = ("[(", ")]") if header.kind is NodeKind.EXTERNAL else ("[", "]")
                 if header.kind is NodeKind.CLIENT_GROUP:
                     shape = ("{{", "}}")
-                lines.append(f'    {ids[card.key]}{shape[0]}"{mermaid_label(_node_label(view, card.key))}"{shape[1]}')
+                lines.append(
+                    f'    {ids[card.key]}{shape[0]}"{mermaid_label(_node_label(view, card.key))}"{shape[1]}'
+                )
                 continue
             group += 1
             ids[card.key] = f"g{group}"
@@ -78,7 +80,9 @@ def render_mermaid(server_map: ServerMap, *, view: MapView | None = None) -> str
         lines.append(f"  {ids[edge.source]} {arrow}{text} {ids[edge.target]}")
         link += 1
     if failed_links:
-        lines.append(f"  linkStyle {','.join(map(str, failed_links))} stroke:#d32f2f,stroke-width:2px,color:#b71c1c")
+        lines.append(
+            f"  linkStyle {','.join(map(str, failed_links))} stroke:#d32f2f,stroke-width:2px,color:#b71c1c"
+        )
     lines.append("  classDef serverBand fill:#fbfbfc,stroke:#263238,stroke-width:2px")
     lines.append("  class server serverBand")
     return "\n".join(lines) + "\n"

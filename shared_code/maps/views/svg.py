@@ -112,7 +112,10 @@ def _edge_path(edge: MapEdge, layout: MapLayout) -> tuple[str, float, float, str
     y1, y2 = source_row.rect.middle_y, target_row.rect.middle_y
     bend = max(30.0, abs(x2 - x1) * 0.45)
     sign = 1 if x2 >= x1 else -1
-    path = f"M{x1:.1f},{y1:.1f} C{x1 + sign * bend:.1f},{y1:.1f} {x2 - sign * bend:.1f},{y2:.1f} {x2:.1f},{y2:.1f}"
+    path = (
+        f"M{x1:.1f},{y1:.1f} C{x1 + sign * bend:.1f},{y1:.1f} "
+        f"{x2 - sign * bend:.1f},{y2:.1f} {x2:.1f},{y2:.1f}"
+    )
     label_x = x2 - sign * 6
     return path, label_x, y2 - 4, anchor
 
@@ -128,7 +131,10 @@ def render_svg_body(view: MapView) -> list[str]:
         if band.side != "center":
             title += f" ({band.count})"
         x = band.x + band.width / 2
-        out.append(f'<text class="band-title" x="{x:.1f}" y="{MARGIN + 14:.1f}" text-anchor="middle">{esc(title)}</text>')
+        out.append(
+            f'<text class="band-title" x="{x:.1f}" y="{MARGIN + 14:.1f}" text-anchor="middle">'
+            f"{esc(title)}</text>"
+        )
 
     out.append('<g class="edges">')
     for edge in view.connections:
@@ -142,7 +148,8 @@ def render_svg_body(view: MapView) -> list[str]:
         port = "" if edge.port is None else str(edge.port)
         marker = "url(#arrow-failed)" if edge.failed else "url(#arrow)"
         out.append(
-            f'<g class="{" ".join(classes)}" data-port="{port}" data-process="{esc(view.server_process(edge))}"'
+            f'<g class="{" ".join(classes)}" data-port="{port}"'
+            f' data-process="{esc(view.server_process(edge))}"'
             f' data-source="{esc(edge.source)}" data-target="{esc(edge.target)}"'
             f' data-failed="{"true" if edge.failed else "false"}">'
             f"<title>{esc(_edge_tooltip(edge, view))}</title>"
@@ -160,7 +167,8 @@ def render_svg_body(view: MapView) -> list[str]:
         r = card.rect
         out.append(
             f'<g class="{_card_classes(card, header)}" data-card="{esc(card.key)}" data-side="{card.side}">'
-            f'<rect class="card-box" x="{r.x:.1f}" y="{r.y:.1f}" width="{r.width:.1f}" height="{r.height:.1f}"'
+            f'<rect class="card-box" x="{r.x:.1f}" y="{r.y:.1f}" width="{r.width:.1f}"'
+            f' height="{r.height:.1f}"'
             ' rx="6"/>'
         )
         for node_id in card.rows:
@@ -178,9 +186,11 @@ def render_svg_body(view: MapView) -> list[str]:
                     f'<g class="node head kind-{node.kind.value}" data-node-id="{esc(node.id)}"'
                     f' data-kind="{node.kind.value}" data-parent="">'
                     f"<title>{esc(_node_tooltip(node, view))}</title>"
-                    f'<path class="head-bar" d="M{rr.x:.1f},{rr.y + 6:.1f} a6,6 0 0 1 6,-6 h{rr.width - 12:.1f}'
+                    f'<path class="head-bar" d="M{rr.x:.1f},{rr.y + 6:.1f} a6,6 0 0 1 6,-6'
+                    f" h{rr.width - 12:.1f}"
                     f' a6,6 0 0 1 6,6 v{rr.height - 6:.1f} h{-rr.width:.1f} z"/>'
-                    f'<text class="head-text" x="{rr.x + 8:.1f}" y="{rr.y + 18.5:.1f}">{esc(label)}</text></g>'
+                    f'<text class="head-text" x="{rr.x + 8:.1f}" y="{rr.y + 18.5:.1f}">'
+                    f"{esc(label)}</text></g>"
                 )
                 continue
             glyph = _KIND_GLYPH.get(node.kind, "")
@@ -190,7 +200,8 @@ def render_svg_body(view: MapView) -> list[str]:
                 f'<g class="node kind-{node.kind.value}" data-node-id="{esc(node.id)}"'
                 f' data-kind="{node.kind.value}" data-parent="{esc(row.parent)}">'
                 f"<title>{esc(_node_tooltip(node, view))}</title>"
-                f'<rect class="row-bg" x="{rr.x:.1f}" y="{rr.y:.1f}" width="{rr.width:.1f}" height="{rr.height:.1f}"'
+                f'<rect class="row-bg" x="{rr.x:.1f}" y="{rr.y:.1f}" width="{rr.width:.1f}"'
+                f' height="{rr.height:.1f}"'
                 ' rx="3"/>'
                 f'<text class="row-text" x="{rr.x + 4:.1f}" y="{rr.y + 15:.1f}">{esc(label)}</text></g>'
             )
@@ -214,7 +225,8 @@ def _legend(x: float, y: float) -> str:
     """A small legend for the standalone SVG (the HTML view has its own in the header)."""
     return (
         f'<g class="legend" transform="translate({x:.1f},{y:.1f})">'
-        '<path d="M0,0 h28" stroke="#4f8f54" stroke-width="1.4"/><text x="34" y="4">connection (port on the line)</text>'
+        '<path d="M0,0 h28" stroke="#4f8f54" stroke-width="1.4"/>'
+        '<text x="34" y="4">connection (port on the line)</text>'
         '<path d="M200,0 h28" stroke="#d32f2f" stroke-width="1.6" stroke-dasharray="6 4"/>'
         '<text x="234" y="4">failed connection</text>'
         "</g>"
@@ -228,7 +240,8 @@ def render_svg(server_map: ServerMap, *, view: MapView | None = None) -> str:
     height = layout.height + 24
     title = f"Dependency map of {one_line(server_map.server)}"
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="map" width="{layout.width:.0f}" height="{height:.0f}"'
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="map" width="{layout.width:.0f}"'
+        f' height="{height:.0f}"'
         f' viewBox="0 0 {layout.width:.0f} {height:.0f}" role="img" aria-label="{esc(title)}">',
         f"<title>{esc(title)}</title>",
         f"<style>{SVG_STYLE}</style>",
