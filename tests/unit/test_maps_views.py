@@ -7,6 +7,7 @@ import io
 import json
 import re
 import xml.etree.ElementTree as ET
+from datetime import UTC, datetime
 from html.parser import HTMLParser
 from urllib.parse import unquote
 
@@ -15,9 +16,13 @@ import pytest
 from shared_code.domain.maps import (
     Direction,
     EdgeKind,
+    MapNode,
     MapStatus,
+    MapWindow,
     NodeKind,
+    ServerMap,
     listing_of,
+    node_id,
 )
 from shared_code.errors import InvalidInputError
 from shared_code.maps.views import ViewFormat, render_index_html, render_index_json, render_json, render_view
@@ -278,3 +283,22 @@ def test_listing_counts_clients_by_machine_and_outbound_dependencies():
     assert listing.nodes == 60
     assert listing.added == 3
     assert listing.removed == 1
+
+
+@pytest.mark.parametrize("with_machine", [False, True])
+def test_an_empty_map_and_a_lone_server_render_in_every_format(with_machine):
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    nodes = (MapNode(id=node_id(NodeKind.MACHINE, "lonely"), kind=NodeKind.MACHINE, name="lonely"),)
+    server_map = ServerMap(
+        server="lonely",
+        source="s",
+        window=MapWindow(start=start, end=start),
+        imported_at=start,
+        nodes=nodes if with_machine else (),
+    )
+    for view_format in ViewFormat:
+        body = render_view(server_map, view_format).body
+        if view_format in (ViewFormat.SVG, ViewFormat.DRAWIO, ViewFormat.SCOM_MP):
+            ET.fromstring(body)
+        elif view_format is ViewFormat.JSON:
+            assert len(json.loads(body)["nodes"]) == len(server_map.nodes)

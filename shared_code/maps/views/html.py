@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 from shared_code.domain.maps import ServerMap
 from shared_code.maps.views._model import MapView, view_of
@@ -123,9 +124,10 @@ def _change_list(css: str, title: str, items: Iterable[str], count: int) -> str:
     return f'<details class="{css}"><summary>{esc(title)} ({count})</summary><ul>{body}</ul></details>'
 
 
-def _when(value: object) -> str:
-    text = getattr(value, "isoformat", lambda **_: str(value))(timespec="minutes")
-    return str(text).replace("+00:00", "Z")
+def _when(moment: datetime) -> str:
+    """UTC to the minute (``2025-06-02T09:30Z``); a naive time is taken as UTC."""
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
 def render_html(server_map: ServerMap, *, view: MapView | None = None, json_href: str = "") -> str:

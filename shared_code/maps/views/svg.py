@@ -72,8 +72,6 @@ def _row_label(node: MapNode) -> str:
     if node.kind is NodeKind.PORT and node.port is not None:
         protocol = node.protocol.value if node.protocol else "tcp"
         return f"{node.port}/{protocol}"
-    if node.kind is NodeKind.EXTERNAL and node.port is not None:
-        return node.name
     return node.name
 
 
