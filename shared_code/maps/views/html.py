@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from shared_code.domain.maps import ServerMap
 from shared_code.maps.views._model import MapView, view_of
-from shared_code.maps.views._text import esc, one_line
+from shared_code.maps.views._text import esc, one_line, shorten
 from shared_code.maps.views.svg import SVG_STYLE, edge_direction_counts, render_svg_inline
 
 PAGE_STYLE = """
@@ -148,7 +148,8 @@ def render_html(server_map: ServerMap, *, view: MapView | None = None, json_href
     ]
     port_options = "".join(f'<option value="{port}">{port}</option>' for port in view.ports())
     process_options = "".join(
-        f'<option value="{esc(process.id)}">{esc(one_line(process.name))}</option>'
+        f'<option value="{esc(process.id)}" title="{esc(one_line(process.name))}">'
+        f"{esc(shorten(process.name, 48))}</option>"
         for process in view.server_processes()
     )
     json_link = f' <a href="{esc(json_href)}">JSON</a>' if json_href else ""

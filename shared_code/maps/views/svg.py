@@ -103,10 +103,7 @@ def _edge_path(edge: MapEdge, layout: MapLayout) -> tuple[str, float, float, str
         return None
     # lines start and end on the cards' sides, at the height of the rows they join
     s, t = layout.rows[source_row.card].rect, layout.rows[target_row.card].rect
-    if s.center_x <= t.center_x:
-        x1, x2, anchor = s.right, t.x, "end"
-    else:
-        x1, x2, anchor = s.x, t.right, "start"
+    x1, x2 = (s.right, t.x) if s.center_x <= t.center_x else (s.x, t.right)
     y1, y2 = source_row.rect.middle_y, target_row.rect.middle_y
     bend = max(30.0, abs(x2 - x1) * 0.45)
     sign = 1 if x2 >= x1 else -1
@@ -114,8 +111,10 @@ def _edge_path(edge: MapEdge, layout: MapLayout) -> tuple[str, float, float, str
         f"M{x1:.1f},{y1:.1f} C{x1 + sign * bend:.1f},{y1:.1f} "
         f"{x2 - sign * bend:.1f},{y2:.1f} {x2:.1f},{y2:.1f}"
     )
-    label_x = x2 - sign * 6
-    return path, label_x, y2 - 4, anchor
+    # the port is written at the remote end: lines into the server converge, their far ends do not
+    if target_row.card == layout.root:
+        return path, x1 + sign * 6, y1 - 4, "start" if sign > 0 else "end"
+    return path, x2 - sign * 6, y2 - 4, "end" if sign > 0 else "start"
 
 
 def render_svg_body(view: MapView) -> list[str]:
