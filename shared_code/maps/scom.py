@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from shared_code.domain.maps import Direction, EdgeKind, MapNode, NodeKind, ServerMap
 from shared_code.errors import InvalidInputError
 
-PUBLIC_KEY_TOKEN = "31bf3856ad364e35"  # Microsoft's key for the sealed System Center libraries
+PUBLIC_KEY_TOKEN = "31bf3856ad364e35"  # noqa: S105 - not a secret: Microsoft's key for the sealed System Center libraries
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,10 @@ def element_prefix(server: str) -> str:
 
 
 def pack_id_for(servers: Sequence[str]) -> str:
-    """One server: a pack of its own (``ItsmConnector.DependencyMap.<token>.Pack``); several: the combined pack."""
+    """One server: a pack of its own (``ItsmConnector.DependencyMap.<token>.Pack``).
+
+    Several: the combined pack ``ItsmConnector.DependencyMaps``.
+    """
     if len(servers) == 1:
         return f"{element_prefix(servers[0])}.Pack"
     return COMBINED_PACK_ID
@@ -113,7 +116,10 @@ def parse_version(text: str) -> tuple[int, int, int, int]:
 
 
 def version_from_time(moment: datetime) -> str:
-    """A version that grows with time, to the second: ``1.<years since 2000>.<day*100+hour>.<minute*60+second>``."""
+    """A version that grows with time, to the second.
+
+    ``1.<years since 2000>.<day of year * 100 + hour>.<minute * 60 + second>``, every part under 65535.
+    """
     utc = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
     day = utc.timetuple().tm_yday
     return f"1.{utc.year - 2000}.{day * 100 + utc.hour}.{utc.minute * 60 + utc.second}"
@@ -254,15 +260,25 @@ def _group_populator(
 ) -> None:
     """A GroupPopulator discovery: each rule is (monitoring class, relationship, names or None for all)."""
     discovery = _sub(
-        discoveries, "Discovery", ID=discovery_id, Enabled="true", Target=target, ConfirmDelivery="false",
-        Remotable="true", Priority="Normal",
-    )  # fmt: skip
+        discoveries,
+        "Discovery",
+        ID=discovery_id,
+        Enabled="true",
+        Target=target,
+        ConfirmDelivery="false",
+        Remotable="true",
+        Priority="Normal",
+    )
     _sub(discovery, "Category", "Discovery")
     types = _sub(discovery, "DiscoveryTypes")
     for _, relationship, _ in rules:
         _sub(types, "DiscoveryRelationship", TypeID=relationship)
-    source = _sub(discovery, "DataSource", ID="GroupPopulationDataSource",
-                  TypeID="SC!Microsoft.SystemCenter.GroupPopulator")  # fmt: skip
+    source = _sub(
+        discovery,
+        "DataSource",
+        ID="GroupPopulationDataSource",
+        TypeID="SC!Microsoft.SystemCenter.GroupPopulator",
+    )
     _sub(source, "RuleId", "$MPElement$")
     _sub(source, "GroupInstanceId", "$Target/Id$")
     membership = _sub(source, "MembershipRules")
@@ -276,18 +292,27 @@ def _group_populator(
 
 def _dependency_monitor(monitors: ET.Element, monitor_id: str, target: str, relationship: str) -> None:
     monitor = _sub(
-        monitors, "DependencyMonitor", ID=monitor_id, Accessibility="Public", Enabled="true", Target=target,
-        ParentMonitorID="Health!System.Health.AvailabilityState", Remotable="true", Priority="Normal",
-        RelationshipType=relationship, MemberMonitor="Health!System.Health.AvailabilityState",
-    )  # fmt: skip
+        monitors,
+        "DependencyMonitor",
+        ID=monitor_id,
+        Accessibility="Public",
+        Enabled="true",
+        Target=target,
+        ParentMonitorID="Health!System.Health.AvailabilityState",
+        Remotable="true",
+        Priority="Normal",
+        RelationshipType=relationship,
+        MemberMonitor="Health!System.Health.AvailabilityState",
+    )
     _sub(monitor, "Category", "AvailabilityHealth")
     _sub(monitor, "Algorithm", "WorstOf")
     _sub(monitor, "MemberUnAvailable", "Error")
 
 
 def _relationship(types: ET.Element, relationship_id: str, base: str, source: str, target: str) -> None:
-    relationship = _sub(types, "RelationshipType", ID=relationship_id, Accessibility="Public", Abstract="false",
-                        Base=base)  # fmt: skip
+    relationship = _sub(
+        types, "RelationshipType", ID=relationship_id, Accessibility="Public", Abstract="false", Base=base
+    )
     _sub(relationship, "Source", ID="Source", MinCardinality="0", MaxCardinality="2147483647", Type=source)
     _sub(relationship, "Target", ID="Target", MinCardinality="0", MaxCardinality="2147483647", Type=target)
 
@@ -347,14 +372,28 @@ def render_management_pack(
         _sub(_sub(root, "LanguagePacks"), "LanguagePack", ID="ENU", IsDefault="true"), "DisplayStrings"
     )
     folder_id = f"{pack}.Folder"
-    _sub(folders, "Folder", ID=folder_id, Accessibility="Public",
-         ParentFolder="SC!Microsoft.SystemCenter.Monitoring.ViewFolder.Root")  # fmt: skip
+    _sub(
+        folders,
+        "Folder",
+        ID=folder_id,
+        Accessibility="Public",
+        ParentFolder="SC!Microsoft.SystemCenter.Monitoring.ViewFolder.Root",
+    )
     _display(strings, pack, title, "Distributed applications built from imported server dependency maps.")
     _display(strings, folder_id, "Server dependency maps")
 
     for server_map in sorted(maps, key=lambda m: server_token(m.server)):
-        _add_application(server_map, class_types, relationship_types, discoveries, monitors, views,
-                         folder_items, strings, folder_id)  # fmt: skip
+        _add_application(
+            server_map,
+            class_types,
+            relationship_types,
+            discoveries,
+            monitors,
+            views,
+            folder_items,
+            strings,
+            folder_id,
+        )
 
     ET.indent(root, space="  ")
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
@@ -375,32 +414,55 @@ def _add_application(
     server = _flat(server_map.server)
     components = _components(server_map)
     application = f"{prefix}.Application"
-    _sub(class_types, "ClassType", ID=application, Accessibility="Public", Abstract="false",
-         Base="ServiceDesigner!Microsoft.SystemCenter.ServiceDesigner.GenericService", Hosted="false",
-         Singleton="true", Extension="false")  # fmt: skip
+    _sub(
+        class_types,
+        "ClassType",
+        ID=application,
+        Accessibility="Public",
+        Abstract="false",
+        Base="ServiceDesigner!Microsoft.SystemCenter.ServiceDesigner.GenericService",
+        Hosted="false",
+        Singleton="true",
+        Extension="false",
+    )
     window = f"{server_map.window.start.isoformat()} to {server_map.window.end.isoformat()}"
     _display(
-        strings, application, f"{server} dependencies",
+        strings,
+        application,
+        f"{server} dependencies",
         f"Dependency map of {server} from source {_flat(server_map.source)}, window {window}, imported "
         f"{server_map.imported_at.isoformat()}: {len(components.clients)} client computers, "
         f"{len(components.dependencies)} dependency computers; {components.left_out} client groups, external "
         "endpoints or unresolved endpoints are not SCOM objects and are not shown. Rebuilt on every import; "
         "edits made here are overwritten.",
-    )  # fmt: skip
+    )
     application_rules: list[tuple[str, str, Sequence[str] | None]] = []
     for suffix, label in _GROUPS:
         group = f"{prefix}.{suffix}"
-        _sub(class_types, "ClassType", ID=group, Accessibility="Public", Abstract="false",
-             Base="ServiceDesigner!Microsoft.SystemCenter.ServiceDesigner.ServiceComponentGroup", Hosted="false",
-             Singleton="true", Extension="false")  # fmt: skip
+        _sub(
+            class_types,
+            "ClassType",
+            ID=group,
+            Accessibility="Public",
+            Abstract="false",
+            Base="ServiceDesigner!Microsoft.SystemCenter.ServiceDesigner.ServiceComponentGroup",
+            Hosted="false",
+            Singleton="true",
+            Extension="false",
+        )
         _display(strings, group, f"{server} {label}")
         contains_group = f"{prefix}.ApplicationContains{suffix}"
         _relationship(relationship_types, contains_group, "System!System.Containment", application, group)
         _display(strings, contains_group, f"{server} dependencies contains {label}")
         application_rules.append((group, contains_group, None))
         contains_computer = f"{prefix}.{suffix}ContainsComputer"
-        _relationship(relationship_types, contains_computer, "System!System.Containment", group,
-                      "System!System.Computer")  # fmt: skip
+        _relationship(
+            relationship_types,
+            contains_computer,
+            "System!System.Containment",
+            group,
+            "System!System.Computer",
+        )
         _display(strings, contains_computer, f"{server} {label} contains computer")
         rollup = f"{prefix}.Application.{suffix}.AvailabilityRollup"
         _dependency_monitor(monitors, rollup, application, contains_group)
@@ -411,15 +473,23 @@ def _add_application(
             _group_populator(
                 discoveries, discovery, group, [("System!System.Computer", contains_computer, names)]
             )
-            _display(strings, discovery, f"{server} {label} membership",
-                     f"Computers named in the latest dependency map as {label.lower()} of {server}.")  # fmt: skip
+            _display(
+                strings,
+                discovery,
+                f"{server} {label} membership",
+                f"Computers named in the latest dependency map as {label.lower()} of {server}.",
+            )
             member_rollup = f"{prefix}.{suffix}.ComputerAvailabilityRollup"
             _dependency_monitor(monitors, member_rollup, group, contains_computer)
             _display(strings, member_rollup, f"{label} computers availability roll-up")
     discovery = f"{prefix}.Application.Discovery"
     _group_populator(discoveries, discovery, application, application_rules)
-    _display(strings, discovery, f"{server} dependencies membership",
-             "Adds the Server, Clients and Dependencies component groups to the distributed application.")  # fmt: skip
+    _display(
+        strings,
+        discovery,
+        f"{server} dependencies membership",
+        "Adds the Server, Clients and Dependencies component groups to the distributed application.",
+    )
     for source_suffix, target_suffix, verb in _REFERENCES:
         if not components.of(source_suffix) or not components.of(target_suffix):
             continue
@@ -432,11 +502,27 @@ def _add_application(
         _display(strings, reference_discovery, f"{server}: {source_suffix[:-5]} {verb} {target_suffix[:-5]}")
     diagram = f"{prefix}.DiagramView"
     state = f"{prefix}.StateView"
-    _sub(views, "View", ID=diagram, Accessibility="Public", Enabled="true", Target=application,
-         TypeID="SC!Microsoft.SystemCenter.DiagramViewType", Visible="true")  # fmt: skip
+    _sub(
+        views,
+        "View",
+        ID=diagram,
+        Accessibility="Public",
+        Enabled="true",
+        Target=application,
+        TypeID="SC!Microsoft.SystemCenter.DiagramViewType",
+        Visible="true",
+    )
     _sub(views[-1], "Category", "Operations")
-    state_view = _sub(views, "View", ID=state, Accessibility="Public", Enabled="true", Target=application,
-                      TypeID="SC!Microsoft.SystemCenter.StateViewType", Visible="true")  # fmt: skip
+    state_view = _sub(
+        views,
+        "View",
+        ID=state,
+        Accessibility="Public",
+        Enabled="true",
+        Target=application,
+        TypeID="SC!Microsoft.SystemCenter.StateViewType",
+        Visible="true",
+    )
     _sub(state_view, "Category", "Operations")
     _sub(_sub(state_view, "Criteria"), "InMaintenanceMode", "false")
     _sub(folder_items, "FolderItem", ElementID=diagram, ID=f"{diagram}.Item", Folder=folder_id)

@@ -64,7 +64,7 @@ _FIELDS = (
 _COLUMN_FIELDS = dict(zip((" ".join(c.lower().split()) for c in MIGRATE_CSV_COLUMNS), _FIELDS, strict=True))
 _FIELD_COLUMNS = dict(zip(_FIELDS, MIGRATE_CSV_COLUMNS, strict=True))
 
-_RANGE_SEPARATORS = re.compile(r"\s+(?:-|–|to)\s+", re.IGNORECASE)
+_RANGE_SEPARATORS = re.compile(r"\s+(?:-|\u2013|to)\s+", re.IGNORECASE)
 _DATETIME_FORMATS = (
     "%Y-%m-%d %H:%M:%S",
     "%Y-%m-%d %H:%M",
@@ -301,9 +301,14 @@ class _MapBuilder:
         port_id = node_id(NodeKind.PORT, machine_key, ip, str(port), Protocol.TCP.value)
         if port_id not in self.nodes:
             self.nodes[port_id] = MapNode(
-                id=port_id, kind=NodeKind.PORT, name=str(port), machine=machine_id, ips=(ip,) if ip else (),
-                port=port, protocol=Protocol.TCP,
-            )  # fmt: skip
+                id=port_id,
+                kind=NodeKind.PORT,
+                name=str(port),
+                machine=machine_id,
+                ips=(ip,) if ip else (),
+                port=port,
+                protocol=Protocol.TCP,
+            )
         return port_id
 
     def edge(self, edge: MapEdge) -> None:
@@ -314,21 +319,42 @@ class _MapBuilder:
             self.start = row.timeslot[0] if self.start is None else min(self.start, row.timeslot[0])
             self.end = row.timeslot[1] if self.end is None else max(self.end, row.timeslot[1])
         source_key, target_key = row.source_key, row.destination_key
-        source_machine = self.machine(source_key, row.source_server or row.source_ip, row.source_ip,
-                                      monitored=bool(row.source_server))  # fmt: skip
-        target_machine = self.machine(target_key, row.destination_server or row.destination_ip,
-                                      row.destination_ip, monitored=bool(row.destination_server))  # fmt: skip
+        source_machine = self.machine(
+            source_key, row.source_server or row.source_ip, row.source_ip, monitored=bool(row.source_server)
+        )
+        target_machine = self.machine(
+            target_key,
+            row.destination_server or row.destination_ip,
+            row.destination_ip,
+            monitored=bool(row.destination_server),
+        )
         source = source_machine
         if row.source_process:
             source = self.process(source_machine, source_key, row.source_process, row.source_application)
         port = self.port(target_machine, target_key, row.destination_ip, row.destination_port)
         if row.destination_process:
-            listener = self.process(target_machine, target_key, row.destination_process,
-                                    row.destination_application)  # fmt: skip
-            self.edge(MapEdge(source=listener, target=port, kind=EdgeKind.LISTENS, port=row.destination_port,
-                              protocol=Protocol.TCP))  # fmt: skip
-        self.edge(MapEdge(source=source, target=port, kind=EdgeKind.CONNECTION, port=row.destination_port,
-                          protocol=Protocol.TCP, direction=direction))  # fmt: skip
+            listener = self.process(
+                target_machine, target_key, row.destination_process, row.destination_application
+            )
+            self.edge(
+                MapEdge(
+                    source=listener,
+                    target=port,
+                    kind=EdgeKind.LISTENS,
+                    port=row.destination_port,
+                    protocol=Protocol.TCP,
+                )
+            )
+        self.edge(
+            MapEdge(
+                source=source,
+                target=port,
+                kind=EdgeKind.CONNECTION,
+                port=row.destination_port,
+                protocol=Protocol.TCP,
+                direction=direction,
+            )
+        )
 
     def build(self, *, source: str, imported_at: datetime) -> ServerMap:
         nodes = []

@@ -64,12 +64,13 @@ def _open(browser: Browser, tmp_path: Path, html: str, *, width: int = 1600, hei
 
 
 def _visible_edges(page: Page) -> list[dict[str, str]]:
-    return page.eval_on_selector_all(
+    found: list[dict[str, str]] = page.eval_on_selector_all(
         "g.edge",
         "els => els.filter(e => getComputedStyle(e).display !== 'none')"
         ".map(e => ({port: e.dataset.port, process: e.dataset.process, source: e.dataset.source,"
         " target: e.dataset.target}))",
     )
+    return found
 
 
 def test_a_small_map_shows_every_node_and_connection_marks_failed_ones_and_runs_no_name(
@@ -87,8 +88,9 @@ def test_a_small_map_shows_every_node_and_connection_marks_failed_ones_and_runs_
     assert style[1] not in ("none", "")
     legend = page.locator(".legend-failed")
     assert "failed connection" in legend.inner_text()
-    legend_line = legend.locator("i.line").evaluate("e => [getComputedStyle(e).borderTopStyle,"
-                                                     " getComputedStyle(e).borderTopColor]")  # fmt: skip
+    legend_line = legend.locator("i.line").evaluate(
+        "e => [getComputedStyle(e).borderTopStyle, getComputedStyle(e).borderTopColor]"
+    )
     assert legend_line == ["dashed", RED]
     assert page.evaluate("window.__pwned") is None
     assert page.errors == []  # type: ignore[attr-defined]

@@ -16,11 +16,11 @@ from shared_code.domain.maps import (
     ServerMap,
     node_id,
 )
-from shared_code.maps.layout import CARD_WIDTH, layout_map
+from shared_code.maps.layout import CARD_WIDTH, Rect, layout_map
 from tests.fakes.maps import synthetic_map
 
 
-def _overlap(a, b) -> bool:
+def _overlap(a: Rect, b: Rect) -> bool:
     return a.x < b.right and b.x < a.right and a.y < b.y + b.height and b.y < a.y + a.height
 
 
@@ -31,11 +31,11 @@ def test_every_node_has_one_row_inside_its_card_and_cards_never_overlap(size):
     assert set(layout.rows) == {node.id for node in server_map.nodes}
     cards = {card.key: card for card in layout.cards}
     for row in layout.rows.values():
-        card = cards[row.card].rect
-        assert card.x <= row.rect.x
-        assert row.rect.right <= card.right
-        assert card.y <= row.rect.y
-        assert row.rect.y + row.rect.height <= card.y + card.height + 0.01
+        box = cards[row.card].rect
+        assert box.x <= row.rect.x
+        assert row.rect.right <= box.right
+        assert box.y <= row.rect.y
+        assert row.rect.y + row.rect.height <= box.y + box.height + 0.01
     placed = sorted(layout.cards, key=lambda c: (c.rect.x, c.rect.y))
     for index, card in enumerate(placed):
         for other in placed[index + 1 : index + 40]:
@@ -104,10 +104,13 @@ def test_a_map_whose_server_machine_is_not_named_like_the_server_still_lays_out(
     machine = MapNode(id=node_id(NodeKind.MACHINE, "m-1"), kind=NodeKind.MACHINE, name="srv01.corp")
     remote = MapNode(id=node_id(NodeKind.EXTERNAL, "x"), kind=NodeKind.EXTERNAL, name="x", port=53)
     server_map = ServerMap(
-        server="srv01", source="s", window=MapWindow(start=start, end=start + timedelta(hours=1)),
-        imported_at=start, nodes=(machine, remote),
+        server="srv01",
+        source="s",
+        window=MapWindow(start=start, end=start + timedelta(hours=1)),
+        imported_at=start,
+        nodes=(machine, remote),
         edges=(MapEdge(source=machine.id, target=remote.id, kind=EdgeKind.CONNECTION, port=53),),
-    )  # fmt: skip
+    )
     layout = layout_map(server_map)
     assert layout.side_of(machine.id) == "center"
     assert layout.side_of(remote.id) == "right"

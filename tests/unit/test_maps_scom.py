@@ -1,4 +1,4 @@
-"""The SCOM management pack: schema order, declared references, resolvable ids, stable ids, growing versions."""
+"""The SCOM management pack: schema order, declared references, resolvable and stable ids, versions."""
 
 from __future__ import annotations
 
@@ -24,8 +24,18 @@ from tests.fakes.maps import synthetic_map
 
 ALIAS_USE = re.compile(r"^([A-Za-z][A-Za-z0-9]*)!")
 MP_ELEMENT = re.compile(r'\$MPElement\[Name="([^"]+)"\]')
-ELEMENT_REF_ATTRIBUTES = ("Base", "Type", "Target", "TypeID", "RelationshipType", "ParentMonitorID", "MemberMonitor",
-                          "ParentFolder", "ElementID", "Folder")  # fmt: skip
+ELEMENT_REF_ATTRIBUTES = (
+    "Base",
+    "Type",
+    "Target",
+    "TypeID",
+    "RelationshipType",
+    "ParentMonitorID",
+    "MemberMonitor",
+    "ParentFolder",
+    "ElementID",
+    "Folder",
+)
 
 
 def _pack(*maps, version="1.0.0.1"):
@@ -33,17 +43,17 @@ def _pack(*maps, version="1.0.0.1"):
 
 
 def _declared_ids(root: ET.Element) -> set[str]:
-    return {
-        element.get("ID") for element in root.iter() if element.get("ID") and element.tag != "LanguagePack"
-    }
+    ids = (element.get("ID") for element in root.iter() if element.tag != "LanguagePack")
+    return {element_id for element_id in ids if element_id}
 
 
 def _references(root: ET.Element) -> list[str]:
-    found = []
+    found: list[str] = []
     for element in root.iter():
         for attribute in ELEMENT_REF_ATTRIBUTES:
-            if element.get(attribute):
-                found.append(element.get(attribute))
+            value = element.get(attribute)
+            if value:
+                found.append(value)
         if element.text:
             found.extend(MP_ELEMENT.findall(element.text))
     return found
@@ -87,7 +97,8 @@ def test_every_alias_used_is_declared_and_every_local_id_referenced_exists():
         else:
             assert reference in declared, reference
     for element_id in _declared_ids(root):
-        assert MP_ID_PATTERN.match(element_id) and len(element_id) < 256, element_id
+        assert MP_ID_PATTERN.match(element_id), element_id
+        assert len(element_id) < 256, element_id
     display = {d.get("ElementID") for d in root.iter("DisplayString")}
     for tag in ("ClassType", "RelationshipType", "Discovery", "DependencyMonitor", "View", "Folder"):
         for element in root.iter(tag):
@@ -137,7 +148,7 @@ def test_hostile_names_stay_text_and_patterns_match_them_literally():
     assert "]]>" not in body.replace("]]&gt;", "")
     names = [n.name for n in hostile.nodes if n.kind.value == "machine" and n.name != hostile.server]
     assert any(name.startswith("<script>") for name in names)
-    patterns = [p.text for p in root.iter("Pattern")]
+    patterns = [p.text or "" for p in root.iter("Pattern")]
     for name in names:
         assert any(re.search(pattern, " ".join(name.split())) for pattern in patterns), name
 
@@ -156,8 +167,12 @@ def test_ids_are_stable_across_imports_and_only_the_version_changes():
 
 
 def test_versions_grow_with_time_counter_and_previous():
-    moments = [datetime(2024, 12, 31, 23, 59, 59, tzinfo=UTC), datetime(2025, 1, 1, tzinfo=UTC),
-               datetime(2025, 1, 1, 0, 0, 1, tzinfo=UTC), datetime(2025, 6, 2, 9, 30, tzinfo=UTC)]  # fmt: skip
+    moments = [
+        datetime(2024, 12, 31, 23, 59, 59, tzinfo=UTC),
+        datetime(2025, 1, 1, tzinfo=UTC),
+        datetime(2025, 1, 1, 0, 0, 1, tzinfo=UTC),
+        datetime(2025, 6, 2, 9, 30, tzinfo=UTC),
+    ]
     versions = [parse_version(version_from_time(m)) for m in moments]
     assert versions == sorted(versions)
     assert len(set(versions)) == len(versions)

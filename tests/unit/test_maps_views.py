@@ -7,16 +7,22 @@ import io
 import json
 import re
 import xml.etree.ElementTree as ET
+from datetime import UTC, datetime
 from html.parser import HTMLParser
 from urllib.parse import unquote
 
 import pytest
 
 from shared_code.domain.maps import (
+    Direction,
     EdgeKind,
+    MapNode,
     MapStatus,
+    MapWindow,
     NodeKind,
+    ServerMap,
     listing_of,
+    node_id,
 )
 from shared_code.errors import InvalidInputError
 from shared_code.maps.views import ViewFormat, render_index_html, render_index_json, render_json, render_view
@@ -29,6 +35,13 @@ from shared_code.maps.views.svg import render_svg
 from tests.fakes.maps import HOSTILE_NAMES, synthetic_map
 
 HOSTILE = synthetic_map(90, hostile=True)
+
+
+def _get(element: ET.Element | None, name: str) -> str:
+    assert element is not None
+    value = element.get(name)
+    assert value is not None, name
+    return value
 
 
 class _Collector(HTMLParser):
@@ -113,7 +126,7 @@ def test_svg_is_well_formed_with_a_group_per_connection_and_failed_ones_marked()
     assert len(edges) == len(connections)
     failed = [g for g in edges if "failed" in g.get("class", "").split()]
     assert len(failed) == sum(e.failed for e in connections) > 0
-    assert all(g.find(f"{ns}path").get("marker-end") == "url(#arrow-failed)" for g in failed)
+    assert all(_get(g.find(f"{ns}path"), "marker-end") == "url(#arrow-failed)" for g in failed)
     nodes = {g.get("data-node-id") for g in root.iter(f"{ns}g") if g.get("data-node-id") is not None}
     assert nodes == {node.id for node in server_map.nodes}
     titles = "\n".join(t.text or "" for t in root.iter(f"{ns}title"))
@@ -167,14 +180,14 @@ def test_drawio_is_an_mxfile_draw_io_opens_with_every_node_and_connection():
     for edge in edges:
         assert edge.get("source") in ids
         assert edge.get("target") in ids
-        assert edge.find("mxGeometry").get("relative") == "1"
+        assert _get(edge.find("mxGeometry"), "relative") == "1"
         if "dashed=1" in edge.get("style", ""):
-            assert "strokeColor=#d32f2f" in edge.get("style")
+            assert "strokeColor=#d32f2f" in _get(edge, "style")
     for vertex in vertices:
-        assert "html=0" in vertex.get("style")
+        assert "html=0" in _get(vertex, "style")
         geometry = vertex.find("mxGeometry")
-        assert geometry.get("as") == "geometry"
-        assert float(geometry.get("width")) > 0
+        assert _get(geometry, "as") == "geometry"
+        assert float(_get(geometry, "width")) > 0
         assert vertex.get("parent") in ids
     values = {vertex.get("value") for vertex in vertices}
     for node in server_map.nodes:
@@ -187,10 +200,17 @@ def test_csv_has_the_migrate_columns_and_no_cell_a_spreadsheet_would_run():
     assert body.startswith("\ufeff")
     rows = list(csv.reader(io.StringIO(body.removeprefix("\ufeff"))))
     assert rows[0] == [
-        "Timeslot", "Source server name", "Source IP", "Source application", "Source process",
-        "Destination server name", "Destination IP", "Destination application", "Destination process",
+        "Timeslot",
+        "Source server name",
+        "Source IP",
+        "Source application",
+        "Source process",
+        "Destination server name",
+        "Destination IP",
+        "Destination application",
+        "Destination process",
         "Destination port",
-    ]  # fmt: skip
+    ]
     assert len(rows) - 1 == sum(1 for e in HOSTILE.edges if e.kind is EdgeKind.CONNECTION)
     cells = [cell for row in rows[1:] for cell in row]
     assert not [cell for cell in cells if cell.startswith(FORMULA_PREFIXES)]
@@ -220,14 +240,17 @@ def test_render_view_answers_every_format_and_refuses_unknown_ones():
 
 def test_index_lists_servers_with_links_status_and_counts():
     maps = [synthetic_map(30, server=name) for name in ("web-01", "db 02/#?", '<script>x</script>"')]
-    listings = [listing_of(maps[0]), listing_of(maps[1], status=MapStatus.FAILED, last_error="timeout <b>x</b>"),
-                listing_of(maps[2])]  # fmt: skip
+    listings = [
+        listing_of(maps[0]),
+        listing_of(maps[1], status=MapStatus.FAILED, last_error="timeout <b>x</b>"),
+        listing_of(maps[2]),
+    ]
     page = render_index_html(listings)
     parsed = _Collector()
     parsed.feed(page)
     assert "script" not in {tag for tag, _ in parsed.tags}
     assert "b" not in {tag for tag, _ in parsed.tags}
-    hrefs = [a["href"] for tag, a in parsed.tags if tag == "a" and a.get("href")]
+    hrefs = [str(a["href"]) for tag, a in parsed.tags if tag == "a" and a.get("href")]
     for server_map in maps:
         assert f"/api/maps/{server_map.server}" in {unquote(h) for h in hrefs}
         assert f"/api/maps/{server_map.server}?format=json" in {unquote(h) for h in hrefs}
@@ -253,10 +276,29 @@ def test_listing_counts_clients_by_machine_and_outbound_dependencies():
             inbound_owners.add(node.machine if node.kind is NodeKind.PROCESS else node.id)
     assert listing.clients == len(inbound_owners)
     outbound = [
-        e for e in server_map.edges if e.kind is EdgeKind.CONNECTION and e.direction.value == "outbound"
+        e for e in server_map.edges if e.kind is EdgeKind.CONNECTION and e.direction is Direction.OUTBOUND
     ]
     assert listing.dependencies == len(outbound)
     assert listing.failed == sum(e.failed for e in outbound)
     assert listing.nodes == 60
     assert listing.added == 3
     assert listing.removed == 1
+
+
+@pytest.mark.parametrize("with_machine", [False, True])
+def test_an_empty_map_and_a_lone_server_render_in_every_format(with_machine):
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    nodes = (MapNode(id=node_id(NodeKind.MACHINE, "lonely"), kind=NodeKind.MACHINE, name="lonely"),)
+    server_map = ServerMap(
+        server="lonely",
+        source="s",
+        window=MapWindow(start=start, end=start),
+        imported_at=start,
+        nodes=nodes if with_machine else (),
+    )
+    for view_format in ViewFormat:
+        body = render_view(server_map, view_format).body
+        if view_format in (ViewFormat.SVG, ViewFormat.DRAWIO, ViewFormat.SCOM_MP):
+            ET.fromstring(body)
+        elif view_format is ViewFormat.JSON:
+            assert len(json.loads(body)["nodes"]) == len(server_map.nodes)

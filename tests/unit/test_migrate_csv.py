@@ -17,9 +17,10 @@ HEADER = (
     "Timeslot,Source server name,Source IP,Source application,Source process,Destination server name,"
     "Destination IP,Destination application,Destination process,Destination port"
 )
+WEB_TO_SQL = "web01,10.0.0.1,IIS,w3wp.exe,sql01,10.0.0.2,SQL Server,sqlservr.exe,1433"
 ROWS = [
-    "2024-05-01 10:00:00 - 2024-05-01 11:00:00,web01,10.0.0.1,IIS,w3wp.exe,sql01,10.0.0.2,SQL Server,sqlservr.exe,1433",
-    "2024-05-01 11:00:00 - 2024-05-01 12:00:00,web01,10.0.0.1,IIS,w3wp.exe,sql01,10.0.0.2,SQL Server,sqlservr.exe,1433",
+    f"2024-05-01 10:00:00 - 2024-05-01 11:00:00,{WEB_TO_SQL}",
+    f"2024-05-01 11:00:00 - 2024-05-01 12:00:00,{WEB_TO_SQL}",
     "2024-05-01 11:00:00 - 2024-05-01 12:00:00,client7,10.0.0.9,,chrome.exe,web01,10.0.0.1,IIS,w3wp.exe,443",
     "2024-05-01 09:00:00 - 2024-05-01 10:00:00,,10.0.0.77,,,web01,10.0.0.1,IIS,w3wp.exe,443",
 ]
@@ -33,7 +34,7 @@ def _map(maps: list[ServerMap], server: str) -> ServerMap:
     return next(m for m in maps if m.server.lower() == server.lower())
 
 
-def _canonical(server_map: ServerMap) -> tuple:
+def _canonical(server_map: ServerMap) -> tuple[object, ...]:
     return (
         server_map.server,
         server_map.window,
@@ -72,7 +73,8 @@ def test_a_servers_map_is_its_outbound_and_inbound_rows_merged_over_time_slots()
 
 
 def test_bom_header_case_spacing_extra_columns_quoting_and_blank_lines_are_tolerated():
-    header = "\ufeff  timeslot ,SOURCE  SERVER NAME,Source IP,Source application,Source_process,Destination server name,"
+    header = "\ufeff  timeslot ,SOURCE  SERVER NAME,Source IP,Source application,Source_process,"
+    header += "Destination server name,"
     header += "Destination IP,Destination application,Destination process,Destination port,Comment"
     row = (
         '2024-05-01 10:00 - 11:00,"web, 01",10.0.0.1,"IIS ""site""","w3wp\nexe",sql01,10.0.0.2,,,1433,"x, y"'
@@ -115,7 +117,7 @@ def test_a_bad_row_is_refused_with_its_line_number_and_what_is_wrong(row, messag
 
 
 def test_a_missing_column_or_an_empty_file_is_refused_by_name():
-    with pytest.raises(InvalidInputError, match="lacks the column.*Destination port"):
+    with pytest.raises(InvalidInputError, match=r"lacks the column.*Destination port"):
         parse_migrate_csv(_csv(header=HEADER.rsplit(",", 1)[0]), imported_at=AT)
     with pytest.raises(InvalidInputError, match="empty"):
         parse_migrate_csv(b"", imported_at=AT)

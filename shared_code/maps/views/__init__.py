@@ -77,9 +77,12 @@ def parse_format(value: str | None) -> ViewFormat:
 
 
 def render_view(
-    server_map: ServerMap, view_format: str | ViewFormat | None, *, scom_version: str | None = None,
+    server_map: ServerMap,
+    view_format: str | ViewFormat | None,
+    *,
+    scom_version: str | None = None,
     json_href: str = "",
-) -> RenderedView:  # fmt: skip
+) -> RenderedView:
     """``server_map`` in ``view_format`` (``scom_version`` defaults to one derived from the import time)."""
     chosen = view_format if isinstance(view_format, ViewFormat) else parse_format(view_format)
     if chosen is ViewFormat.HTML:

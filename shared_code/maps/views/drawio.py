@@ -17,7 +17,9 @@ from shared_code.maps.views._text import clean, one_line
 
 _CARD_STYLE = {
     "left": "fillColor=#f3f8fd;strokeColor=#5b8fc7;swimlaneFillColor=#f3f8fd;",
-    "center": "fillColor=#263238;strokeColor=#263238;fontColor=#ffffff;swimlaneFillColor=#fbfbfc;strokeWidth=2;",
+    "center": (
+        "fillColor=#263238;strokeColor=#263238;fontColor=#ffffff;swimlaneFillColor=#fbfbfc;strokeWidth=2;"
+    ),
     "right": "fillColor=#dcefdc;strokeColor=#5a9e5f;swimlaneFillColor=#f3faf3;",
 }
 _KIND_STYLE = {
@@ -43,6 +45,15 @@ def _label(view: MapView, node_id: str) -> str:
     return node.name
 
 
+def _cell(root: ET.Element, **attributes: str) -> ET.Element:
+    """An ``mxCell`` (attributes as a dict: ``parent`` would clash with ``SubElement``'s own argument)."""
+    return ET.SubElement(root, "mxCell", attributes)
+
+
+def _geometry(cell: ET.Element, **attributes: str) -> None:
+    ET.SubElement(cell, "mxGeometry", {**attributes, "as": "geometry"})
+
+
 def render_drawio(server_map: ServerMap, *, view: MapView | None = None) -> str:
     view = view if view is not None else view_of(server_map)
     layout = view.layout
@@ -53,13 +64,25 @@ def render_drawio(server_map: ServerMap, *, view: MapView | None = None) -> str:
     model = ET.SubElement(
         diagram,
         "mxGraphModel",
-        dx="0", dy="0", grid="1", gridSize="10", guides="1", tooltips="1", connect="1", arrows="1", fold="1",
-        page="0", pageScale="1", pageWidth=f"{layout.width:.0f}", pageHeight=f"{layout.height:.0f}", math="0",
+        dx="0",
+        dy="0",
+        grid="1",
+        gridSize="10",
+        guides="1",
+        tooltips="1",
+        connect="1",
+        arrows="1",
+        fold="1",
+        page="0",
+        pageScale="1",
+        pageWidth=f"{layout.width:.0f}",
+        pageHeight=f"{layout.height:.0f}",
+        math="0",
         shadow="0",
-    )  # fmt: skip
+    )
     root = ET.SubElement(model, "root")
-    ET.SubElement(root, "mxCell", id="0")
-    ET.SubElement(root, "mxCell", id="1", parent="0")
+    _cell(root, id="0")
+    _cell(root, id="1", parent="0")
     cell_of: dict[str, str] = {}
     for index, card in enumerate(layout.cards):
         header = view.by_id[card.key]
@@ -68,23 +91,28 @@ def render_drawio(server_map: ServerMap, *, view: MapView | None = None) -> str:
         style = _BASE_CARD + _KIND_STYLE.get(header.kind, _CARD_STYLE[card.side])
         if header.kind is NodeKind.MACHINE and not header.monitored and card.side != "center":
             style += "dashed=1;"
-        cell = ET.SubElement(
-            root, "mxCell", id=card_id, value=clean(header.name), style=style, vertex="1", parent="1"
-        )
+        cell = _cell(root, id=card_id, value=clean(header.name), style=style, vertex="1", parent="1")
         r = card.rect
-        ET.SubElement(cell, "mxGeometry", x=f"{r.x:.0f}", y=f"{r.y:.0f}", width=f"{r.width:.0f}",
-                      height=f"{r.height:.0f}", attrib={"as": "geometry"})  # fmt: skip
+        _geometry(cell, x=f"{r.x:.0f}", y=f"{r.y:.0f}", width=f"{r.width:.0f}", height=f"{r.height:.0f}")
         for row_index, node_id in enumerate(card.rows[1:]):
             row = layout.rows[node_id]
             row_id = f"{card_id}r{row_index}"
             cell_of[node_id] = row_id
-            row_cell = ET.SubElement(
-                root, "mxCell", id=row_id, value=clean(_label(view, node_id)), style=_ROW_STYLE, vertex="1",
+            row_cell = _cell(
+                root,
+                id=row_id,
+                value=clean(_label(view, node_id)),
+                style=_ROW_STYLE,
+                vertex="1",
                 parent=card_id,
-            )  # fmt: skip
-            ET.SubElement(row_cell, "mxGeometry", x=f"{row.rect.x - r.x:.0f}", y=f"{row.rect.y - r.y:.0f}",
-                          width=f"{row.rect.width:.0f}", height=f"{row.rect.height:.0f}",
-                          attrib={"as": "geometry"})  # fmt: skip
+            )
+            _geometry(
+                row_cell,
+                x=f"{row.rect.x - r.x:.0f}",
+                y=f"{row.rect.y - r.y:.0f}",
+                width=f"{row.rect.width:.0f}",
+                height=f"{row.rect.height:.0f}",
+            )
     for index, edge in enumerate(view.server_map.edges):
         if edge.kind is not EdgeKind.CONNECTION or edge.source not in cell_of or edge.target not in cell_of:
             continue
@@ -94,8 +122,16 @@ def render_drawio(server_map: ServerMap, *, view: MapView | None = None) -> str:
         if edge.failed:
             style = _EDGE_STYLE + "strokeColor=#d32f2f;dashed=1;strokeWidth=2;fontColor=#b71c1c;"
             label = f"{label} failed".strip()
-        cell = ET.SubElement(root, "mxCell", id=f"e{index}", value=label, style=style, edge="1", parent="1",
-                             source=cell_of[edge.source], target=cell_of[edge.target])  # fmt: skip
-        ET.SubElement(cell, "mxGeometry", relative="1", attrib={"as": "geometry"})
+        cell = _cell(
+            root,
+            id=f"e{index}",
+            value=label,
+            style=style,
+            edge="1",
+            parent="1",
+            source=cell_of[edge.source],
+            target=cell_of[edge.target],
+        )
+        _geometry(cell, relative="1")
     ET.indent(mxfile, space=" ")
     return ET.tostring(mxfile, encoding="unicode", xml_declaration=False) + "\n"

@@ -11,15 +11,17 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 from shared_code.domain.maps import ServerMap
 from shared_code.maps.views._model import MapView, view_of
-from shared_code.maps.views._text import esc, one_line
+from shared_code.maps.views._text import esc, one_line, shorten
 from shared_code.maps.views.svg import SVG_STYLE, edge_direction_counts, render_svg_inline
 
 PAGE_STYLE = """
 *{box-sizing:border-box}
-body{margin:0;font-family:"Segoe UI",system-ui,-apple-system,"DejaVu Sans",sans-serif;color:#1c2b33;background:#eef1f3}
+body{margin:0;font-family:"Segoe UI",system-ui,-apple-system,"DejaVu Sans",sans-serif;
+ color:#1c2b33;background:#eef1f3}
 header{background:#fff;border-bottom:1px solid #cfd8dc;padding:12px 20px 10px}
 h1{font-size:20px;margin:0 0 6px;word-break:break-all}
 h1 small{font-weight:400;color:#607d8b;font-size:13px}
@@ -44,7 +46,8 @@ h1 small{font-weight:400;color:#607d8b;font-size:13px}
 .sw-ext{background:#fff6ec;border-color:#d98324}.sw-unmon{background:#fff;border-color:#78909c;border-style:dashed}
 .line{display:inline-block;width:26px;border-top:2px solid #4f8f54}
 .line.in{border-top-color:#4a7fb5}.line.failed{border-top:2px dashed #d32f2f}
-main{overflow:auto;height:calc(100vh - 150px);min-height:420px;background:#fff;margin:10px;border:1px solid #cfd8dc}
+main{overflow:auto;height:calc(100vh - 150px);min-height:420px;background:#fff;margin:10px;
+ border:1px solid #cfd8dc}
 main.fit svg.map{width:100%;height:auto}
 """
 
@@ -62,7 +65,8 @@ FILTER_SCRIPT = """
     var port = portSelect.value, proc = processSelect.value, filtering = port !== "" || proc !== "";
     var seen = new Set(), shown = 0;
     edges.forEach(function (edge) {
-      var match = (port === "" || edge.dataset.port === port) && (proc === "" || edge.dataset.process === proc);
+      var match = (port === "" || edge.dataset.port === port) &&
+                  (proc === "" || edge.dataset.process === proc);
       edge.classList.toggle("hidden", !match);
       if (match) { shown += 1; seen.add(edge.dataset.source); seen.add(edge.dataset.target); }
     });
@@ -120,9 +124,10 @@ def _change_list(css: str, title: str, items: Iterable[str], count: int) -> str:
     return f'<details class="{css}"><summary>{esc(title)} ({count})</summary><ul>{body}</ul></details>'
 
 
-def _when(value: object) -> str:
-    text = getattr(value, "isoformat", lambda **_: str(value))(timespec="minutes")
-    return str(text).replace("+00:00", "Z")
+def _when(moment: datetime) -> str:
+    """UTC to the minute (``2025-06-02T09:30Z``); a naive time is taken as UTC."""
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
 def render_html(server_map: ServerMap, *, view: MapView | None = None, json_href: str = "") -> str:
@@ -143,7 +148,8 @@ def render_html(server_map: ServerMap, *, view: MapView | None = None, json_href
     ]
     port_options = "".join(f'<option value="{port}">{port}</option>' for port in view.ports())
     process_options = "".join(
-        f'<option value="{esc(process.id)}">{esc(one_line(process.name))}</option>'
+        f'<option value="{esc(process.id)}" title="{esc(one_line(process.name))}">'
+        f"{esc(shorten(process.name, 48))}</option>"
         for process in view.server_processes()
     )
     json_link = f' <a href="{esc(json_href)}">JSON</a>' if json_href else ""
@@ -173,7 +179,8 @@ def render_html(server_map: ServerMap, *, view: MapView | None = None, json_href
             ),
             "</div>",
             '<div class="toolbar">',
-            f'<label>Port <select id="filter-port"><option value="">All ports</option>{port_options}</select></label>',
+            '<label>Port <select id="filter-port"><option value="">All ports</option>'
+            f"{port_options}</select></label>",
             '<label>Process <select id="filter-process"><option value="">All processes</option>'
             f"{process_options}</select></label>",
             '<button type="button" id="filter-reset">Show all</button>',

@@ -17,7 +17,8 @@ from shared_code.maps.views._text import esc, one_line
 INDEX_POLICY = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 _STYLE = """
-body{margin:0;font-family:"Segoe UI",system-ui,-apple-system,"DejaVu Sans",sans-serif;color:#1c2b33;background:#eef1f3}
+body{margin:0;font-family:"Segoe UI",system-ui,-apple-system,"DejaVu Sans",sans-serif;
+ color:#1c2b33;background:#eef1f3}
 header{background:#fff;border-bottom:1px solid #cfd8dc;padding:14px 20px}
 h1{font-size:20px;margin:0}
 header p{margin:4px 0 0;color:#607d8b;font-size:13px}

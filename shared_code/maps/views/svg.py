@@ -72,8 +72,6 @@ def _row_label(node: MapNode) -> str:
     if node.kind is NodeKind.PORT and node.port is not None:
         protocol = node.protocol.value if node.protocol else "tcp"
         return f"{node.port}/{protocol}"
-    if node.kind is NodeKind.EXTERNAL and node.port is not None:
-        return node.name
     return node.name
 
 
@@ -105,16 +103,18 @@ def _edge_path(edge: MapEdge, layout: MapLayout) -> tuple[str, float, float, str
         return None
     # lines start and end on the cards' sides, at the height of the rows they join
     s, t = layout.rows[source_row.card].rect, layout.rows[target_row.card].rect
-    if s.center_x <= t.center_x:
-        x1, x2, anchor = s.right, t.x, "end"
-    else:
-        x1, x2, anchor = s.x, t.right, "start"
+    x1, x2 = (s.right, t.x) if s.center_x <= t.center_x else (s.x, t.right)
     y1, y2 = source_row.rect.middle_y, target_row.rect.middle_y
     bend = max(30.0, abs(x2 - x1) * 0.45)
     sign = 1 if x2 >= x1 else -1
-    path = f"M{x1:.1f},{y1:.1f} C{x1 + sign * bend:.1f},{y1:.1f} {x2 - sign * bend:.1f},{y2:.1f} {x2:.1f},{y2:.1f}"
-    label_x = x2 - sign * 6
-    return path, label_x, y2 - 4, anchor
+    path = (
+        f"M{x1:.1f},{y1:.1f} C{x1 + sign * bend:.1f},{y1:.1f} "
+        f"{x2 - sign * bend:.1f},{y2:.1f} {x2:.1f},{y2:.1f}"
+    )
+    # the port is written at the remote end: lines into the server converge, their far ends do not
+    if target_row.card == layout.root:
+        return path, x1 + sign * 6, y1 - 4, "start" if sign > 0 else "end"
+    return path, x2 - sign * 6, y2 - 4, "end" if sign > 0 else "start"
 
 
 def render_svg_body(view: MapView) -> list[str]:
@@ -129,7 +129,8 @@ def render_svg_body(view: MapView) -> list[str]:
             title += f" ({band.count})"
         x = band.x + band.width / 2
         out.append(
-            f'<text class="band-title" x="{x:.1f}" y="{MARGIN + 14:.1f}" text-anchor="middle">{esc(title)}</text>'
+            f'<text class="band-title" x="{x:.1f}" y="{MARGIN + 14:.1f}" text-anchor="middle">'
+            f"{esc(title)}</text>"
         )
 
     out.append('<g class="edges">')
@@ -144,7 +145,8 @@ def render_svg_body(view: MapView) -> list[str]:
         port = "" if edge.port is None else str(edge.port)
         marker = "url(#arrow-failed)" if edge.failed else "url(#arrow)"
         out.append(
-            f'<g class="{" ".join(classes)}" data-port="{port}" data-process="{esc(view.server_process(edge))}"'
+            f'<g class="{" ".join(classes)}" data-port="{port}"'
+            f' data-process="{esc(view.server_process(edge))}"'
             f' data-source="{esc(edge.source)}" data-target="{esc(edge.target)}"'
             f' data-failed="{"true" if edge.failed else "false"}">'
             f"<title>{esc(_edge_tooltip(edge, view))}</title>"
@@ -162,7 +164,8 @@ def render_svg_body(view: MapView) -> list[str]:
         r = card.rect
         out.append(
             f'<g class="{_card_classes(card, header)}" data-card="{esc(card.key)}" data-side="{card.side}">'
-            f'<rect class="card-box" x="{r.x:.1f}" y="{r.y:.1f}" width="{r.width:.1f}" height="{r.height:.1f}"'
+            f'<rect class="card-box" x="{r.x:.1f}" y="{r.y:.1f}" width="{r.width:.1f}"'
+            f' height="{r.height:.1f}"'
             ' rx="6"/>'
         )
         for node_id in card.rows:
@@ -180,9 +183,11 @@ def render_svg_body(view: MapView) -> list[str]:
                     f'<g class="node head kind-{node.kind.value}" data-node-id="{esc(node.id)}"'
                     f' data-kind="{node.kind.value}" data-parent="">'
                     f"<title>{esc(_node_tooltip(node, view))}</title>"
-                    f'<path class="head-bar" d="M{rr.x:.1f},{rr.y + 6:.1f} a6,6 0 0 1 6,-6 h{rr.width - 12:.1f}'
+                    f'<path class="head-bar" d="M{rr.x:.1f},{rr.y + 6:.1f} a6,6 0 0 1 6,-6'
+                    f" h{rr.width - 12:.1f}"
                     f' a6,6 0 0 1 6,6 v{rr.height - 6:.1f} h{-rr.width:.1f} z"/>'
-                    f'<text class="head-text" x="{rr.x + 8:.1f}" y="{rr.y + 18.5:.1f}">{esc(label)}</text></g>'
+                    f'<text class="head-text" x="{rr.x + 8:.1f}" y="{rr.y + 18.5:.1f}">'
+                    f"{esc(label)}</text></g>"
                 )
                 continue
             glyph = _KIND_GLYPH.get(node.kind, "")
@@ -192,7 +197,8 @@ def render_svg_body(view: MapView) -> list[str]:
                 f'<g class="node kind-{node.kind.value}" data-node-id="{esc(node.id)}"'
                 f' data-kind="{node.kind.value}" data-parent="{esc(row.parent)}">'
                 f"<title>{esc(_node_tooltip(node, view))}</title>"
-                f'<rect class="row-bg" x="{rr.x:.1f}" y="{rr.y:.1f}" width="{rr.width:.1f}" height="{rr.height:.1f}"'
+                f'<rect class="row-bg" x="{rr.x:.1f}" y="{rr.y:.1f}" width="{rr.width:.1f}"'
+                f' height="{rr.height:.1f}"'
                 ' rx="3"/>'
                 f'<text class="row-text" x="{rr.x + 4:.1f}" y="{rr.y + 15:.1f}">{esc(label)}</text></g>'
             )
@@ -216,7 +222,8 @@ def _legend(x: float, y: float) -> str:
     """A small legend for the standalone SVG (the HTML view has its own in the header)."""
     return (
         f'<g class="legend" transform="translate({x:.1f},{y:.1f})">'
-        '<path d="M0,0 h28" stroke="#4f8f54" stroke-width="1.4"/><text x="34" y="4">connection (port on the line)</text>'
+        '<path d="M0,0 h28" stroke="#4f8f54" stroke-width="1.4"/>'
+        '<text x="34" y="4">connection (port on the line)</text>'
         '<path d="M200,0 h28" stroke="#d32f2f" stroke-width="1.6" stroke-dasharray="6 4"/>'
         '<text x="234" y="4">failed connection</text>'
         "</g>"
@@ -230,7 +237,8 @@ def render_svg(server_map: ServerMap, *, view: MapView | None = None) -> str:
     height = layout.height + 24
     title = f"Dependency map of {one_line(server_map.server)}"
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="map" width="{layout.width:.0f}" height="{height:.0f}"'
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="map" width="{layout.width:.0f}"'
+        f' height="{height:.0f}"'
         f' viewBox="0 0 {layout.width:.0f} {height:.0f}" role="img" aria-label="{esc(title)}">',
         f"<title>{esc(title)}</title>",
         f"<style>{SVG_STYLE}</style>",
