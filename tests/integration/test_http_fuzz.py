@@ -32,7 +32,7 @@ from tests.openapi import load_spec, operations, resolve
 SPEC = load_spec()
 ALERT_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "alerts"
 BAD_PAYLOADS = Path(__file__).resolve().parents[1] / "fixtures" / "bad_payloads"
-EXAMPLES = {"receive_alert": 1200, "alert_status": 400, "sync_connection": 150, "health": 20}
+EXAMPLES = {"receive_alert": 800, "alert_status": 250, "sync_connection": 120, "health": 20}
 MAX_RSS_GROWTH_MB = 200
 MAX_PEAK_PER_PAYLOAD_MB = 48
 
