@@ -125,7 +125,7 @@ def _link(machine: str, direction: str, remote: str, port: int, **extra: Any) ->
     } | extra
 
 
-ROWS = [
+ROWS: list[dict[str, Any]] = [
     {"RowKind": "machine", "Machine": "m-a", "Computer": "a01", "Ipv4Addresses": '["10.0.0.1"]'},
     {"RowKind": "machine", "Machine": "m-b", "Computer": "b01", "Ipv4Addresses": ["10.0.0.2"]},
     {"RowKind": "port", "Machine": "m-b", "Process": "p-m-b", "Ip": "::", "Port": 5000, "Protocol": "tcp"},
