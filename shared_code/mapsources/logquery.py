@@ -137,6 +137,7 @@ class LogQueryRunner:
         from azure.monitor.query import LogsQueryPartialResult  # noqa: PLC0415
 
         primary, others = workspaces[0], list(workspaces[1:])
+        statuses: list[int] = []
         try:
             result = self._client.query_workspace(
                 primary,
@@ -144,6 +145,7 @@ class LogQueryRunner:
                 timespan=(start, end),
                 server_timeout=self.timeout_seconds,
                 additional_workspaces=others or None,
+                raw_response_hook=lambda response: statuses.append(response.http_response.status_code),
             )
         except ClientAuthenticationError as exc:
             raise MapSourceError(
@@ -152,13 +154,25 @@ class LogQueryRunner:
                 status=_status(exc),
             ) from exc
         except HttpResponseError as exc:
-            if _status(exc) == 204:
+            status = _status(exc)
+            if status == 204:
                 return QueryAnswer()
+            if status is not None and status < 300:
+                raise MapSourceError(
+                    f"Log Analytics answered something that is not a query result (HTTP {status})",
+                    status=status,
+                ) from exc
             raise MapSourceError(
                 f"Log Analytics query failed: {_describe(exc)}", status=_status(exc)
             ) from exc
         except AzureError as exc:
             raise MapSourceError(f"Log Analytics unreachable: {type(exc).__name__}") from exc
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            if statuses and statuses[-1] == 204:
+                return QueryAnswer()  # 204 No Content: the query matched nothing
+            raise MapSourceError(
+                f"Log Analytics answered something that is not a query result ({type(exc).__name__})"
+            ) from exc
 
         if isinstance(result, LogsQueryPartialResult):
             tables = result.partial_data or []

@@ -332,8 +332,10 @@ class ServiceMapSource:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         batch_size: int = DEFAULT_BATCH_SIZE,
         retry_policy: RetryPolicy | None = None,
+        page_size: int = PAGE_SIZE,
     ) -> None:
         self.definition = definition
+        self.page_size = max(1, min(page_size, PAGE_SIZE))
         self._http = http
         self._arm = arm_endpoint.rstrip("/")
         self._auth = TokenCredentialAuth(credential, arm_scope(arm_endpoint))
@@ -346,7 +348,9 @@ class ServiceMapSource:
     def _base(self, workspace: Workspace) -> str:
         return f"{self._arm}{workspace.resource_id}/features/serviceMap"
 
-    def _call(self, method: str, url: str, *, params: dict[str, str], body: Any = None) -> httpx.Response:
+    def _call(
+        self, method: str, url: str, *, params: dict[str, str] | None, body: Any = None
+    ) -> httpx.Response:
         return send(
             self._http,
             self._auth,
@@ -376,12 +380,12 @@ class ServiceMapSource:
     def list_machines(self, workspace: Workspace, window: MapWindow) -> list[Mapping[str, Any]]:
         """Every machine live in ``window`` (follows ``nextLink``, at most ``MAX_PAGES`` pages)."""
         url = f"{self._base(workspace)}/machines"
-        params: dict[str, str] = {
+        params: dict[str, str] | None = {
             "api-version": API_VERSION,
             "live": "true",
             "startTime": _iso(window.start),
             "endTime": _iso(window.end),
-            "$top": str(PAGE_SIZE),
+            "$top": str(self.page_size),
         }
         machines: list[Mapping[str, Any]] = []
         for _ in range(MAX_PAGES):
@@ -395,7 +399,7 @@ class ServiceMapSource:
                 return machines
             if not str(next_link).lower().startswith(self._arm.lower() + "/"):
                 raise MapSourceError("Service Map's nextLink points outside the ARM endpoint; not followed")
-            url, params = str(next_link), {}
+            url, params = str(next_link), None  # the link carries its own query
         raise MapSourceError(f"listing machines of {workspace.name}: more than {MAX_PAGES} pages")
 
     def _group_members(self, workspace: Workspace, window: MapWindow) -> set[str] | None:

@@ -216,6 +216,17 @@ class _Counters:
 
 
 @dataclass
+class _PendingEdge:
+    kind: EdgeKind
+    source: str
+    target: str
+    port: int | None
+    protocol: Protocol | None
+    direction: Direction | None
+    counts: _Counters = field(default_factory=_Counters)
+
+
+@dataclass
 class _Inventory:
     """The batch's machine, port and process rows, indexed for the per-server build."""
 
@@ -267,7 +278,7 @@ class _MapBuilder:
     def __init__(self, inventory: _Inventory) -> None:
         self.inventory = inventory
         self.nodes: dict[str, MapNode] = {}
-        self.edges: dict[str, tuple[MapEdge, _Counters]] = {}
+        self.edges: dict[tuple[Any, ...], _PendingEdge] = {}
         self.client_ips: dict[str, set[str]] = {}
 
     def machine(self, machine: str, *, fallback_name: str = "") -> str:
@@ -386,15 +397,14 @@ class _MapBuilder:
         direction: Direction | None = None,
         counters: Mapping[str, Any] | None = None,
     ) -> None:
-        edge = MapEdge(
-            source=source, target=target, kind=kind, port=port, protocol=protocol, direction=direction
-        )
-        known = self.edges.get(edge.key)
+        # the same identity as MapEdge.key, without building a model per row
+        key = (kind, source, target, port, protocol)
+        known = self.edges.get(key)
         if known is None:
-            known = (edge, _Counters())
-            self.edges[edge.key] = known
+            known = _PendingEdge(kind, source, target, port, protocol, direction)
+            self.edges[key] = known
         if counters is not None:
-            known[1].add(counters)
+            known.counts.add(counters)
 
     def _with_clients(self, node: MapNode) -> MapNode:
         ips = self.client_ips.get(node.id)
@@ -413,10 +423,15 @@ class _MapBuilder:
         )
 
     @staticmethod
-    def _with_counts(edge: MapEdge, counts: _Counters) -> MapEdge:
+    def _finish(edge: _PendingEdge) -> MapEdge:
+        """The edge model, built without a second validation: every value was checked as it was
+        read (``_port``, ``_count``, ``_protocol``) and the ids come from ``node_id``; the map's own
+        validator still checks that each edge joins two of its nodes. A third of the mapping time
+        went into re-validating what was already valid."""
+        counts = edge.counts
         if edge.kind is not EdgeKind.CONNECTION:
-            return edge
-        return MapEdge(
+            return MapEdge.model_construct(source=edge.source, target=edge.target, kind=edge.kind)
+        return MapEdge.model_construct(
             source=edge.source,
             target=edge.target,
             kind=edge.kind,
@@ -435,7 +450,7 @@ class _MapBuilder:
 
     def result(self, server: ServerRef, machine_id: str, **fields: Any) -> ServerMap:
         nodes = [self._with_clients(node) for node in self.nodes.values()]
-        edges = [self._with_counts(edge, counts) for edge, counts in self.edges.values()]
+        edges = [self._finish(edge) for edge in self.edges.values()]
         nodes.sort(key=lambda node: node.id)
         edges.sort(key=lambda edge: edge.key)
         return ServerMap(

@@ -8,7 +8,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("tests.bench.alerts_bench", "tests.bench.sync_bench", "tests.bench.maps_render_bench")
+BENCHMARKS = (
+    "tests.bench.alerts_bench",
+    "tests.bench.sync_bench",
+    "tests.bench.maps_render_bench",
+    "tests.bench.maps_sources_bench",
+)
 
 
 def main() -> int:

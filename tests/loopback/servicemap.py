@@ -267,6 +267,10 @@ class ServiceMapApi:
         with self._lock:
             self._faults.setdefault(machine_id.lower(), []).append(_Fault(kind, times, status, retry_after))
 
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
     def operations(self) -> list[str]:
         with self._lock:
             return [operation for _, operation, _ in self.calls]
