@@ -23,7 +23,7 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from shared_code.domain.maps import MapWindow
+from shared_code.domain.maps import MapWindow, ServerMap
 from shared_code.errors import InvalidInputError
 
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,49}$")
@@ -263,3 +263,41 @@ def describe_validation_error(exc: ValidationError, what: str) -> str:
         message = message.removeprefix("Value error, ")
         lines.append(f"- {path}: {message}")
     return f"invalid {what}:\n" + "\n".join(lines)
+
+
+class ServerRef(BaseModel):
+    """A member of a source's server group, as the source knows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    computer: str = Field(min_length=1, description="the computer name people know it by")
+    machine_id: str = Field(default="", description="the source's id (VM Insights / Service Map machine id)")
+    workspace: str = Field(default="", description="the workspace the source found it in")
+    ips: tuple[str, ...] = ()
+    resource_id: str = Field(default="", description="its Azure resource id, where known")
+
+    @property
+    def key(self) -> str:
+        """What identifies the server across runs: the machine id, else the computer name."""
+        return (self.machine_id or self.computer).lower()
+
+
+class ServerMapResult(BaseModel):
+    """One server's outcome: its map, or why there is none this time."""
+
+    model_config = ConfigDict(frozen=True)
+
+    server: ServerRef
+    map: ServerMap | None = None
+    error: str = Field(default="", description="why this server has no map this run (never a secret)")
+    warnings: tuple[str, ...] = Field(default=(), description="e.g. partial data: the map may be partial")
+
+    @model_validator(mode="after")
+    def _map_or_error(self) -> ServerMapResult:
+        if (self.map is None) == (not self.error):
+            raise ValueError("a result holds either a map or an error")
+        return self
+
+    @property
+    def ok(self) -> bool:
+        return self.map is not None

@@ -42,10 +42,9 @@ from shared_code.domain.maps import (
     ServerMap,
     node_id,
 )
-from shared_code.domain.mapsources import MapSourceDefinition, ServerGroupKind
+from shared_code.domain.mapsources import MapSourceDefinition, ServerGroupKind, ServerMapResult, ServerRef
 from shared_code.errors import MapSourceError
 from shared_code.mapsources.logquery import LogQueryRunner, is_ip, kql_datetime, kql_list, kql_string
-from shared_code.ports.maps import ServerMapResult, ServerRef
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,10 @@ from shared_code.mapsources.logquery import (
 )
 from shared_code.mapsources.servicemap import ServiceMapSource
 from shared_code.mapsources.vminsights import VmInsightsSource
-from shared_code.ports.maps import MapSource
+
+MapSource = VmInsightsSource | FlowLogsSource | ServiceMapSource
+"""A built source; each implements ``shared_code.ports.maps.MapSource`` (structurally: adapters do
+not import the ports above them)."""
 
 
 def _utc_now() -> datetime:

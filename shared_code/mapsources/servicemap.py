@@ -46,12 +46,13 @@ from shared_code.domain.mapsources import (
     SERVICE_MAP_MAX_WINDOW_MINUTES,
     MapSourceDefinition,
     ServerGroupKind,
+    ServerMapResult,
+    ServerRef,
     Workspace,
 )
 from shared_code.errors import MapSourceError
 from shared_code.httpretry import RetryPolicy
 from shared_code.mapsources.arm import TokenCredentialAuth, arm_scope, error_text, send
-from shared_code.ports.maps import ServerMapResult, ServerRef
 
 log = logging.getLogger(__name__)
 

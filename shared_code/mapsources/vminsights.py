@@ -53,7 +53,7 @@ from shared_code.domain.maps import (
     ServerMap,
     node_id,
 )
-from shared_code.domain.mapsources import MapSourceDefinition, ServerGroupKind
+from shared_code.domain.mapsources import MapSourceDefinition, ServerGroupKind, ServerMapResult, ServerRef
 from shared_code.errors import MapSourceError
 from shared_code.mapsources.logquery import (
     LogQueryRunner,
@@ -63,7 +63,6 @@ from shared_code.mapsources.logquery import (
     kql_list,
     kql_string,
 )
-from shared_code.ports.maps import ServerMapResult, ServerRef
 
 log = logging.getLogger(__name__)
 
