@@ -214,6 +214,12 @@ class LogAnalyticsLoopback(LoopbackServer):
             self.queries.clear()
         self.requests.clear()
 
+    def clear_faults(self) -> None:
+        """Drop pending faults (the seeded workspaces stay)."""
+        with self._lock:
+            self._faults.clear()
+            self._targeted.clear()
+
     def fail_next(self, count: int, status: int, retry_after: float | None = None) -> None:
         """The next ``count`` authorized queries get ``status`` (with ``Retry-After`` if given)."""
         with self._lock:
