@@ -136,7 +136,9 @@ def maps_index(req: func.HttpRequest) -> func.HttpResponse:
     return func.HttpResponse(
         render_index_html(listings, base_path=BASE_PATH),
         status_code=200,
-        headers={"Content-Type": "text/html; charset=utf-8", "X-Content-Type-Options": "nosniff"},
+        mimetype="text/html",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
     )
 
 
@@ -160,7 +162,8 @@ def maps_server(req: func.HttpRequest) -> func.HttpResponse:
         )
     except Exception as exc:  # noqa: BLE001 - every failure becomes a clear HTTP answer
         return error_response(exc)
-    headers = {"Content-Type": view.media_type, "X-Content-Type-Options": "nosniff"}
+    headers = {"X-Content-Type-Options": "nosniff"}
     if view_format in DOWNLOADS:
         headers["Content-Disposition"] = f'attachment; filename="{view.filename}"'
-    return func.HttpResponse(view.body, status_code=200, headers=headers)
+    mimetype = view.media_type.split(";")[0].strip()
+    return func.HttpResponse(view.body, status_code=200, mimetype=mimetype, charset="utf-8", headers=headers)
