@@ -24,6 +24,9 @@ from shared_code.alerts.intake import AlertIntake
 from shared_code.alerts.processor import AlertProcessor
 from shared_code.domain.connection import ConnectionBase
 from shared_code.health import HealthMonitor, build_health_monitor
+from shared_code.jobs.lease import JobLease
+from shared_code.maps.importer import MapImporter
+from shared_code.mapsources.registry import MapSourceDeps, build_map_source
 from shared_code.ports.itsm import ConnectorPorts
 from shared_code.products import build_connector, parse_connection
 from shared_code.secrets import KeyVaultSecretStore, SecretStore
@@ -32,6 +35,8 @@ from shared_code.settings import Settings
 from shared_code.state import connections as connections_table
 from shared_code.state import correlations as correlations_table
 from shared_code.state import deliveries as deliveries_table
+from shared_code.state import maps as maps_table
+from shared_code.state import mapsources as mapsources_table
 from shared_code.state import runs as runs_table
 from shared_code.state import syncerrors as syncerrors_table
 from shared_code.state import syncstate as syncstate_table
@@ -39,6 +44,8 @@ from shared_code.state import workitems as workitems_table
 from shared_code.state.connections import ConnectionRepository
 from shared_code.state.correlations import CorrelationRepository
 from shared_code.state.deliveries import DeliveryRepository
+from shared_code.state.maps import MapRepository
+from shared_code.state.mapsources import MapSourceRepository
 from shared_code.state.runs import RunRepository
 from shared_code.state.syncerrors import SyncErrorRepository
 from shared_code.state.syncstate import SyncStateRepository
@@ -47,6 +54,9 @@ from shared_code.state.workitems import WorkItemRepository
 from shared_code.workitems.backsync import AlertsManagementClient, BackSync
 from shared_code.workitems.engine import SyncEngine
 from shared_code.workitems.sinks import LogAnalyticsSink, LogsUploader, SyncErrorLog, TableSink, WorkItemSink
+
+MAP_STATE_TABLE = "MapState"
+"""Lease rows of the map import (one per source), shaped like SyncState rows."""
 
 
 def utc_now() -> datetime:
@@ -195,6 +205,43 @@ class Container:
     @cached_property
     def sync_engine(self) -> SyncEngine:
         return build_sync_engine(self)
+
+    @cached_property
+    def map_sources(self) -> MapSourceRepository:
+        return MapSourceRepository(self.tables.table(mapsources_table.TABLE))
+
+    @cached_property
+    def maps(self) -> MapRepository:
+        return MapRepository(self.tables.table(maps_table.TABLE))
+
+    @cached_property
+    def map_source_deps(self) -> MapSourceDeps:
+        settings = self.settings
+        return MapSourceDeps(
+            credential=self.credential,
+            http=self.http,
+            arm_endpoint=str(settings.arm_endpoint),
+            logs_query_endpoint=str(settings.logs_query_endpoint),
+            logs_query_audience=str(settings.logs_query_audience),
+            ca_bundle=settings.tls_ca_bundle,
+            clock=self.clock,
+        )
+
+    @cached_property
+    def map_importer(self) -> MapImporter:
+        return MapImporter(
+            sources=self.map_sources,
+            build_source=lambda definition: build_map_source(definition, self.map_source_deps),
+            maps=self.maps,
+            lease=JobLease(
+                SyncStateRepository(self.tables.table(MAP_STATE_TABLE)),
+                self.clock,
+                lease=timedelta(minutes=10),
+                what="map import",
+            ),
+            runs=RunRepository(self.tables.table(runs_table.TABLE)),
+            clock=self.clock,
+        )
 
     def close(self) -> None:
         with self._lock:

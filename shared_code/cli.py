@@ -3,6 +3,7 @@
     python -m shared_code connections add|list|show|test|reauthorise|remove
     python -m shared_code alerts list|show|redrive
     python -m shared_code sync run [--connection NAME] [--type incidents|change_requests]
+    python -m shared_code maps sources add|list|show|remove|test; maps import|show|export-scom
 
 Secrets are never taken from argv (it leaks into shell history and process lists): they are read
 from a prompt without echo, from standard input (``--secrets-stdin``), or from an environment
@@ -27,8 +28,13 @@ from shared_code.bootstrap import Container, get_container
 from shared_code.domain.alert import Severity
 from shared_code.domain.connection import ConnectionBase, CorrelationMode, secret_name
 from shared_code.domain.delivery import Delivery, DeliveryStatus
+from shared_code.domain.mapsources import MapSourceDefinition, MapSourceKind
 from shared_code.domain.workitem import SeverityMapping, WorkItemType
-from shared_code.errors import AlreadyExistsError, ConnectorAppError, InvalidInputError
+from shared_code.errors import AlreadyExistsError, ConnectorAppError, InvalidInputError, NotFoundError
+from shared_code.maps.importer import ImportOutcome, ImportProgress
+from shared_code.maps.scom import render_management_pack, version_from_time
+from shared_code.maps.views import ViewFormat, render_view
+from shared_code.mapsources.registry import build_map_source
 from shared_code.products import PRODUCTS, parse_connection, product_of
 from shared_code.secrets import StoredRefreshToken
 from shared_code.workitems.engine import SyncOutcome, SyncProgress, SyncResult
@@ -268,6 +274,138 @@ class Cli:
 
     def sync_run(self, args: argparse.Namespace) -> int:
         return sync_run(self.container, args.connection, args.type, self.out, self.out.isatty())
+
+    # -- dependency maps -----------------------------------------------------------------------
+
+    def maps_sources_add(self, args: argparse.Namespace) -> int:
+        customer_ids = list(args.customer_id or [])
+        workspaces = [
+            {"resource_id": rid, "customer_id": customer_ids[i] if i < len(customer_ids) else ""}
+            for i, rid in enumerate(args.workspace or [])
+        ]
+        group: dict[str, Any] = {"kind": "computers", "computers": list(args.server or [])}
+        if args.machine_group:
+            group = {"kind": "machineGroup", "machine_group": args.machine_group}
+        elif args.resource_group:
+            group = {"kind": "resourceGroup", "scope": args.resource_group}
+        elif args.subscription:
+            group = {"kind": "subscription", "scope": args.subscription}
+        definition = MapSourceDefinition.parse(
+            {
+                "name": args.name,
+                "kind": args.kind,
+                "workspaces": workspaces,
+                "group": group,
+                "enabled": not args.disabled,
+                "timeout_seconds": args.timeout_seconds,
+                "window_minutes": args.window_minutes,
+            }
+        )
+        self.container.map_sources.add(definition)
+        self.say(
+            f"added map source {definition.name} ({definition.kind.value}, {len(workspaces)} workspace(s))"
+        )
+        return self._maps_test(definition) if args.test else EXIT_OK
+
+    def maps_sources_list(self, args: argparse.Namespace) -> int:
+        definitions = self.container.map_sources.list()
+        if not definitions:
+            self.say("no map sources (see: maps sources add)")
+        for d in definitions:
+            state = "enabled" if d.enabled else "disabled"
+            self.say(
+                f"{d.name}\t{d.kind.value}\t{state}\t{d.group.kind.value}\twindow {d.window_minutes} min"
+            )
+        return EXIT_OK
+
+    def maps_sources_show(self, args: argparse.Namespace) -> int:
+        self.say(self.container.map_sources.get(args.name).model_dump_json(indent=2))
+        return EXIT_OK
+
+    def maps_sources_remove(self, args: argparse.Namespace) -> int:
+        self.container.map_sources.remove(args.name)
+        self.say(f"removed map source {args.name} (its imported maps stay until re-imported)")
+        return EXIT_OK
+
+    def maps_sources_test(self, args: argparse.Namespace) -> int:
+        return self._maps_test(self.container.map_sources.get(args.name))
+
+    def _maps_test(self, definition: MapSourceDefinition) -> int:
+        container = self.container
+        source = build_map_source(definition, container.map_source_deps)
+        try:
+            summary = source.check()
+        except ConnectorAppError as exc:
+            self.say(f"FAILED: {definition.name}: {exc}")
+            return EXIT_FAILED
+        finally:
+            source.close()
+        self.say(f"OK: {definition.name}: {summary}")
+        return EXIT_OK
+
+    def maps_import(self, args: argparse.Namespace) -> int:
+        progress = _MapProgressLine(self.out) if self.out.isatty() else None
+        results = self.container.map_importer.run(
+            source=args.source, servers=args.server or None, trigger="cli", progress=progress
+        )
+        if progress is not None:
+            progress.clear()
+        if not results:
+            self.say("no enabled map source (see: maps sources add)")
+            return EXIT_OK
+        for result in results:
+            counts = ", ".join(f"{value} {name}" for name, value in result.counts.items())
+            self.say(f"{result.source}: {result.outcome.value}, {counts}, {result.duration_seconds:.1f}s")
+            if result.error:
+                self.say(f"    {result.error}")
+            for server, why in sorted(result.errors.items()):
+                self.say(f"    {server}: {why}")
+        return EXIT_FAILED if any(r.outcome is ImportOutcome.FAILED for r in results) else EXIT_OK
+
+    def maps_show(self, args: argparse.Namespace) -> int:
+        maps = self.container.maps
+        listing = maps.find(args.server)
+        server_map = maps.load(listing.server) if listing is not None else None
+        if server_map is None:
+            reason = f" (last import failed: {listing.last_error})" if listing and listing.last_error else ""
+            raise NotFoundError(f"no dependency map of {args.server!r}{reason}")
+        self.say(render_view(server_map, args.format).body)
+        return EXIT_OK
+
+    def maps_export_scom(self, args: argparse.Namespace) -> int:
+        maps = self.container.maps
+        loaded = [maps.load(listing.server) for listing in maps.listings()]
+        server_maps = sorted((m for m in loaded if m is not None), key=lambda m: m.server.lower())
+        if not server_maps:
+            raise NotFoundError("no dependency map is imported yet (see: maps import)")
+        newest = max(m.imported_at for m in server_maps)
+        pack = render_management_pack(server_maps, version=version_from_time(newest))
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as handle:
+                handle.write(pack)
+            self.say(f"wrote a management pack of {len(server_maps)} server(s) to {args.out}")
+        else:
+            self.out.write(pack)
+        return EXIT_OK
+
+
+class _MapProgressLine:
+    """One redrawn line per source on a terminal: servers done of the group."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.width = 0
+
+    def __call__(self, event: ImportProgress) -> None:
+        text = f"{event.source}: {event.done:,}/{event.total:,} servers ({event.server[:40]})"
+        self.out.write("\r" + text.ljust(self.width))
+        self.width = len(text)
+        self.out.flush()
+
+    def clear(self) -> None:
+        if self.width:
+            self.out.write("\r" + " " * self.width + "\r")
+            self.out.flush()
 
 
 class _ProgressLine:
@@ -569,6 +707,41 @@ def build_parser() -> argparse.ArgumentParser:
     run = sync.add_parser("run", help="sync incidents and change requests now")
     run.add_argument("--connection", help="only this connection (default: every connection that syncs)")
     run.add_argument("--type", action="append", choices=["incidents", "change_requests"], help="repeatable")
+
+    maps = groups.add_parser("maps", help="dependency maps").add_subparsers(dest="command", required=True)
+    srcs = maps.add_parser("sources", help="map source definitions").add_subparsers(
+        dest="subcommand", required=True
+    )
+    sadd = srcs.add_parser("add", help="add a map source")
+    sadd.add_argument("name")
+    sadd.add_argument(
+        "--kind", required=True, choices=[k.value for k in MapSourceKind if k is not MapSourceKind.MIGRATE]
+    )
+    sadd.add_argument("--workspace", action="append", help="workspace resource id (repeatable)")
+    sadd.add_argument("--customer-id", action="append", help="its workspace ID (GUID), in --workspace order")
+    sadd.add_argument("--server", action="append", help="computer name (repeatable)")
+    sadd.add_argument("--machine-group", help="a Service Map machine group (servicemap only)")
+    sadd.add_argument("--resource-group", help="/subscriptions/{id}/resourceGroups/{group}")
+    sadd.add_argument("--subscription", help="/subscriptions/{id}")
+    sadd.add_argument("--window-minutes", type=int, default=60)
+    sadd.add_argument("--timeout-seconds", type=int, default=120)
+    sadd.add_argument("--disabled", action="store_true")
+    sadd.add_argument("--test", action="store_true", help="check access after adding")
+    srcs.add_parser("list", help="list map sources")
+    for verb, text in (
+        ("show", "show a map source"),
+        ("remove", "remove a map source"),
+        ("test", "check access"),
+    ):
+        srcs.add_parser(verb, help=text).add_argument("name")
+    imp = maps.add_parser("import", help="import dependency maps now")
+    imp.add_argument("--source", help="only this source (default: every enabled one)")
+    imp.add_argument("--server", action="append", help="only this computer name or machine id (repeatable)")
+    show = maps.add_parser("show", help="print one server's map")
+    show.add_argument("server")
+    show.add_argument("--format", default="json", choices=[f.value for f in ViewFormat])
+    scom = maps.add_parser("export-scom", help="write a SCOM management pack of every mapped server")
+    scom.add_argument("--out", help="file to write (default: standard output)")
     return parser
 
 
@@ -583,6 +756,14 @@ COMMANDS: dict[tuple[str, str], Callable[[Cli, argparse.Namespace], int]] = {
     ("alerts", "show"): Cli.alerts_show,
     ("alerts", "redrive"): Cli.alerts_redrive,
     ("sync", "run"): Cli.sync_run,
+    ("maps", "sources add"): Cli.maps_sources_add,
+    ("maps", "sources list"): Cli.maps_sources_list,
+    ("maps", "sources show"): Cli.maps_sources_show,
+    ("maps", "sources remove"): Cli.maps_sources_remove,
+    ("maps", "sources test"): Cli.maps_sources_test,
+    ("maps", "import"): Cli.maps_import,
+    ("maps", "show"): Cli.maps_show,
+    ("maps", "export-scom"): Cli.maps_export_scom,
 }
 
 
@@ -595,7 +776,10 @@ def main(argv: Sequence[str] | None = None, cli: Cli | None = None) -> int:
         return EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
     try:
-        return COMMANDS[(args.group, args.command)](cli, args)
+        command = (
+            args.command if getattr(args, "subcommand", None) is None else f"{args.command} {args.subcommand}"
+        )
+        return COMMANDS[(args.group, command)](cli, args)
     except InvalidInputError as exc:
         print(f"error: {exc}", file=cli.err)
         return EXIT_USAGE

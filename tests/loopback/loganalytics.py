@@ -215,6 +215,7 @@ class LogAnalyticsLoopback(LoopbackServer):
         self.requests.clear()
 
     def clear_faults(self) -> None:
+        """Drop pending faults (the seeded workspaces stay)."""
         with self._lock:
             self._faults.clear()
             self._targeted.clear()
