@@ -585,6 +585,10 @@ class DataverseLoopback(LoopbackServer):
             self._app_users[client_id.lower()] = user
             return user
 
+    def app_user_id(self, client_id: str) -> str:
+        with self._lock:
+            return self._app_users[client_id.lower()]
+
     def add_account(self, name: str) -> str:
         with self._lock:
             return self._insert_plain("account", name)
@@ -1399,3 +1403,37 @@ def wait_idle(server: DataverseLoopback, timeout: float = 2.0) -> None:
     deadline = time.monotonic() + timeout
     while server._in_flight and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+# -- the app's side (tests, bench) -------------------------------------------------------------------
+
+PROVANCE_APP_ID = "7d0c8e2a-3b1f-4c5d-9e6f-0a1b2c3d4e5f"
+PROVANCE_APP_SECRET = "loopback-provance-app-secret"  # test-only value
+
+
+def register_app(
+    server: DataverseLoopback, client_id: str = PROVANCE_APP_ID, secret: str = PROVANCE_APP_SECRET
+) -> str:
+    """The Entra app registration (in the server's Entra) and its application user; the user's id."""
+    server.entra.add_client(client_id, secret)
+    return server.add_app_user(client_id)
+
+
+def connection_options(
+    server: DataverseLoopback, customer: str, client_id: str = PROVANCE_APP_ID
+) -> list[str]:
+    """``connections add`` options for a connection to ``server`` (the secret goes through stdin)."""
+    return [
+        "--type",
+        "provance",
+        "--url",
+        server.url,
+        "--private-instance",
+        "--user",
+        client_id,
+        "--tenant-id",
+        server.entra.tenant_id,
+        "--customer",
+        f"accounts({customer})",
+        "--secrets-stdin",
+    ]

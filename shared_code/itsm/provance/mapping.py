@@ -116,7 +116,7 @@ class TableInfo:
     def sync_select(self) -> list[str]:
         """The ``$select`` of the change feed: only columns the table has, lookups as ``_x_value``."""
         names = [self.primary_id, self.number]
-        for column in (*_WANTED_COLUMNS, self.correlation_column):
+        for column in (self.title_column, *_WANTED_COLUMNS, self.correlation_column):
             if column and self.has(column) and column not in names:
                 names.append(column)
         return [f"_{name}_value" if name in _LOOKUPS else name for name in names]
