@@ -151,7 +151,8 @@ def test_create_maps_the_draft_and_a_repeated_create_returns_the_same_incident(
     assert row["prioritycode"] == 1  # impact 1 + urgency 2 - 1 = priority 2 -> High
     assert row["_customerid_value"] == account
     assert row["ticketnumber"] == first.number
-    assert first.url is not None and f"id={first.id}" in first.url
+    assert first.url is not None
+    assert f"id={first.id}" in first.url
     assert connector.find_by_correlation(request.correlation_id) == first
     assert connector.find_by_correlation("azmon-nothing-g1") is None
 
@@ -222,7 +223,8 @@ def test_resolve_closes_the_incident_with_a_resolution_and_reopen_makes_it_activ
     connector.resolve(ref, "the alert resolved at 07:05 UTC\nIt fired 4 time(s) in all.")
 
     row = dataverse.record("incident", ref.id)
-    assert row is not None and (row["statecode"], row["statuscode"]) == (1, 5)
+    assert row is not None
+    assert (row["statecode"], row["statuscode"]) == (1, 5)
     (resolution,) = dataverse.resolutions(ref.id)
     assert resolution["subject"] == "the alert resolved at 07:05 UTC"
     assert "It fired 4 time(s) in all." in resolution["description"]
@@ -327,7 +329,7 @@ def test_an_app_without_an_application_user_is_refused_with_dataverses_reason(
     dataverse.entra.add_client(stranger, "stranger-secret")
     connector = make_connector(dataverse, account, client_id=stranger, secret="stranger-secret")
     try:
-        with pytest.raises(ItsmRejectedError, match="HTTP 403.*not a member of the organization"):
+        with pytest.raises(ItsmRejectedError, match=r"HTTP 403.*not a member of the organization"):
             connector.check()
     finally:
         connector.close()
@@ -354,7 +356,8 @@ def test_a_correlation_column_receives_the_correlation_id(dataverse: DataverseLo
         request = draft()
         ref = connector.create_incident(request)
         row = dataverse.record("incident", ref.id)
-        assert row is not None and row["new_correlationid"] == request.correlation_id
+        assert row is not None
+        assert row["new_correlationid"] == request.correlation_id
     finally:
         connector.close()
 
@@ -388,7 +391,8 @@ def test_the_feed_pages_every_row_once_in_keyset_order_with_mapped_fields(entra:
         connector = make_connector(server, account)
         try:
             seen = feed(connector, now - timedelta(days=30), 25)
-            assert sorted(seen) == sorted(ids) and len(seen) == len(set(seen))
+            assert sorted(seen) == sorted(ids)
+            assert len(seen) == len(set(seen))
             order = sorted(server.records("incident"), key=lambda r: (r["modifiedon"], r["versionnumber"]))
             assert seen == [r["incidentid"] for r in order]
             last = connector.fetch_changes(INC, SyncCursor(updated_at=now - timedelta(days=30)), 300)
@@ -446,7 +450,8 @@ def test_rows_changed_while_paging_are_read_again_never_skipped(entra: EntraLoop
                 if page.is_last:
                     break
             assert set(seen) == {r["incidentid"] for r in order}
-            assert seen.count(passed) == 2 and seen.count(ahead) == 1
+            assert seen.count(passed) == 2
+            assert seen.count(ahead) == 1
             assert titles[passed] == "edited behind the cursor"
             assert titles[ahead] == "edited ahead of the cursor"
         finally:

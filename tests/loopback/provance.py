@@ -59,6 +59,9 @@ MAX_PAGE = 5000
 FORMATTED = "@OData.Community.Display.V1.FormattedValue"
 LOOKUP_NAME = "@Microsoft.Dynamics.CRM.lookuplogicalname"
 CHANGE_TABLE = "new_changerequest"
+RESOLVED_READ_ONLY = (
+    "This case has already been resolved. Close and reopen the case record to see the updates."
+)
 
 Row = dict[str, Any]
 
@@ -493,6 +496,7 @@ class Fault:
     retry_after: int | None
     path_contains: str | None
     kind: str  # json, html, html200, landed
+    method: str | None = None
 
 
 class DataverseHandler(LoopbackHandler):
@@ -576,6 +580,13 @@ class DataverseLoopback(LoopbackServer):
         self._rng = random.Random(7)
         self.system_user = self._insert_plain("systemuser", "SYSTEM")
 
+    def start(self) -> DataverseLoopback:
+        super().start()
+        return self
+
+    def __enter__(self) -> DataverseLoopback:
+        return self.start()
+
     # -- set-up (tests) ------------------------------------------------------------------------------
 
     def add_app_user(self, client_id: str, name: str = "# ITSM connector") -> str:
@@ -622,12 +633,13 @@ class DataverseLoopback(LoopbackServer):
         retry_after: int | None = None,
         path_contains: str | None = None,
         kind: str = "json",
+        method: str | None = None,
     ) -> None:
         """The next ``count`` requests (whose path contains ``path_contains``, if given) fail:
         ``json`` a Dataverse error, ``html`` an HTML error page, ``html200`` a 200 sign-in page,
         ``landed`` carried out first and then answered ``status`` (the answer is lost)."""
         with self._lock:
-            self._faults.append(Fault(count, status, retry_after, path_contains, kind))
+            self._faults.append(Fault(count, status, retry_after, path_contains, kind, method))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -761,7 +773,7 @@ class DataverseLoopback(LoopbackServer):
             if denied is not None:
                 return denied
             with self._lock:
-                fault = self._take_fault(path)
+                fault = self._take_fault(method, path)
             if fault is not None and fault.kind != "landed":
                 return self._fault_answer(fault)
             try:
@@ -812,8 +824,10 @@ class DataverseLoopback(LoopbackServer):
 
     # -- faults ---------------------------------------------------------------------------------------
 
-    def _take_fault(self, path: str) -> Fault | None:
+    def _take_fault(self, method: str, path: str) -> Fault | None:
         for fault in self._faults:
+            if fault.method is not None and fault.method != method:
+                continue
             if fault.remaining > 0 and (fault.path_contains is None or fault.path_contains in path):
                 fault.remaining -= 1
                 self._faults = [f for f in self._faults if f.remaining > 0]
@@ -896,20 +910,20 @@ class DataverseLoopback(LoopbackServer):
             raise ApiError(400, "0x80060888", f"Bad Request - Error in query syntax: key '{record}'.")
         if method == "GET":
             with self._lock:
-                row = self._rows[definition.logical_name].get(record)
-                if row is None:
+                found = self._rows[definition.logical_name].get(record)
+                if found is None:
                     raise _not_exist(definition.logical_name, record)
-                return 200, self._render(definition, row, self._select(definition, query), prefer), {}
+                return 200, self._render(definition, found, self._select(definition, query), prefer), {}
         if method == "PATCH":
             with self._lock:
-                row = self._rows[definition.logical_name].get(record)
-                if row is None:
+                existing = self._rows[definition.logical_name].get(record)
+                if existing is None:
                     if headers.get("if-match") == "*":
                         raise _not_exist(definition.logical_name, record)
                     payload = _json_object(body) | {definition.primary_id: record}
                     self._create(definition, payload, caller)
                     return 204, None, {}
-                self._update(definition, row, _json_object(body), caller)
+                self._update(definition, existing, _json_object(body), caller)
             return 204, None, {}
         if method == "DELETE":
             with self._lock:
@@ -1064,9 +1078,7 @@ class DataverseLoopback(LoopbackServer):
             return page, more, last
         matched = [row for row in store.values() if tree is None or evaluate(tree, row)]
         for name, direction in reversed(orderby or [(definition.primary_id, "asc")]):
-            matched.sort(
-                key=lambda r, n=name: (r.get(n) is not None, r.get(n) or 0), reverse=direction == "desc"
-            )
+            matched.sort(key=_sort_key(name), reverse=direction == "desc")
         offset = int(cookie.get("offset", 0))
         page = matched[offset : offset + limit]
         return page, offset + limit < len(matched), {"offset": offset + limit}
@@ -1138,7 +1150,7 @@ class DataverseLoopback(LoopbackServer):
                         400,
                         "0x80048d19",
                         f"Error identified in Payload provided by the user for "
-                        f"Entity :'{definition.entity_set}': invalid reference '{str(value)[:80]}' for {nav}.",
+                        f"Entity :'{definition.entity_set}': invalid reference for {nav}.",
                     )
                 if target_def.logical_name not in definition.columns[column_name].targets:
                     raise ApiError(400, "0x80048d19", f"{nav} cannot point at {target_def.logical_name}.")
@@ -1155,9 +1167,10 @@ class DataverseLoopback(LoopbackServer):
                 raise ApiError(
                     400,
                     "0x80048d19",
-                    f"Error identified in Payload provided by the user for Entity :'{definition.entity_set}', "
-                    f"----> InnerException : Microsoft.OData.ODataException: The property '{key}' does not exist "
-                    f"on type 'Microsoft.Dynamics.CRM.{definition.logical_name}'. Make sure to only use property "
+                    "Error identified in Payload provided by the user for Entity "
+                    f":'{definition.entity_set}', ----> InnerException : Microsoft.OData.ODataException: "
+                    f"The property '{key}' does not exist on type "
+                    f"'Microsoft.Dynamics.CRM.{definition.logical_name}'. Make sure to only use property "
                     "names that are defined by the type or mark the type as open type.",
                 )
             if key in ("createdon", "modifiedon", "versionnumber") or (
@@ -1176,7 +1189,8 @@ class DataverseLoopback(LoopbackServer):
                         400,
                         "0x80044331",
                         f"A validation error occurred. The length of the '{key}' attribute of the "
-                        f"'{definition.logical_name}' entity exceeded the maximum allowed length of '{column.max_length}'.",
+                        f"'{definition.logical_name}' entity exceeded the maximum allowed length of "
+                        f"'{column.max_length}'.",
                     )
             elif column.kind in ("picklist", "state", "status"):
                 if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -1196,7 +1210,8 @@ class DataverseLoopback(LoopbackServer):
                         "0x80048d19",
                         f"Cannot convert the literal '{value}' to the expected type 'Edm.Guid'.",
                     )
-                value = value.lower()
+                row[key] = value.lower()
+                continue
             row[key] = value
 
     def _navigation(self, definition: TableDef, nav: str) -> tuple[str, str]:
@@ -1210,8 +1225,9 @@ class DataverseLoopback(LoopbackServer):
         raise ApiError(
             400,
             "0x80048d19",
-            f"An undeclared property '{nav}' which only has property annotations in the payload but no property "
-            f"value was found in the payload. In OData, only declared navigation properties and declared named "
+            f"An undeclared property '{nav}' which only has property annotations in the payload but no "
+            "property value was found in the payload. In OData, only declared navigation properties and "
+            "declared named "
             "streams can be represented as properties without values.",
         )
 
@@ -1220,11 +1236,8 @@ class DataverseLoopback(LoopbackServer):
         record = str(payload.get(definition.primary_id) or uuid.uuid4()).lower()
         if record in self._rows[table]:
             raise ApiError(412, "0x80040237", "A record with matching key values already exists.")
-        if "statecode" in payload or "statuscode" in payload:
-            if table == "incident":
-                raise ApiError(
-                    400, "0x80040203", "statecode and statuscode cannot be set on create of incident."
-                )
+        if ("statecode" in payload or "statuscode" in payload) and table == "incident":
+            raise ApiError(400, "0x80040203", "statecode and statuscode cannot be set on create of incident.")
         row: Row = {definition.primary_id: record}
         self._apply(definition, row, payload, creating=True)
         row[definition.primary_id] = record
@@ -1257,7 +1270,8 @@ class DataverseLoopback(LoopbackServer):
                 raise ApiError(
                     400,
                     "0x80040203",
-                    "This message can not be used to set the state of incident to Resolved. In order to set state "
+                    "This message can not be used to set the state of incident to Resolved. In order to set "
+                    "state "
                     "of incident to Resolved, use the CloseIncidentRequest message instead.",
                 )
             if status is None:
@@ -1267,14 +1281,15 @@ class DataverseLoopback(LoopbackServer):
                     400,
                     "0x80040203",
                     f"{status} is not a valid status code for state code {definition.logical_name}State."
-                    f"{definition.states[state][0]} on {definition.logical_name} with Id {row[definition.primary_id]}.",
+                    f"{definition.states[state][0]} on {definition.logical_name} with Id "
+                    f"{row[definition.primary_id]}.",
                 )
             payload = payload | {"statecode": state, "statuscode": status}
         elif definition.logical_name == "incident" and row.get("statecode") != 0:
             raise ApiError(
                 400,
                 "0x80040203",
-                "This case has already been resolved. Close and reopen the case record to see the updates.",
+                RESOLVED_READ_ONLY,
             )
         self._stamp(definition, row, payload, user)
 
@@ -1314,7 +1329,7 @@ class DataverseLoopback(LoopbackServer):
                 raise ApiError(
                     400,
                     "0x80040203",
-                    "This case has already been resolved. Close and reopen the case record to see the updates.",
+                    RESOLVED_READ_ONLY,
                 )
             if status not in _STATES_INCIDENT[1][1]:
                 raise ApiError(
@@ -1359,6 +1374,14 @@ _TITLES = (
     "Certificate expiring on edge-{n:03d}",
 )
 _CHANGES = ("Patch web-{n:03d}", "Resize app-{n:03d}", "Rotate certificate on edge-{n:03d}")
+
+
+def _sort_key(name: str) -> Callable[[Row], tuple[bool, Any]]:
+    def key(row: Row) -> tuple[bool, Any]:
+        value = row.get(name)
+        return (value is not None, value if value is not None else 0)
+
+    return key
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
