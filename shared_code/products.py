@@ -17,6 +17,9 @@ from pydantic import SecretStr, ValidationError
 
 from shared_code.domain.connection import ConnectionBase, describe_validation_error
 from shared_code.errors import InvalidInputError, SecretStoreError
+from shared_code.itsm.provance.auth import DataverseAuth, client_secret_credential
+from shared_code.itsm.provance.connector import ProvanceConnector
+from shared_code.itsm.provance.settings import ProvanceConnection
 from shared_code.itsm.servicenow.auth import ServiceNowBasicAuth, ServiceNowOAuth
 from shared_code.itsm.servicenow.connector import ServiceNowConnector
 from shared_code.itsm.servicenow.settings import AuthMethod, ServiceNowConnection
@@ -69,6 +72,27 @@ def build_servicenow(
     )
 
 
+def build_provance(
+    connection: ProvanceConnection, secrets: SecretStore, client: httpx.Client
+) -> ConnectorPorts:
+    """Dataverse with the connection's Entra app; no CMDB port (Provance's CMDB tables are site-specific)."""
+    credential = client_secret_credential(
+        connection.tenant_id,
+        connection.client_id,
+        lazy_secret(secrets, connection.client_secret_name, connection),
+        authority_host=connection.authority_host,
+    )
+    auth = DataverseAuth(credential, connection.scope, connection_name=connection.name)
+    connector = ProvanceConnector(connection, client, auth)
+    return ConnectorPorts(
+        product="Provance",
+        check=connector.check,
+        close=connector.close,
+        incidents=connector,
+        changes=connector,
+    )
+
+
 @dataclass(frozen=True)
 class Product:
     """One ITSM product the app can connect to."""
@@ -95,6 +119,7 @@ PRODUCTS: dict[str, Product] = {
         build_servicenow,
         rotating_refresh_token=_servicenow_refresh_token,
     ),
+    "provance": Product("provance", "Provance", ProvanceConnection, build_provance),
 }
 
 

@@ -1,0 +1,217 @@
+"""Provance sync benchmark: the app's initial sync against raw paging plus plain table writes.
+
+    .venv/bin/python -m tests.bench.provance_bench
+
+Everything on 127.0.0.1, in this process: Azurite (its own Node.js process), the loopback Entra ID
+and Key Vault of ``LoopbackStack``, and a loopback Dataverse seeded with ``PROVANCE_BENCH_ROWS``
+(default 20,000) incidents modified over the last 25 days.
+
+``products.sync_ratio_to_raw_provance``
+    seconds of *raw* over seconds of *ours* (so rows/s of ours over rows/s of raw), medians of
+    ``PROVANCE_BENCH_ROUNDS`` (default 3) rounds, alternated raw, ours, raw, ours ... *Raw* is a
+    plain ``httpx.Client`` with one Entra token from azure-identity, sending the connector's first
+    query (same ``$select``, ``$filter``, ``$orderby``, page size ``SYNC_PAGE_SIZE`` = 1,000) and
+    following ``@odata.nextLink``, parsing each page's JSON, and writing every row (its columns as
+    properties) to a fresh Azurite table with the SDK's batched upserts (``submit_transaction``, 100
+    rows per partition transaction, the WorkItems partitioning). *Ours* is ``sync_engine.run`` of a
+    new connection added with the CLI, to a fresh table prefix: the same paging, the mapping to
+    ``WorkItem``, the WorkItems upserts, a watermark per page, the lease and the Runs record. Log
+    Analytics is off, so the table is the one sink for both. Target: >= 0.8; below it the benchmark
+    says so and exits 1, as it does when a sync does not end ``succeeded`` with every row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+from azure.data.tables import TableServiceClient
+from azure.identity import ClientSecretCredential
+
+from shared_code.bootstrap import get_container
+from shared_code.domain.workitem import WorkItemType
+from shared_code.itsm.provance.connector import FORMATTED_VALUES
+from shared_code.itsm.provance.mapping import TableInfo
+from shared_code.state.workitems import partition_of, row_key
+from shared_code.workitems.engine import SyncOutcome
+from tests.loopback import netguard
+from tests.loopback.azurite import Azurite
+from tests.loopback.provance import (
+    PEOPLE,
+    PROVANCE_APP_ID,
+    PROVANCE_APP_SECRET,
+    DataverseLoopback,
+    connection_options,
+    register_app,
+)
+from tests.loopback.stack import LoopbackStack
+from tests.loopback.tls import loopback_tls
+
+ROWS = int(os.environ.get("PROVANCE_BENCH_ROWS", "20000"))
+ROUNDS = int(os.environ.get("PROVANCE_BENCH_ROUNDS", "3"))
+PAGE = 1000
+SCOPE_DAYS = 30
+TARGET = 0.8
+NO_LOGS = {"LOGS_INGESTION_ENDPOINT": "", "LOGS_INGESTION_RULE_ID": "", "SYNC_PAGE_SIZE": str(PAGE)}
+_STARTED = time.monotonic()
+
+
+class BenchError(RuntimeError):
+    """A run did not do what the benchmark needs."""
+
+
+def log(message: str) -> None:
+    print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def raw_pass(dataverse: DataverseLoopback, azurite: Azurite, table_name: str) -> tuple[int, float]:
+    """Page with plain httpx (following nextLink) and upsert every row with the SDK; (rows, seconds)."""
+    info = TableInfo(
+        "incident",
+        "incidents",
+        "incidentid",
+        "title",
+        frozenset(dataverse.tables["incident"].columns),
+        number_column="ticketnumber",
+    )
+    since = (datetime.now(UTC) - timedelta(days=SCOPE_DAYS)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ca = loopback_tls().ca_bundle_path
+    started = time.perf_counter()
+    credential = ClientSecretCredential(
+        dataverse.entra.tenant_id,
+        PROVANCE_APP_ID,
+        PROVANCE_APP_SECRET,
+        authority=dataverse.entra.url,
+        disable_instance_discovery=True,
+        connection_verify=ca,
+    )
+    token = credential.get_token(f"{dataverse.url}/.default").token
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Accept": "application/json",
+        "OData-MaxVersion": "4.0",
+        "OData-Version": "4.0",
+        "Prefer": f"{FORMATTED_VALUES},odata.maxpagesize={PAGE}",
+    }
+    params: dict[str, str] | None = {
+        "$select": ",".join(info.sync_select()),
+        "$filter": f"modifiedon gt {since}",
+        "$orderby": "modifiedon asc,versionnumber asc",
+    }
+    url: str | None = f"{dataverse.url}/api/data/v9.2/incidents"
+    seen = 0
+    with (
+        httpx.Client(verify=loopback_tls().client_context(), timeout=60) as http,
+        TableServiceClient.from_connection_string(azurite.connection_string) as service,
+    ):
+        table = service.create_table_if_not_exists(table_name)
+        while url is not None:
+            response = http.get(url, params=params, headers=headers)
+            response.raise_for_status()
+            body = response.json()
+            rows: list[dict[str, Any]] = body["value"]
+            seen += len(rows)
+            batches: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for row in rows:
+                entity = {k.replace("@", "_").replace(".", "_"): v for k, v in row.items() if v is not None}
+                entity["PartitionKey"] = partition_of("raw", WorkItemType.INCIDENT, row["incidentid"])
+                entity["RowKey"] = row_key(row["incidentid"])
+                batches[entity["PartitionKey"]].append(entity)
+            for entities in batches.values():
+                for at in range(0, len(entities), 100):
+                    table.submit_transaction([("upsert", e) for e in entities[at : at + 100]])
+            url, params = body.get("@odata.nextLink"), None
+    credential.close()
+    return seen, time.perf_counter() - started
+
+
+def our_pass(
+    stack: LoopbackStack, dataverse: DataverseLoopback, account: str, prefix: str
+) -> tuple[int, float]:
+    with stack.app(TABLE_PREFIX=prefix, **NO_LOGS) as container:
+        name = f"pv-bench-{prefix}"
+        code, output = stack.cli(
+            "connections",
+            "add",
+            name,
+            *connection_options(dataverse, account),
+            "--sync",
+            "incidents",
+            "--scope-days",
+            str(SCOPE_DAYS),
+            stdin=f"{PROVANCE_APP_SECRET}\n",
+        )
+        if code != 0:
+            raise BenchError(f"connections add failed: {output}")
+        engine = get_container().sync_engine
+        assert container is get_container()
+        started = time.perf_counter()
+        [result] = engine.run(name, [WorkItemType.INCIDENT], trigger="bench")
+        seconds = time.perf_counter() - started
+    if result.outcome is not SyncOutcome.SUCCEEDED or result.rejected:
+        raise BenchError(
+            f"our sync ended {result.outcome.value} ({result.rejected} rejected): {result.error}"
+        )
+    return result.synced, seconds
+
+
+def main() -> int:
+    netguard.watch()
+    with contextlib.ExitStack() as things:
+        azurite = Azurite().start()
+        things.callback(azurite.stop)
+        stack = things.enter_context(LoopbackStack(azurite=azurite))
+        dataverse = DataverseLoopback(stack.entra).start()
+        things.callback(dataverse.stop)
+        register_app(dataverse)
+        for person in PEOPLE:
+            dataverse.add_user(person)
+        account = dataverse.add_account("Contoso")
+        now = datetime.now(UTC)
+        dataverse.seed("incident", ROWS, start=now - timedelta(days=25), end=now - timedelta(minutes=5))
+        total = len(dataverse.records("incident"))
+        log(f"Dataverse at {dataverse.url} with {total:,} incidents; Azurite at {azurite.table_endpoint}")
+        raw_times: list[float] = []
+        our_times: list[float] = []
+        for round_number in range(ROUNDS):
+            rows, seconds = raw_pass(dataverse, azurite, f"raw{round_number}x{os.getpid()}")
+            if rows != total:
+                raise BenchError(f"raw paging read {rows} rows of {total}")
+            raw_times.append(seconds)
+            synced, ours = our_pass(stack, dataverse, account, f"pvb{round_number}x{os.getpid() % 10000}")
+            if synced != total:
+                raise BenchError(f"our sync stored {synced} rows of {total}")
+            our_times.append(ours)
+            log(
+                f"round {round_number + 1}: raw {seconds:.2f} s ({rows / seconds:,.0f} rows/s), "
+                f"ours {ours:.2f} s ({synced / ours:,.0f} rows/s)"
+            )
+        if netguard.foreign:
+            raise BenchError(f"non-loopback network access: {netguard.foreign[:5]}")
+    raw, ours = statistics.median(raw_times), statistics.median(our_times)
+    ratio = raw / ours
+    log(f"medians: raw {raw:.2f} s, ours {ours:.2f} s for {total:,} rows")
+    print(f"products.sync_ratio_to_raw_provance: {ratio:.3f}")
+    if ratio < TARGET:
+        log(f"MISSED: products.sync_ratio_to_raw_provance {ratio:.3f} < {TARGET}")
+        return 1
+    return 0
+
+
+def run() -> int:
+    try:
+        return main()
+    except BenchError as exc:
+        log(f"FAILED: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run())
