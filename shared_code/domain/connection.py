@@ -2,7 +2,7 @@
 
 ``ConnectionBase`` holds what every product's connection has (name, server URL, user, sync scope,
 how alerts correlate and map to work items). Each product subclasses it in its own folder
-(``itsm/<product>/settings.py``) with its own fields and rules, and ``itsm/registry.py`` parses a
+(``itsm/<product>/settings.py``) with its own fields and rules, and ``shared_code/products.py`` parses a
 stored or typed-in connection by its ``partner_type``.
 
 A connection never holds a secret value: passwords, client secrets and rotating refresh tokens live

@@ -1,6 +1,6 @@
 """What an ITSM product offers, one small Protocol per capability.
 
-A product implements the capabilities it supports and its registry entry (``itsm/registry.py``)
+A product implements the capabilities it supports and its registry entry (``products.py``)
 says which, by filling the matching fields of ``ConnectorPorts``: the alert path asks for
 ``incidents`` (and ``cmdb`` where CIs are resolved or created), the sync for ``changes``, the map
 import for ``cmdb``. A connector speaks its product's REST API over an injected ``httpx.Client``

@@ -29,7 +29,7 @@ def _to_entity(connection: ConnectionBase) -> dict[str, object]:
 
 
 ConnectionParser = Callable[[dict[str, object]], ConnectionBase]
-"""Turns a stored definition into its product's connection model (``itsm.registry.parse_connection``)."""
+"""Turns a stored definition into its product's connection model (``products.parse_connection``)."""
 
 
 class ConnectionRepository:
