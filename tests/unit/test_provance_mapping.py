@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import ValidationError
-from shared_code.products import parse_connection
 
 from shared_code.domain.sync import SyncCursor
 from shared_code.domain.workitem import IncidentDraft, Lifecycle, WorkItemState, WorkItemType
@@ -32,6 +31,7 @@ from shared_code.itsm.provance.mapping import (
     work_item_state,
 )
 from shared_code.itsm.provance.settings import ProvanceConnection
+from shared_code.products import parse_connection
 
 APP = "7d0c8e2a-3b1f-4c5d-9e6f-0a1b2c3d4e5f"
 TENANT = "72f988bf-0000-4000-8000-0000000000aa"
