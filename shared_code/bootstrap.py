@@ -27,6 +27,8 @@ from shared_code.health import HealthMonitor, build_health_monitor
 from shared_code.jobs.lease import JobLease
 from shared_code.maps.importer import MapImporter
 from shared_code.mapsources.registry import MapSourceDeps, build_map_source
+from shared_code.monitor.alerts_management import AlertsManagementClient
+from shared_code.monitor.logs_ingestion import LogsUploader
 from shared_code.ports.itsm import ConnectorPorts
 from shared_code.products import build_connector, parse_connection
 from shared_code.secrets import KeyVaultSecretStore, SecretStore
@@ -51,9 +53,9 @@ from shared_code.state.syncerrors import SyncErrorRepository
 from shared_code.state.syncstate import SyncStateRepository
 from shared_code.state.tables import TableStore
 from shared_code.state.workitems import WorkItemRepository
-from shared_code.workitems.backsync import AlertsManagementClient, BackSync
+from shared_code.workitems.backsync import BackSync
 from shared_code.workitems.engine import SyncEngine
-from shared_code.workitems.sinks import LogAnalyticsSink, LogsUploader, SyncErrorLog, TableSink, WorkItemSink
+from shared_code.workitems.sinks import LogAnalyticsSink, SyncErrorLog, TableSink, WorkItemSink
 
 MAP_STATE_TABLE = "MapState"
 """Lease rows of the map import (one per source), shaped like SyncState rows."""
@@ -276,7 +278,12 @@ def build_sync_engine(container: Container) -> SyncEngine:
         uploader,
         settings.logs_ingestion_error_stream,
     )
-    alerts = AlertsManagementClient(container.http, container.credential, settings.arm_endpoint)
+    alerts = AlertsManagementClient(
+        container.credential,
+        settings.arm_endpoint,
+        ca_bundle=settings.tls_ca_bundle,
+        timeout=settings.http_timeout_seconds,
+    )
     return SyncEngine(
         connections=container.connections,
         connector_for=container.connector_for,

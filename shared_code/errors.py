@@ -19,6 +19,8 @@
     ├── RetryLaterError               a delivery failed in a way a later attempt may fix
     ├── MapSourceError                a dependency-map source (Log Analytics, Service Map) failed a
     │                                 call after bounded retries or answered something unusable
+    ├── SinkError                     a sink outside Table Storage (Log Analytics) failed a write
+    ├── AlertsApiError                the Alerts Management API failed (has .permanent, .status)
     └── ItsmError                     the ITSM product failed a call
         ├── ItsmAuthError             credentials refused: the connection must be re-authorised
         ├── ItsmRejectedError         a 4xx that retrying cannot fix (has .status)
@@ -126,6 +128,20 @@ class MapSourceError(ConnectorAppError):
     """A dependency-map source failed a call after bounded retries, or answered something unusable."""
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class SinkError(ConnectorAppError):
+    """A sink outside Table Storage (Log Analytics) refused or failed a write."""
+
+
+class AlertsApiError(ConnectorAppError):
+    """The Alerts Management API failed. ``permanent`` errors (403, 400, an id of the wrong form) are
+    logged and skipped; others (429, 5xx, transport) make the page fail so the next run tries again."""
+
+    def __init__(self, message: str, *, permanent: bool, status: int | None = None) -> None:
+        self.permanent = permanent
         self.status = status
         super().__init__(message)
 

@@ -6,8 +6,11 @@ downstream looks at the raw payload again, so every monitoring service's quirks 
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,3 +75,43 @@ class AlertSignal(BaseModel):
     def event_time(self) -> datetime:
         """When this notification's condition happened (resolution time for a resolved alert)."""
         return self.resolved_at if self.resolved_at is not None else self.fired_at
+
+
+ALERT_ID = re.compile(
+    r"^/subscriptions/(?P<subscription>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"
+    r"(?:/resourceGroups/(?P<group>[-\w._()]{1,90}))?"
+    r"/providers/Microsoft\.AlertsManagement/alerts/(?P<alert>[0-9A-Za-z][0-9A-Za-z-]{0,127})$",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class AlertRef:
+    """An Azure Monitor alert id taken apart; ``path`` is rebuilt from the parts."""
+
+    subscription: str
+    resource_group: str
+    alert: str
+
+    @property
+    def path(self) -> str:
+        group = f"/resourceGroups/{quote(self.resource_group, safe='')}" if self.resource_group else ""
+        return (
+            f"/subscriptions/{self.subscription}{group}"
+            f"/providers/Microsoft.AlertsManagement/alerts/{quote(self.alert, safe='')}"
+        )
+
+
+def parse_alert_id(alert_id: str) -> AlertRef | None:
+    """The parts of an Alerts Management alert id of the exact form, or None."""
+    match = ALERT_ID.match(alert_id)
+    if match is None or match["group"] in (".", ".."):
+        return None
+    return AlertRef(match["subscription"].lower(), match["group"] or "", match["alert"])
+
+
+class CloseOutcome(StrEnum):
+    """What closing an Azure alert came to (backward sync)."""
+
+    CLOSED = "closed"
+    NOT_FOUND = "not_found"  # deleted or past its 30-day retention: nothing left to close

@@ -88,6 +88,10 @@ class ConnectionBase(BaseModel):
     close_azure_alerts: bool = Field(
         default=False, description="backward sync: close the Azure alert when its work item is resolved"
     )
+    close_alerts_in: tuple[str, ...] = Field(
+        default=(),
+        description="backward sync closes alerts only in these subscriptions (GUIDs); empty: any",
+    )
     # secure webhook: when set, the webhook also requires an Entra ID token for this app registration
     secure_webhook_app_id: str = Field(default="", pattern=OPTIONAL_GUID)
     secure_webhook_tenant_id: str = Field(default="", pattern=OPTIONAL_GUID)
@@ -113,6 +117,16 @@ class ConnectionBase(BaseModel):
         if parts.query or parts.fragment:
             raise ValueError("must be the instance's base URL without query or fragment")
         return f"https://{parts.netloc}{parts.path.rstrip('/')}"
+
+    @field_validator("close_alerts_in")
+    @classmethod
+    def _subscriptions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            if not re.fullmatch(
+                r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", item
+            ):
+                raise ValueError("each must be a subscription id (a GUID)")
+        return tuple(item.lower() for item in value)
 
     @model_validator(mode="after")
     def _secure_webhook(self) -> Self:

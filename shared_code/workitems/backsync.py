@@ -17,53 +17,21 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from typing import Protocol
-from urllib.parse import quote, urlsplit
 
-import httpx
-from azure.core.credentials import AccessToken, TokenCredential
-from azure.core.exceptions import AzureError
-
+from shared_code.domain.alert import parse_alert_id
 from shared_code.domain.connection import ConnectionBase
 from shared_code.domain.correlation import Correlation, CorrelationState
 from shared_code.domain.workitem import Lifecycle, WorkItem
-from shared_code.errors import BusyError, ConnectorAppError, EtagConflict
+from shared_code.errors import AlertsApiError, BusyError, EtagConflict
+from shared_code.ports.monitor import AlertCloser, CloseOutcome
 
 log = logging.getLogger(__name__)
 
 CORRELATION_ID = re.compile(r"^azmon-(?P<key>[0-9A-Za-z]{8,64})-g(?P<generation>[1-9][0-9]{0,8})$")
-ALERT_ID = re.compile(
-    r"^/subscriptions/[0-9A-Za-z-]+(/[^/?#%\s]+)*/providers/Microsoft\.AlertsManagement/alerts/[0-9A-Za-z-]+$",
-    re.IGNORECASE,
-)
-API_VERSION = "2019-05-05-preview"
-PUBLIC_ARM_SCOPE = "https://management.azure.com/.default"
-SOVEREIGN_ARM_HOSTS = ("management.usgovcloudapi.net", "management.chinacloudapi.cn")
-
-
-class AlertsApiError(ConnectorAppError):
-    """The Alerts Management API failed. ``permanent`` errors (403, 400) are logged and skipped;
-    others (429, 5xx, transport) make the page fail so the next run tries again."""
-
-    def __init__(self, message: str, *, permanent: bool, status: int | None = None) -> None:
-        self.permanent = permanent
-        self.status = status
-        super().__init__(message)
-
-
-class CloseOutcome(StrEnum):
-    CLOSED = "closed"
-    NOT_FOUND = "not_found"  # deleted or past its 30-day retention: nothing left to close
-
-
-class AlertCloser(Protocol):
-    def close_alert(self, alert_id: str) -> CloseOutcome: ...
 
 
 class CorrelationUpdates(Protocol):
@@ -98,115 +66,6 @@ def finished_state(item: WorkItem) -> CorrelationState | None:
     return FINISHED.get(item.lifecycle) if item.lifecycle is not None else None
 
 
-def arm_scope(arm_endpoint: str) -> str:
-    host = urlsplit(arm_endpoint).hostname or ""
-    return f"https://{host}/.default" if host in SOVEREIGN_ARM_HOSTS else PUBLIC_ARM_SCOPE
-
-
-class AlertsManagementClient:
-    """``POST {arm}{alertId}/changestate?newState=Closed`` with the app's token, bounded retries."""
-
-    def __init__(
-        self,
-        http: httpx.Client,
-        credential: TokenCredential,
-        arm_endpoint: str,
-        *,
-        scope: str | None = None,
-        max_attempts: int = 4,
-        max_wait_seconds: float = 30.0,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self._http = http
-        self._credential = credential
-        self._arm = arm_endpoint.rstrip("/")
-        self._scope = scope or arm_scope(arm_endpoint)
-        self._max_attempts = max(1, max_attempts)
-        self._max_wait = max_wait_seconds
-        self._sleep = sleep
-        self._token: AccessToken | None = None
-        self._lock = threading.Lock()
-
-    def _bearer(self) -> str:
-        with self._lock:
-            if self._token is None or self._token.expires_on - 300 < time.time():
-                try:
-                    self._token = self._credential.get_token(self._scope)
-                except AzureError as exc:
-                    raise AlertsApiError(
-                        f"could not get a token for Azure Resource Manager ({type(exc).__name__})",
-                        permanent=False,
-                    ) from exc
-            return self._token.token
-
-    def close_alert(self, alert_id: str) -> CloseOutcome:
-        if not ALERT_ID.match(alert_id):
-            raise AlertsApiError(f"not an Azure Monitor alert id: {alert_id[:200]!r}", permanent=True)
-        url = f"{self._arm}{quote(alert_id, safe='/-_.')}/changestate"
-        params = {"api-version": API_VERSION, "newState": "Closed"}
-        delay = 1.0
-        for attempt in range(1, self._max_attempts + 1):
-            last = attempt == self._max_attempts
-            try:
-                response = self._http.post(
-                    url, params=params, headers={"Authorization": f"Bearer {self._bearer()}"}
-                )
-            except httpx.TransportError as exc:
-                if last:
-                    raise AlertsApiError(
-                        f"closing alert {alert_id}: {type(exc).__name__} after {attempt} attempts",
-                        permanent=False,
-                    ) from exc
-                self._sleep(delay)
-                delay = min(delay * 2, self._max_wait)
-                continue
-            status = response.status_code
-            if status < 300:
-                return CloseOutcome.CLOSED
-            if status == 404:
-                return CloseOutcome.NOT_FOUND
-            if status == 401 and not last:
-                with self._lock:
-                    self._token = None  # expired or revoked early: fetch a fresh one
-                continue
-            if status == 429 or status >= 500:
-                if last:
-                    raise AlertsApiError(
-                        f"closing alert {alert_id}: HTTP {status} after {attempt} attempts",
-                        permanent=False,
-                        status=status,
-                    )
-                self._sleep(min(_retry_after(response) or delay, self._max_wait))
-                delay = min(delay * 2, self._max_wait)
-                continue
-            hint = (
-                "; the app's identity needs 'Monitoring Contributor' on the alerts' scope"
-                if status in (401, 403)
-                else ""
-            )
-            raise AlertsApiError(
-                f"closing alert {alert_id}: HTTP {status} {_error_text(response)}{hint}",
-                permanent=True,
-                status=status,
-            )
-        raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    try:
-        return max(0.0, float(response.headers.get("Retry-After", "")))
-    except ValueError:
-        return None
-
-
-def _error_text(response: httpx.Response) -> str:
-    try:
-        error = response.json().get("error", {})
-        return str(error.get("code") or error.get("message") or "")[:200]
-    except (ValueError, AttributeError):
-        return ""
-
-
 @dataclass
 class BackSyncReport:
     correlations_updated: int = 0
@@ -229,6 +88,20 @@ class BackSync:
         self._alerts = alerts
         self._clock = clock
         self._max_races = max_races
+
+    @staticmethod
+    def _refusal(connection: ConnectionBase, alert_id: str) -> str:
+        """Why this connection must not close ``alert_id`` ('' when it may)."""
+        ref = parse_alert_id(alert_id)
+        if ref is None:
+            return f"not closed: {alert_id[:200]!r} is not an Alerts Management alert id of the exact form"
+        allowed = {s.lower() for s in connection.close_alerts_in}
+        if allowed and ref.subscription not in allowed:
+            return (
+                f"not closed: alert {ref.path} is in subscription {ref.subscription}, outside this "
+                "connection's --close-alerts-in list"
+            )
+        return ""
 
     def apply(self, connection: ConnectionBase, items: Sequence[WorkItem]) -> BackSyncReport:
         """Handle one committed page. Transient failures raise (the page is retried next run)."""
@@ -285,6 +158,11 @@ class BackSync:
                 for alert_id in dict.fromkeys(row.alert_ids):
                     if alert_id in closed:
                         continue
+                    refusal = self._refusal(connection, alert_id)
+                    if refusal:
+                        report.problems.append((item.source_id, refusal))
+                        closed.add(alert_id)
+                        continue
                     try:
                         outcome = self._alerts.close_alert(alert_id)
                     except AlertsApiError as exc:
@@ -296,9 +174,7 @@ class BackSync:
                     if outcome is CloseOutcome.CLOSED:
                         report.alerts_closed += 1
             try:
-                self._correlations.replace(
-                    row.model_copy(update={"state": state, "resolved_at": finished_at})
-                )
+                self._correlations.replace(row.finished(state, finished_at))
             except EtagConflict:
                 continue  # the alert path wrote in between: read again and decide again
             report.correlations_updated += 1

@@ -45,6 +45,7 @@ from shared_code.domain.runs import RunRecord, SyncStateRow
 from shared_code.domain.sync import SyncCursor, SyncErrorKind, SyncErrorRecord, SyncPage
 from shared_code.domain.workitem import WorkItemType
 from shared_code.errors import (
+    AlertsApiError,
     BusyError,
     ConnectorAppError,
     ItsmAuthError,
@@ -53,7 +54,7 @@ from shared_code.errors import (
 from shared_code.jobs.lease import FairBudget, JobLease, RunTally
 from shared_code.ports.itsm import ConnectorPorts
 from shared_code.ports.state import ConnectionStore, RunLog, SyncStateStore
-from shared_code.workitems.backsync import AlertsApiError, BackSync
+from shared_code.workitems.backsync import BackSync
 from shared_code.workitems.sinks import ErrorLog, WorkItemSink
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,7 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
-import httpx
 import pytest
-from azure.core.credentials import AccessToken
 
 from shared_code.domain.connection import ConnectionBase, SyncData
 from shared_code.domain.correlation import Correlation, CorrelationState
@@ -18,6 +16,7 @@ from shared_code.domain.runs import RunRecord, SyncStateRow
 from shared_code.domain.sync import RejectedRow, SyncCursor, SyncErrorKind, SyncErrorRecord, SyncPage
 from shared_code.domain.workitem import Lifecycle, WorkItem, WorkItemType
 from shared_code.errors import (
+    AlertsApiError,
     AlreadyExistsError,
     EtagConflict,
     ItsmAuthError,
@@ -27,15 +26,9 @@ from shared_code.errors import (
 )
 from shared_code.itsm.servicenow.mapping import lifecycle_of
 from shared_code.ports.itsm import ConnectorPorts
+from shared_code.ports.monitor import CloseOutcome
 from shared_code.products import parse_connection
-from shared_code.workitems.backsync import (
-    AlertsApiError,
-    AlertsManagementClient,
-    BackSync,
-    CloseOutcome,
-    finished_state,
-    parse_correlation_id,
-)
+from shared_code.workitems.backsync import BackSync, finished_state, parse_correlation_id
 from shared_code.workitems.engine import SyncEngine, SyncOutcome, SyncProgress
 from tests.fakes.state import InMemoryCorrelations
 
@@ -593,8 +586,9 @@ def test_sync_data_without_incidents_is_not_synced_by_the_timer() -> None:
 # -- backward sync -------------------------------------------------------------------------------
 
 KEY = "a" * 40
-ALERT_1 = "/subscriptions/0000/providers/Microsoft.AlertsManagement/alerts/1111"
-ALERT_2 = "/subscriptions/0000/providers/Microsoft.AlertsManagement/alerts/2222"
+SUB = "00000000-0000-4000-8000-000000000000"
+ALERT_1 = f"/subscriptions/{SUB}/providers/Microsoft.AlertsManagement/alerts/1111"
+ALERT_2 = f"/subscriptions/{SUB}/providers/Microsoft.AlertsManagement/alerts/2222"
 
 
 def open_correlation(
@@ -795,63 +789,6 @@ def test_an_item_resolved_before_its_alert_last_fired_is_not_back_synced(
 
 
 # -- Alerts Management client --------------------------------------------------------------------
-
-
-class StaticCredential:
-    def __init__(self) -> None:
-        self.scopes: list[str] = []
-
-    def get_token(self, *scopes: str, **kwargs: object) -> AccessToken:
-        self.scopes.extend(scopes)
-        return AccessToken("tok", int(NOW.timestamp()) + 10**9)
-
-
-def alerts_client(
-    handler: Callable[[httpx.Request], httpx.Response],
-) -> tuple[AlertsManagementClient, list[float]]:
-    sleeps: list[float] = []
-    client = AlertsManagementClient(
-        httpx.Client(transport=httpx.MockTransport(handler)),
-        StaticCredential(),
-        "https://management.azure.com",
-        sleep=sleeps.append,
-    )
-    return client, sleeps
-
-
-def test_alerts_client_posts_changestate_with_a_bearer_token_and_retries_429() -> None:
-    requests: list[httpx.Request] = []
-    answers = iter([httpx.Response(429, headers={"Retry-After": "3"}), httpx.Response(200, json={})])
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        requests.append(request)
-        return next(answers)
-
-    client, sleeps = alerts_client(handler)
-    assert client.close_alert(ALERT_1) is CloseOutcome.CLOSED
-    assert sleeps == [3.0]
-    request = requests[-1]
-    assert request.method == "POST"
-    assert request.url.path == f"{ALERT_1}/changestate"
-    assert dict(request.url.params) == {"api-version": "2019-05-05-preview", "newState": "Closed"}
-    assert request.headers["Authorization"] == "Bearer tok"
-
-
-def test_alerts_client_maps_404_403_and_persistent_5xx() -> None:
-    client, _ = alerts_client(lambda r: httpx.Response(404))
-    assert client.close_alert(ALERT_1) is CloseOutcome.NOT_FOUND
-    client, _ = alerts_client(lambda r: httpx.Response(403, json={"error": {"code": "AuthorizationFailed"}}))
-    with pytest.raises(AlertsApiError) as denied:
-        client.close_alert(ALERT_1)
-    assert denied.value.permanent
-    assert "AuthorizationFailed" in str(denied.value)
-    client, sleeps = alerts_client(lambda r: httpx.Response(503))
-    with pytest.raises(AlertsApiError) as down:
-        client.close_alert(ALERT_1)
-    assert not down.value.permanent
-    assert len(sleeps) == 3
-    with pytest.raises(AlertsApiError):
-        client.close_alert("https://evil.example/steal")
 
 
 # -- the CLI command ------------------------------------------------------------------------------

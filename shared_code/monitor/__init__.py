@@ -1,0 +1,1 @@
+"""Azure Monitor adapters: the Logs Ingestion upload and the Alerts Management API."""
