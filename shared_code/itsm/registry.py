@@ -16,6 +16,9 @@ from pydantic import SecretStr, ValidationError
 
 from shared_code.domain.connection import ConnectionBase, describe_validation_error
 from shared_code.errors import InvalidInputError, SecretStoreError
+from shared_code.itsm.cherwell.auth import CherwellAuth
+from shared_code.itsm.cherwell.connector import CherwellConnector
+from shared_code.itsm.cherwell.settings import CherwellConnection
 from shared_code.itsm.servicenow.auth import ServiceNowBasicAuth, ServiceNowOAuth
 from shared_code.itsm.servicenow.connector import ServiceNowConnector
 from shared_code.itsm.servicenow.settings import AuthMethod, ServiceNowConnection
@@ -68,6 +71,34 @@ def build_servicenow(
     )
 
 
+def build_cherwell(
+    connection: CherwellConnection, secrets: SecretStore, client: httpx.Client
+) -> ConnectorPorts:
+    auth = CherwellAuth(
+        connection.server_url,
+        client_id=connection.client_id,
+        username=connection.username,
+        password=lazy_secret(secrets, connection.password_secret_name, connection),
+        auth_mode=connection.auth_mode.value,
+        client_secret=(
+            lazy_secret(secrets, connection.client_secret_name, connection)
+            if connection.native_client
+            else None
+        ),
+        refresh_token_store=StoredRefreshToken(secrets, connection.refresh_token_secret_name),
+        connection_name=connection.name,
+    )
+    connector = CherwellConnector(connection, client, auth)
+    return ConnectorPorts(
+        product="Cherwell",
+        check=connector.check,
+        close=connector.close,
+        incidents=connector,
+        changes=connector,
+        configuration_items=connector,
+    )
+
+
 @dataclass(frozen=True)
 class Product:
     """One ITSM product the app can connect to."""
@@ -86,6 +117,10 @@ def _servicenow_refresh_token(connection: ConnectionBase) -> str | None:
     return None
 
 
+def _cherwell_refresh_token(connection: ConnectionBase) -> str | None:
+    return connection.refresh_token_secret_name if isinstance(connection, CherwellConnection) else None
+
+
 PRODUCTS: dict[str, Product] = {
     "servicenow": Product(
         "servicenow",
@@ -93,6 +128,13 @@ PRODUCTS: dict[str, Product] = {
         ServiceNowConnection,
         build_servicenow,
         rotating_refresh_token=_servicenow_refresh_token,
+    ),
+    "cherwell": Product(
+        "cherwell",
+        "Cherwell",
+        CherwellConnection,
+        build_cherwell,
+        rotating_refresh_token=_cherwell_refresh_token,
     ),
 }
 
