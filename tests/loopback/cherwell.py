@@ -461,6 +461,7 @@ class CherwellLoopback(LoopbackServer):
         self._index: dict[str, list[tuple[datetime, str, str]]] = {name: [] for name in self._objects}
         self._counters = {name: o.public_id_start for name, o in self._objects.items()}
         self._touch_rng = random.Random(99)
+        self._sequence = 0  # creation order within one second
 
     @property
     def api_url(self) -> str:
@@ -602,7 +603,7 @@ class CherwellLoopback(LoopbackServer):
             notes = [
                 r for r in self._store["journalnote"].values() if r.get("ParentRecID") == incident_rec_id
             ]
-            notes.sort(key=lambda r: (r["CreatedDateTime"], r["RecID"]))
+            notes.sort(key=lambda r: (r["CreatedDateTime"], r.get("_seq", 0)))
             return [str(r.get("Details", "")) for r in notes]
 
     def insert_record(
@@ -1040,7 +1041,7 @@ class CherwellLoopback(LoopbackServer):
                 for r in self._store[obj.name.lower()].values()
                 if r.get("ParentRecID") == parent["RecID"]
             ]
-        children.sort(key=lambda pair: (pair[1]["CreatedDateTime"], pair[1]["RecID"]))
+        children.sort(key=lambda pair: (pair[1]["CreatedDateTime"], pair[1].get("_seq", 0)))
         page_size = _int(query.get("pagesize"), 10, minimum=1)
         page = _int(query.get("pagenumber"), 1, minimum=1)
         chunk = children[(page - 1) * page_size : page * page_size]
@@ -1240,7 +1241,8 @@ class CherwellLoopback(LoopbackServer):
 
     def _create(self, obj: ObjectDef, changes: dict[str, str], user: str) -> Record:
         now = self._now()
-        rec: Record = {"RecID": secrets.token_hex(21)}
+        self._sequence += 1
+        rec: Record = {"RecID": secrets.token_hex(21), "_seq": self._sequence}
         for item in obj.fields:
             if item.type != "DateTime" and item.name != "RecID":
                 rec[item.name] = self._default(obj, item)
@@ -1381,7 +1383,7 @@ class CherwellLoopback(LoopbackServer):
         }
 
     def _plain(self, key: str, rec: Record) -> dict[str, str]:
-        return {name: self._render(value) for name, value in rec.items()}
+        return {name: self._render(value) for name, value in rec.items() if not name.startswith("_")}
 
     # -- control endpoints (other processes: the benchmark) ----------------------------------------------
 
