@@ -149,9 +149,8 @@ def test_create_note_resolve_and_reopen_write_what_the_incident_should_say(world
     assert (incident["Status"], incident["CloseDescription"]) == ("Resolved", "the alert resolved")
     assert incident["ResolvedDateTime"] == "5/6/2024 7:05:00 AM"
     assert world.connector.get_state(ref) is WorkItemState.RESOLVED
-    assert (
-        world.connector.find_by_correlation("azmon-0123456789abcdef-g1") is None
-    )  # resolved: not taken over
+    # a resolved incident is not taken over by a recovering create
+    assert world.connector.find_by_correlation("azmon-0123456789abcdef-g1") is None
 
     world.connector.reopen(ref, "it fired again")
     assert world.incident(ref)["Status"] == "Reopened"
