@@ -96,7 +96,7 @@ class CherwellConnection(ConnectionBase):
     service: str = Field(
         default="",
         max_length=200,
-        description="Service of new incidents (required on a stock server)",
+        description="Service of new incidents",
         json_schema_extra={"cli": "--service"},
     )
     category: str = Field(
