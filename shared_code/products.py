@@ -17,6 +17,9 @@ from pydantic import SecretStr, ValidationError
 
 from shared_code.domain.connection import ConnectionBase, describe_validation_error
 from shared_code.errors import InvalidInputError, SecretStoreError
+from shared_code.itsm.cherwell.auth import CherwellAuth
+from shared_code.itsm.cherwell.connector import CherwellConnector
+from shared_code.itsm.cherwell.settings import CherwellConnection
 from shared_code.itsm.provance.auth import DataverseAuth, client_secret_credential
 from shared_code.itsm.provance.connector import ProvanceConnector
 from shared_code.itsm.provance.settings import ProvanceConnection
@@ -93,6 +96,34 @@ def build_provance(
     )
 
 
+def build_cherwell(
+    connection: CherwellConnection, secrets: SecretStore, client: httpx.Client
+) -> ConnectorPorts:
+    auth = CherwellAuth(
+        connection.server_url,
+        client_id=connection.client_id,
+        username=connection.username,
+        password=lazy_secret(secrets, connection.password_secret_name, connection),
+        auth_mode=connection.auth_mode.value,
+        client_secret=(
+            lazy_secret(secrets, connection.client_secret_name, connection)
+            if connection.native_client
+            else None
+        ),
+        refresh_token_store=StoredRefreshToken(secrets, connection.refresh_token_secret_name),
+        connection_name=connection.name,
+    )
+    connector = CherwellConnector(connection, client, auth)
+    return ConnectorPorts(
+        product="Cherwell",
+        check=connector.check,
+        close=connector.close,
+        incidents=connector,
+        changes=connector,
+        configuration_items=connector,
+    )
+
+
 @dataclass(frozen=True)
 class Product:
     """One ITSM product the app can connect to."""
@@ -111,6 +142,10 @@ def _servicenow_refresh_token(connection: ConnectionBase) -> str | None:
     return None
 
 
+def _cherwell_refresh_token(connection: ConnectionBase) -> str | None:
+    return connection.refresh_token_secret_name if isinstance(connection, CherwellConnection) else None
+
+
 PRODUCTS: dict[str, Product] = {
     "servicenow": Product(
         "servicenow",
@@ -120,6 +155,13 @@ PRODUCTS: dict[str, Product] = {
         rotating_refresh_token=_servicenow_refresh_token,
     ),
     "provance": Product("provance", "Provance", ProvanceConnection, build_provance),
+    "cherwell": Product(
+        "cherwell",
+        "Cherwell",
+        CherwellConnection,
+        build_cherwell,
+        rotating_refresh_token=_cherwell_refresh_token,
+    ),
 }
 
 

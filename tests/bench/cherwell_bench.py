@@ -1,0 +1,369 @@
+"""Cherwell sync benchmark: the engine's initial sync against raw paging plus plain table writes.
+
+    .venv/bin/python -m tests.bench.cherwell_bench
+
+What runs where (every address is 127.0.0.1):
+
+* the loopback Cherwell in its own process (``python -m tests.loopback.cherwell --seed
+  Incident=20000``, HTTPS with this process's throwaway CA), so its CPU is not in this process; the
+  records' LastModifiedDateTime spread over 119.9 days, inside the connection's 120-day scope;
+* Azurite (in memory) and the loopback Entra ID and Key Vault of ``LoopbackStack`` here; the
+  connection is added with the operator's CLI (``connections add --type cherwell``).
+
+Figure (stdout): ``products.sync_ratio_to_raw_cherwell``, rows/s of the engine over rows/s of raw,
+median over median of ``CHERWELL_BENCH_ROUNDS`` (default 3) rounds, alternated (raw, engine, raw,
+engine, ...) so the machine's noise hits both. Target >= 0.8; below it the benchmark says so on
+stderr and exits 1.
+
+*Raw* is what a hand-written loop needs for the same result: an ``httpx.Client`` (same TLS) gets a
+token (password grant), looks up the business object and its field ids (summary, schema), sends the
+connector's keyset searches (the drain of the cursor's second, then ``LastModifiedDateTime gt T``,
+same fields, page size ``SYNC_PAGE_SIZE``) and parses each answer's JSON; each page's records are
+written to a fresh table of the same Azurite as plain batched upserts: one entity per record (its
+fields as properties, hashed over 8 partitions like the WorkItems table), at most 100 per
+transaction, one transaction after another. The transactions use the documented ``$batch`` body
+through ``shared_code.state.tablebatch.upsert_transaction`` rather than the SDK's
+``submit_transaction``, whose client-side CPU (~0.5 ms per entity) would make raw slow for reasons
+that have nothing to do with the sync.
+
+*Engine* is ``container.sync_engine.run`` of a new connection (its own table prefix: an empty
+WorkItems table), timed from call to return: the same paging and parsing through the connector
+(OAuth flow, schema lookup), plus normalising every record to a ``WorkItem``, the WorkItems sink,
+a watermark commit after every page, the lease and the Runs record. Log Analytics is off.
+
+The benchmark exits 1 when a sync does not end ``succeeded``, when either pass reads a different
+number of rows than the Cherwell process holds, or when anything connects beyond loopback. Everything
+it starts is stopped on every exit path, SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+from azure.data.tables import TableServiceClient
+
+from shared_code.bootstrap import get_container
+from shared_code.domain.workitem import WorkItemType
+from shared_code.itsm.cherwell.mapping import LAST_MODIFIED, REC_ID, format_datetime, sync_field_names
+from shared_code.state.tablebatch import MAX_OPERATIONS, upsert_transaction
+from shared_code.state.tables import bucket_of
+from shared_code.workitems.engine import SyncOutcome
+from tests.loopback import cherwell as cw
+from tests.loopback import netguard
+from tests.loopback.azurite import Azurite
+from tests.loopback.stack import LoopbackStack
+from tests.loopback.tls import loopback_tls, shared_tls_environment
+
+ROOT = Path(__file__).resolve().parents[2]
+ROWS = int(os.environ.get("CHERWELL_BENCH_ROWS", "20000"))
+ROUNDS = int(os.environ.get("CHERWELL_BENCH_ROUNDS", "3"))
+TARGET = 0.8
+SPAN_DAYS = 119.9
+SCOPE_DAYS = 120
+BUCKETS = 8
+NO_LOGS = {"LOGS_INGESTION_ENDPOINT": "", "LOGS_INGESTION_RULE_ID": ""}
+_STARTED = time.monotonic()
+
+
+class BenchError(RuntimeError):
+    """A pass did not do what the benchmark needs."""
+
+
+def log(message: str) -> None:
+    print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+class CherwellProcess:
+    """``python -m tests.loopback.cherwell --seed Incident=N`` (HTTPS with this process's CA)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.url = ""
+        self._proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> CherwellProcess:
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.loopback.cherwell",
+                "--seed",
+                f"Incident={self.rows}",
+                "--span-days",
+                str(SPAN_DAYS),
+            ],
+            cwd=ROOT,
+            env={**os.environ, **shared_tls_environment()},
+            stdin=subprocess.PIPE,  # closing it stops the server
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> str:
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            raise BenchError("the loopback Cherwell was not started")
+        stdout = proc.stdout
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        words = lines[0].split() if lines else []
+        if len(words) != 2 or words[0] != "READY":
+            raise BenchError(f"the loopback Cherwell did not start: {words or 'timeout'}")
+        self.url = words[1]
+        return self.url
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            if proc.stdin is not None:
+                proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def count(self) -> int:
+        with httpx.Client(base_url=self.url, verify=loopback_tls().client_context(), timeout=60) as http:
+            response = http.get("/__loopback/stats")
+            response.raise_for_status()
+            return int(response.json()["objects"]["Incident"])
+
+
+# -- raw: plain httpx paging and plain batched upserts ------------------------------------------------
+
+
+def raw_pass(
+    server: CherwellProcess, table_service: TableServiceClient, table_name: str, page_size: int
+) -> tuple[int, float, float]:
+    """Every record of the scope read as the connector reads it and written as plain upserts;
+    (rows, seconds in all, seconds writing)."""
+    api = f"{server.url}{cw.API_ROOT}"
+    table = table_service.create_table(table_name)
+    rows = 0
+    writing = 0.0
+    started = time.perf_counter()
+    with httpx.Client(verify=loopback_tls().client_context(), timeout=60) as http:
+        token = http.post(
+            f"{api}/token",
+            params={"auth_mode": "Internal"},
+            data={
+                "grant_type": "password",
+                "client_id": cw.DEFAULT_CLIENT_ID,
+                "username": cw.DEFAULT_USERNAME,
+                "password": cw.DEFAULT_PASSWORD,
+            },
+        ).json()["access_token"]
+        headers = {"Accept": "application/json", "Authorization": f"Bearer {token}"}
+        summary = http.get(
+            f"{api}/api/V1/getbusinessobjectsummary/busobname/Incident", headers=headers
+        ).json()
+        bus_ob_id = summary[0]["busObId"]
+        schema = http.get(
+            f"{api}/api/V1/getbusinessobjectschema/busobid/{bus_ob_id}",
+            params={"includerelationships": "true"},
+            headers=headers,
+        ).json()
+        ids = {f["name"]: f["fieldId"] for f in schema["fieldDefinitions"]}
+        fields = [ids[n] for n in sync_field_names(WorkItemType.INCIDENT) if n in ids]
+        modified, rec_id = ids[LAST_MODIFIED], ids[REC_ID]
+
+        def search(filters: list[dict[str, str]], sorting: list[str], size: int) -> list[dict[str, Any]]:
+            request = {
+                "busObId": bus_ob_id,
+                "fields": fields,
+                "filters": filters,
+                "sorting": [{"fieldId": f, "sortDirection": 1} for f in sorting],
+                "pageNumber": 1,
+                "pageSize": size,
+                "includeAllFields": False,
+            }
+            response = http.post(f"{api}/api/V1/getsearchresults", json=request, headers=headers)
+            response.raise_for_status()
+            records: list[dict[str, Any]] = response.json()["businessObjects"]
+            return records
+
+        at = format_datetime(datetime.now(UTC) - timedelta(days=SCOPE_DAYS))
+        last_id = ""
+        while True:
+            records: list[dict[str, Any]] = []
+            if last_id:
+                records = search(
+                    [
+                        {"fieldId": modified, "operator": "eq", "value": at},
+                        {"fieldId": rec_id, "operator": "gt", "value": last_id},
+                    ],
+                    [rec_id],
+                    page_size,
+                )
+            room = page_size - len(records)
+            more: list[dict[str, Any]] = []
+            if room > 0:
+                more = search(
+                    [{"fieldId": modified, "operator": "gt", "value": at}], [modified, rec_id], room
+                )
+            records += more
+            rows += len(records)
+            began = time.perf_counter()
+            write(table, records)
+            writing += time.perf_counter() - began
+            if records:
+                values = {f["name"]: f["value"] for f in records[-1]["fields"]}
+                at, last_id = values[LAST_MODIFIED], records[-1]["busObRecId"]
+            if room > 0 and len(more) < room:
+                return rows, time.perf_counter() - started, writing
+
+
+def write(table: Any, records: Sequence[dict[str, Any]]) -> None:
+    """One entity per record, grouped by partition, at most 100 per transaction, one after another."""
+    partitions: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        rec = record["busObRecId"]
+        partition = f"raw-{bucket_of(rec, BUCKETS):02d}"
+        entity: dict[str, Any] = {"PartitionKey": partition, "RowKey": rec}
+        entity.update({f["name"]: f["value"] for f in record["fields"]})
+        partitions.setdefault(partition, []).append(entity)
+    for entities in partitions.values():
+        for start in range(0, len(entities), MAX_OPERATIONS):
+            upsert_transaction(table, entities[start : start + MAX_OPERATIONS])
+
+
+# -- the engine ------------------------------------------------------------------------------------------
+
+
+def add_connection(stack: LoopbackStack, name: str, server: CherwellProcess) -> None:
+    code, output = stack.cli(
+        "connections",
+        "add",
+        name,
+        "--type",
+        "cherwell",
+        "--url",
+        server.url,
+        "--user",
+        cw.DEFAULT_USERNAME,
+        "--client-id",
+        cw.DEFAULT_CLIENT_ID,
+        "--secrets-stdin",
+        "--sync",
+        "incidents",
+        "--scope-days",
+        str(SCOPE_DAYS),
+        stdin=f"{cw.DEFAULT_PASSWORD}\n",
+    )
+    if code != 0:
+        raise BenchError(f"connections add {name} failed ({code}): {output}")
+
+
+def engine_pass(stack: LoopbackStack, name: str, server: CherwellProcess) -> tuple[int, float, int]:
+    """One initial sync of a new connection; (rows, seconds, pages)."""
+    add_connection(stack, name, server)
+    engine = get_container().sync_engine
+    started = time.perf_counter()
+    results = engine.run(name, [WorkItemType.INCIDENT], trigger="bench")
+    seconds = time.perf_counter() - started
+    [result] = results
+    if result.outcome is not SyncOutcome.SUCCEEDED:
+        raise BenchError(f"the sync of {name} ended {result.outcome.value}: {result.error}")
+    if result.rejected:
+        raise BenchError(f"the sync of {name} rejected {result.rejected} rows")
+    return result.synced, seconds, result.pages
+
+
+def drop_tables(azurite: Azurite, names: Sequence[str]) -> None:
+    with TableServiceClient.from_connection_string(azurite.connection_string) as service:
+        for name in names:
+            with contextlib.suppress(Exception):
+                service.delete_table(name)
+
+
+def main() -> int:
+    netguard.watch()
+    loopback_tls()  # made before the Cherwell process starts, which shares it
+    with contextlib.ExitStack() as resources:
+        server = CherwellProcess(ROWS).start()
+        resources.callback(server.stop)
+        azurite = Azurite().start()
+        resources.callback(azurite.stop)
+        stack = resources.enter_context(LoopbackStack(azurite=azurite))
+        server.wait_ready()
+        expected = server.count()
+        log(f"Cherwell: {expected:,} incidents at {server.url}; Azurite at {azurite.table_endpoint}")
+        raw_rates: list[float] = []
+        engine_rates: list[float] = []
+        tables = TableServiceClient.from_connection_string(azurite.connection_string)
+        resources.callback(tables.close)
+        for n in range(1, ROUNDS + 1):
+            with stack.app(**NO_LOGS) as container:
+                page_size = container.settings.sync_page_size
+            rows, seconds, writing = raw_pass(server, tables, f"raw{n}", page_size)
+            if rows != expected:
+                raise BenchError(f"raw paging read {rows} rows, the Cherwell process holds {expected}")
+            raw_rates.append(rows / seconds)
+            log(
+                f"round {n} raw:    {rows:,} rows in {seconds:.2f}s ({writing:.2f}s writing), "
+                f"{rows / seconds:,.0f} rows/s"
+            )
+
+            with stack.app(TABLE_PREFIX=f"cwround{n}", **NO_LOGS):
+                rows, seconds, pages = engine_pass(stack, f"bench-cw-{n}", server)
+            if rows != expected:
+                raise BenchError(f"the engine synced {rows} rows, the Cherwell process holds {expected}")
+            engine_rates.append(rows / seconds)
+            log(
+                f"round {n} engine: {rows:,} rows in {pages} pages, {seconds:.2f}s, "
+                f"{rows / seconds:,.0f} rows/s"
+            )
+            drop_tables(azurite, [f"raw{n}", f"cwround{n}WorkItems"])
+        if netguard.foreign:
+            raise BenchError(f"non-loopback network access: {netguard.foreign[:5]}")
+    ratio = statistics.median(engine_rates) / statistics.median(raw_rates)
+    paired = ", ".join(f"{e / r:.3f}" for e, r in zip(engine_rates, raw_rates, strict=True))
+    log(
+        f"median rows/s: raw {statistics.median(raw_rates):,.0f}, "
+        f"engine {statistics.median(engine_rates):,.0f}; round by round {paired}"
+    )
+    print(f"products.sync_ratio_to_raw_cherwell: {ratio:.3f}")
+    if ratio < TARGET:
+        log(f"MISSED: products.sync_ratio_to_raw_cherwell {ratio:.3f} is below the target {TARGET}")
+        return 1
+    return 0
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds the ExitStack: everything started is stopped
+
+
+def run() -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return main()
+    except BenchError as exc:
+        log(f"FAILED: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run())
