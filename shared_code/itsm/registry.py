@@ -16,6 +16,9 @@ from pydantic import SecretStr, ValidationError
 
 from shared_code.domain.connection import ConnectionBase, describe_validation_error
 from shared_code.errors import InvalidInputError, SecretStoreError
+from shared_code.itsm.scsm.auth import CiresonTokenAuth
+from shared_code.itsm.scsm.connector import ScsmConnector
+from shared_code.itsm.scsm.settings import ScsmConnection
 from shared_code.itsm.servicenow.auth import ServiceNowBasicAuth, ServiceNowOAuth
 from shared_code.itsm.servicenow.connector import ServiceNowConnector
 from shared_code.itsm.servicenow.settings import AuthMethod, ServiceNowConnection
@@ -68,6 +71,26 @@ def build_servicenow(
     )
 
 
+def build_scsm(connection: ScsmConnection, secrets: SecretStore, client: httpx.Client) -> ConnectorPorts:
+    """SCSM through the Cireson portal: a token for the account's password, no refresh token."""
+    auth = CiresonTokenAuth(
+        connection.server_url,
+        username=connection.username,
+        password=lazy_secret(secrets, connection.password_secret_name, connection),
+        language_code=connection.language_code,
+        connection_name=connection.name,
+    )
+    connector = ScsmConnector(connection, client, auth)
+    return ConnectorPorts(
+        product="SCSM",
+        check=connector.check,
+        close=connector.close,
+        incidents=connector,
+        changes=connector,
+        configuration_items=connector,
+    )
+
+
 @dataclass(frozen=True)
 class Product:
     """One ITSM product the app can connect to."""
@@ -94,6 +117,7 @@ PRODUCTS: dict[str, Product] = {
         build_servicenow,
         rotating_refresh_token=_servicenow_refresh_token,
     ),
+    "scsm": Product("scsm", "System Center Service Manager (Cireson portal)", ScsmConnection, build_scsm),
 }
 
 
