@@ -522,6 +522,7 @@ class ScsmLoopback(LoopbackServer):
         self._tokens: dict[str, tuple[str, datetime]] = {}
         self._issued: list[str] = []
         self._faults: list[Fault] = []
+        self._before_commit: list[Callable[[], None]] = []
         self._mangles: dict[str, tuple[tuple[str, ...], Obj]] = {}
         self._objects: dict[str, dict[str, Obj]] = {INCIDENT: {}, CHANGE: {}, CI: {}}
         self._index: dict[str, list[tuple[str, str]]] = {INCIDENT: [], CHANGE: []}
@@ -618,10 +619,16 @@ class ScsmLoopback(LoopbackServer):
         with self._lock:
             self._faults.append(Fault(count, status, retry_after, path_contains, body))
 
+    def before_next_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` (say, another user's change) when the next Commit arrives, before it is applied."""
+        with self._lock:
+            self._before_commit.append(action)
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
             self._mangles.clear()
+            self._before_commit.clear()
 
     def mangle(
         self, base_id: str, *, drop: Iterable[str] = (), set_fields: Mapping[str, Any] | None = None
@@ -876,6 +883,8 @@ class ScsmLoopback(LoopbackServer):
             return json_answer(500, web_api_error("An error has occurred.", f"Invalid formJson: {exc}"))
         concurrency = params.get("runConcurrencyCheck", "true").lower() != "false"
         with self._lock:
+            if self._before_commit:
+                self._before_commit.pop(0)()
             try:
                 if original is None:
                     base_id = self._create(current, user)
