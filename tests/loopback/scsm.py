@@ -568,6 +568,12 @@ class ScsmLoopback(LoopbackServer):
             self._logins[user_name.lower()] = (password, base_id)
             return base_id
 
+    def set_password(self, user_name: str, password: str) -> None:
+        """The account's password changes in Active Directory: sign-ins with the old one are refused."""
+        with self._lock:
+            _, base_id = self._logins[user_name.lower()]
+            self._logins[user_name.lower()] = (password, base_id)
+
     def add_ci(self, name: str, *, deleted: bool = False) -> str:
         with self._lock:
             base_id = str(uuid.uuid4())
