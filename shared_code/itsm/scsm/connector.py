@@ -91,7 +91,7 @@ ONE_MS = timedelta(milliseconds=1)
 INITIAL_WINDOW = timedelta(days=1)
 MIN_WINDOW = timedelta(seconds=1)
 MAX_WINDOW = timedelta(days=30)
-WINDOW_TARGET = 0.8
+WINDOW_TARGET = 0.9
 PAGE_FILL = 0.8
 MAX_QUERIES_PER_PAGE = 64
 
