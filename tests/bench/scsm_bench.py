@@ -24,11 +24,11 @@ Figure (stdout, ``name: value``; progress and detail on stderr):
 
     *Raw* is what a script with no engine would do for the same result: one ``httpx.Client`` (same
     TLS) signs in once and walks ``GetProjectionByCriteria`` over ``LastModified`` windows sized to
-    bring about a page each (``SYNC_PAGE_SIZE``), parsing each answer's JSON; a thread writes each
-    window's rows, as entities with the same columns built straight from the JSON, with batched
-    upserts (at most 100 rows per partition transaction, partitions in parallel, the same
-    partitioning) into a fresh table of the same Azurite, while the next window is fetched. No
-    mapping model, no watermark, no lease.
+    bring about a page each (``SYNC_PAGE_SIZE``) on a fetching thread, parsing each answer's JSON,
+    while the main thread writes the previous window's rows, as entities with the same columns
+    built straight from the JSON, with batched upserts (``upsert_transaction``: at most 100 rows per
+    partition transaction, partitions in parallel, the same partitioning) into a fresh table of the
+    same Azurite. No mapping model, no watermark, no lease.
 
     Both write every row once into an empty table (a fresh prefix per run). CPU seconds of this
     process, the portal process and Azurite during each run go to stderr, to show where time goes.
