@@ -23,6 +23,9 @@ from shared_code.itsm.cherwell.settings import CherwellConnection
 from shared_code.itsm.provance.auth import DataverseAuth, client_secret_credential
 from shared_code.itsm.provance.connector import ProvanceConnector
 from shared_code.itsm.provance.settings import ProvanceConnection
+from shared_code.itsm.scsm.auth import CiresonTokenAuth
+from shared_code.itsm.scsm.connector import ScsmConnector
+from shared_code.itsm.scsm.settings import ScsmConnection
 from shared_code.itsm.servicenow.auth import ServiceNowBasicAuth, ServiceNowOAuth
 from shared_code.itsm.servicenow.connector import ServiceNowConnector
 from shared_code.itsm.servicenow.settings import AuthMethod, ServiceNowConnection
@@ -124,6 +127,26 @@ def build_cherwell(
     )
 
 
+def build_scsm(connection: ScsmConnection, secrets: SecretStore, client: httpx.Client) -> ConnectorPorts:
+    """SCSM through the Cireson portal: a token for the account's password, no refresh token."""
+    auth = CiresonTokenAuth(
+        connection.server_url,
+        username=connection.username,
+        password=lazy_secret(secrets, connection.password_secret_name, connection),
+        language_code=connection.language_code,
+        connection_name=connection.name,
+    )
+    connector = ScsmConnector(connection, client, auth)
+    return ConnectorPorts(
+        product="SCSM",
+        check=connector.check,
+        close=connector.close,
+        incidents=connector,
+        changes=connector,
+        configuration_items=connector,
+    )
+
+
 @dataclass(frozen=True)
 class Product:
     """One ITSM product the app can connect to."""
@@ -162,6 +185,7 @@ PRODUCTS: dict[str, Product] = {
         build_cherwell,
         rotating_refresh_token=_cherwell_refresh_token,
     ),
+    "scsm": Product("scsm", "System Center Service Manager (Cireson portal)", ScsmConnection, build_scsm),
 }
 
 
