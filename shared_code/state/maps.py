@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from azure.data.tables import TableClient, TransactionOperation, UpdateMode
+from azure.data.tables import TableClient
 from pydantic import ValidationError
 
 from shared_code.domain.maps import (
@@ -35,7 +34,8 @@ from shared_code.domain.maps import (
     listing_of,
 )
 from shared_code.errors import StateError
-from shared_code.state.tables import Entity, get_entity, merge_entity, query_entities, translate_errors
+from shared_code.state.tablebatch import Delete, Operation, write_all
+from shared_code.state.tables import Entity, get_entity, merge_entity, query_entities
 
 TABLE = "Maps"
 INDEX = "index"
@@ -45,8 +45,6 @@ MAX_DATA_COLUMNS = 30
 """30 x 30,000 characters x 2 bytes stays under the 1 MiB entity limit."""
 ERROR_LIMIT = 2000
 CHANGES_LIMIT = 28_000
-_BATCH_OPERATIONS = 100
-_BATCH_BYTES = 3_000_000  # the service takes at most 4 MiB per transaction
 _KEY_UNSAFE = frozenset("/\\#?%")
 
 
@@ -194,18 +192,11 @@ class MapRepository:
         # nodes before edges on the way in; edges before nodes on the way out
         upserts.sort(key=lambda key: key[0] != "n")
         deletes.sort(key=lambda key: key[0] != "e")
-        operations: list[tuple[TransactionOperation, Entity, dict[str, Any]]] = [
-            (
-                TransactionOperation.UPSERT,
-                {"PartitionKey": partition, "RowKey": key, **_split(wanted[key])},
-                {"mode": UpdateMode.REPLACE},
-            )
-            for key in upserts
+        operations: list[Operation] = [
+            {"PartitionKey": partition, "RowKey": key, **_split(wanted[key])} for key in upserts
         ]
-        operations += [
-            (TransactionOperation.DELETE, {"PartitionKey": partition, "RowKey": key}, {}) for key in deletes
-        ]
-        self._submit(operations)
+        operations += [Delete(partition, key) for key in deletes]
+        write_all(self._table, operations)
         listing = listing_of(server_map)
         merge_entity(
             self._table,
@@ -254,23 +245,6 @@ class MapRepository:
                 "SourceKind": source_kind,
             }
         merge_entity(self._table, entity)
-
-    def _submit(self, operations: Sequence[tuple[TransactionOperation, Entity, dict[str, Any]]]) -> None:
-        batch: list[tuple[TransactionOperation, Entity, dict[str, Any]]] = []
-        size = 0
-        for operation in operations:
-            weight = sum(len(str(v)) * 2 for v in operation[1].values()) + 200
-            if batch and (len(batch) >= _BATCH_OPERATIONS or size + weight > _BATCH_BYTES):
-                self._send(batch)
-                batch, size = [], 0
-            batch.append(operation)
-            size += weight
-        if batch:
-            self._send(batch)
-
-    def _send(self, batch: list[tuple[TransactionOperation, Entity, dict[str, Any]]]) -> None:
-        with translate_errors(f"writing a map to {self._table.table_name}"):
-            self._table.submit_transaction(batch)
 
 
 def _listing(entity: Entity) -> MapListing:

@@ -16,7 +16,8 @@ from azure.data.tables import TableClient
 
 from shared_code.domain.sync import SyncErrorKind, SyncErrorRecord
 from shared_code.state.runs import inverted_key
-from shared_code.state.tables import query_entities, upsert_batch
+from shared_code.state.tablebatch import write_all
+from shared_code.state.tables import query_entities
 
 TABLE = "SyncErrors"
 MESSAGE_LIMIT = 4000
@@ -62,7 +63,7 @@ class SyncErrorRepository:
             entity = _to_entity(record)
             by_partition.setdefault(str(entity["PartitionKey"]), []).append(entity)
         for entities in by_partition.values():
-            upsert_batch(self._table, entities)
+            write_all(self._table, entities)
 
     def list(self, connection: str, *, limit: int = 100) -> Iterator[SyncErrorRecord]:
         """The newest errors of ``connection`` first, at most ``limit``."""

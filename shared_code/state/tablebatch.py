@@ -1,4 +1,5 @@
-"""Entity group transactions (``$batch``) of upserts, serialised here and sent through the SDK.
+"""Entity group transactions (``$batch``), serialised here and sent through the SDK: the one batch
+writer of every state table (upserts and deletes).
 
 ``TableClient.submit_transaction`` builds each transaction as a tree of ``HttpRequest`` objects
 and reads the answer with the standard library's ``email`` parser: measured on the WorkItems rows
@@ -19,7 +20,8 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -31,6 +33,9 @@ from shared_code.errors import StateError
 from shared_code.state.tables import Entity, translate_errors
 
 MAX_OPERATIONS = 100  # the service's limit per transaction
+MAX_BODY_BYTES = 3_500_000  # the service takes at most 4 MiB per transaction; room for the framing
+_FORBIDDEN_IN_KEYS = re.compile(r"[/\\#?\x00-\x1f\x7f-\x9f]")
+"""Characters the service refuses in PartitionKey and RowKey (Azurite accepts some of them)."""
 _STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3})[^\r\n]*", re.MULTILINE)
 _ERROR_MESSAGE = re.compile(rb'"message"\s*:\s*\{[^{}]*?"value"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _ERROR_CODE = re.compile(rb'"code"\s*:\s*"((?:[^"\\]|\\.)*)"')
@@ -72,34 +77,71 @@ def _odata(entity: Entity) -> dict[str, Any]:
     return out
 
 
-def _key(value: object) -> str:
+def key_literal(value: object) -> str:
+    """A key as it appears in an entity's URL: the OData literal (quotes doubled), percent-encoded.
+
+    Keys the service refuses (``/``, ``\\``, ``#``, ``?``, control characters) are refused here, before
+    anything is sent: the emulator accepts some of them, the service does not."""
     if not isinstance(value, str):
         raise TypeError("PartitionKey and RowKey must be strings")
     if _URL_SAFE.fullmatch(value):
         return value
+    if _FORBIDDEN_IN_KEYS.search(value):
+        raise ValueError(f"a table key may not contain / \\ # ? or control characters: {value[:80]!r}")
     return quote(value.replace("'", "''"), safe="")
 
 
-def _body(base: str, table: str, entities: Sequence[Entity], batch: str, changeset: str) -> bytes:
-    parts = [f"--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n"]
-    prefix = f"{base}/{quote(table, safe='')}"
-    for number, entity in enumerate(entities):
-        payload = _JSON.encode(_odata(entity))
-        url = f"{prefix}(PartitionKey='{_key(entity['PartitionKey'])}',RowKey='{_key(entity['RowKey'])}')"
-        parts.append(
-            f"--{changeset}\r\n"
-            "Content-Type: application/http\r\n"
-            "Content-Transfer-Encoding: binary\r\n"
-            f"Content-ID: {number}\r\n"
-            "\r\n"
-            f"PUT {url} HTTP/1.1\r\n"
-            "Content-Type: application/json\r\n"
+@dataclass(frozen=True)
+class Delete:
+    """Delete one row (whatever its ETag) inside a transaction."""
+
+    partition: str
+    row: str
+
+
+Operation = Entity | Delete
+"""An upsert (replace or insert the whole entity) or a ``Delete``."""
+
+
+def _partition_of(operation: Operation) -> object:
+    return operation.partition if isinstance(operation, Delete) else operation["PartitionKey"]
+
+
+def _entity_url(prefix: str, partition: object, row: object) -> str:
+    return f"{prefix}(PartitionKey='{key_literal(partition)}',RowKey='{key_literal(row)}')"
+
+
+def _part(prefix: str, number: int, operation: Operation) -> str:
+    head = (
+        f"Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: {number}\r\n\r\n"
+    )
+    if isinstance(operation, Delete):
+        url = _entity_url(prefix, operation.partition, operation.row)
+        return (
+            f"{head}DELETE {url} HTTP/1.1\r\n"
             "Accept: application/json\r\n"
             "DataServiceVersion: 3.0\r\n"
-            f"Content-Length: {len(payload)}\r\n"
+            "If-Match: *\r\n"
             "\r\n"
-            f"{payload}\r\n"
         )
+    payload = _JSON.encode(_odata(operation))
+    url = _entity_url(prefix, operation["PartitionKey"], operation["RowKey"])
+    return (
+        f"{head}PUT {url} HTTP/1.1\r\n"
+        "Content-Type: application/json\r\n"
+        "Accept: application/json\r\n"
+        "DataServiceVersion: 3.0\r\n"
+        f"Content-Length: {len(payload)}\r\n"
+        "\r\n"
+        f"{payload}\r\n"
+    )
+
+
+def _body(base: str, table: str, operations: Sequence[Operation], batch: str, changeset: str) -> bytes:
+    parts = [f"--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n"]
+    prefix = f"{base}/{quote(table, safe='')}"
+    for number, operation in enumerate(operations):
+        parts.append(f"--{changeset}\r\n{_part(prefix, number, operation)}")
     parts.append(f"--{changeset}--\r\n\r\n--{batch}--\r\n")
     return "".join(parts).encode("ascii")
 
@@ -115,12 +157,18 @@ def _failure(content: bytes) -> str:
 
 def upsert_transaction(table: TableClient, entities: Sequence[Entity]) -> None:
     """Replace-or-insert up to 100 entities of ONE partition atomically; StateError if refused."""
+    write_transaction(table, entities)
+
+
+def write_transaction(table: TableClient, operations: Sequence[Operation]) -> None:
+    """Up to 100 upserts and deletes of ONE partition, atomically; StateError if refused."""
+    entities = operations
     if not entities:
         return
     if len(entities) > MAX_OPERATIONS:
         raise ValueError(f"a transaction holds at most {MAX_OPERATIONS} entities")
-    partition = entities[0]["PartitionKey"]
-    if any(entity["PartitionKey"] != partition for entity in entities):
+    partition = _partition_of(entities[0])
+    if any(_partition_of(entity) != partition for entity in entities):
         raise ValueError("every entity of a transaction must be in the same partition")
     client = table._client  # the pipeline submit_transaction uses (auth, retries, transport)
     base = f"{table.scheme}://{table._primary_hostname}"
@@ -151,3 +199,24 @@ def upsert_transaction(table: TableClient, entities: Sequence[Entity]) -> None:
     if failed or len(statuses) != len(entities):
         detail = f"HTTP {failed[0]}" if failed else f"{len(statuses)} answers for {len(entities)} rows"
         raise StateError(f"{action} failed: {detail} {_failure(content)}")
+
+
+def transactions(operations: Sequence[Operation]) -> Iterator[list[Operation]]:
+    """Operations of ONE partition cut into transactions within the service's limits (count, size)."""
+    batch: list[Operation] = []
+    size = 0
+    for operation in operations:
+        weight = 200 if isinstance(operation, Delete) else len(_JSON.encode(_odata(operation))) + 300
+        if batch and (len(batch) >= MAX_OPERATIONS or size + weight > MAX_BODY_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(operation)
+        size += weight
+    if batch:
+        yield batch
+
+
+def write_all(table: TableClient, operations: Sequence[Operation]) -> None:
+    """Every operation of ONE partition, in as many transactions as the limits need (in order)."""
+    for batch in transactions(operations):
+        write_transaction(table, batch)

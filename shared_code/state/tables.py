@@ -22,7 +22,7 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
 )
 from azure.core.pipeline.transport import RequestsTransport
-from azure.data.tables import TableClient, TableServiceClient, TransactionOperation, UpdateMode
+from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 from requests import Session
 from requests.adapters import HTTPAdapter
 from requests.utils import get_environ_proxies
@@ -228,17 +228,6 @@ def query_entities(
     with translate_errors(f"querying {table.table_name}"):
         for entity in table.query_entities(query, parameters=parameters or {}):
             yield _with_etag(entity)
-
-
-def upsert_batch(table: TableClient, entities: list[Entity]) -> None:
-    """Upsert rows of ONE partition in transactions of at most 100 (the service's limit)."""
-    for start in range(0, len(entities), 100):
-        chunk = entities[start : start + 100]
-        operations: list[tuple[TransactionOperation, Entity, dict[str, Any]]] = [
-            (TransactionOperation.UPSERT, e, {"mode": UpdateMode.REPLACE}) for e in chunk
-        ]
-        with translate_errors(f"writing a batch to {table.table_name}"):
-            table.submit_transaction(operations)
 
 
 def retry_on_conflict(action: Callable[[], T], attempts: int = 20) -> T:
