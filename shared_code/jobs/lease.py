@@ -18,7 +18,8 @@ from datetime import datetime, timedelta
 
 from shared_code.domain.runs import SyncStateRow
 from shared_code.domain.sync import SyncCursor
-from shared_code.errors import AlreadyExistsError, BusyError, ConnectorAppError, EtagConflict, StateError
+from shared_code.errors import BusyError, ConnectorAppError, EtagConflict, StateError
+from shared_code.jobs.conflicts import retry_on_conflict
 from shared_code.ports.state import SyncStateStore
 
 log = logging.getLogger(__name__)
@@ -62,23 +63,25 @@ class JobLease:
 
     def acquire(self, scope: str, subject: str, owner: str, attempts: int = 10) -> SyncStateRow:
         """The target's row with this owner's lease; BusyError while another run holds it."""
-        for _ in range(attempts):
+
+        def attempt() -> SyncStateRow:
             now = self._clock()
             row = self._store.get(scope, subject)
-            try:
-                if row is None:
-                    fresh = SyncStateRow(connection=scope, item_type=subject)
-                    return self._store.insert(fresh.leased(owner, now + self._lease))
-                if row.leased_by_other(owner, now):
-                    until = row.lease_until.isoformat(timespec="seconds") if row.lease_until else "?"
-                    raise BusyError(
-                        f"another {self._what} of {scope} {subject} is running "
-                        f"(its lease lasts until {until})"
-                    )
-                return self._store.replace(row.leased(owner, now + self._lease))
-            except (AlreadyExistsError, EtagConflict):
-                continue
-        raise BusyError(f"could not take the {self._what} lease of {scope} {subject}")
+            if row is None:
+                fresh = SyncStateRow(connection=scope, item_type=subject)
+                return self._store.insert(fresh.leased(owner, now + self._lease))
+            if row.leased_by_other(owner, now):
+                until = row.lease_until.isoformat(timespec="seconds") if row.lease_until else "?"
+                raise BusyError(
+                    f"another {self._what} of {scope} {subject} is running (its lease lasts until {until})"
+                )
+            return self._store.replace(row.leased(owner, now + self._lease))
+
+        return retry_on_conflict(
+            attempt,
+            attempts=attempts,
+            give_up=lambda: BusyError(f"could not take the {self._what} lease of {scope} {subject}"),
+        )
 
     def advance(
         self, state: SyncStateRow, watermark: SyncCursor | None, *, cap: datetime | None = None
@@ -105,25 +108,23 @@ class JobLease:
 
     def release(self, state: SyncStateRow, owner: str, started: datetime, tally: RunTally) -> None:
         """Record the run on the row and drop the lease; never raises (the lease expires anyway)."""
+
+        def attempt() -> None:
+            row = self._store.get(state.connection, state.item_type)
+            if row is None or row.lease_owner != owner:
+                return  # taken over: the other run owns the row now
+            released = row.released(
+                started=started,
+                outcome=tally.outcome,
+                error=tally.error,
+                done=tally.done,
+                rejected=tally.rejected,
+                succeeded=tally.succeeded,
+            )
+            self._store.replace(released)
+
         try:
-            for _ in range(5):
-                row = self._store.get(state.connection, state.item_type)
-                if row is None or row.lease_owner != owner:
-                    return  # taken over: the other run owns the row now
-                try:
-                    self._store.replace(
-                        row.released(
-                            started=started,
-                            outcome=tally.outcome,
-                            error=tally.error,
-                            done=tally.done,
-                            rejected=tally.rejected,
-                            succeeded=tally.succeeded,
-                        )
-                    )
-                    return
-                except EtagConflict:
-                    continue
+            retry_on_conflict(attempt, attempts=5)
         except Exception as exc:  # noqa: BLE001 - bookkeeping must not turn a result into a crash
             reason = str(exc) if isinstance(exc, ConnectorAppError) else type(exc).__name__
             log.warning("releasing the %s lease failed: %s", self._what, reason)

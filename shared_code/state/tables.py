@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal, TypeVar
 
 from azure.core import MatchConditions
@@ -228,13 +228,3 @@ def query_entities(
     with translate_errors(f"querying {table.table_name}"):
         for entity in table.query_entities(query, parameters=parameters or {}):
             yield _with_etag(entity)
-
-
-def retry_on_conflict(action: Callable[[], T], attempts: int = 20) -> T:
-    """Run a read-modify-write ``action`` until it wins its ETag race (bounded)."""
-    for _ in range(attempts - 1):
-        try:
-            return action()
-        except (EtagConflict, AlreadyExistsError):
-            continue
-    return action()

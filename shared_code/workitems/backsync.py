@@ -26,7 +26,8 @@ from shared_code.domain.alert import parse_alert_id
 from shared_code.domain.connection import ConnectionBase
 from shared_code.domain.correlation import Correlation, CorrelationState
 from shared_code.domain.workitem import Lifecycle, WorkItem
-from shared_code.errors import AlertsApiError, BusyError, EtagConflict
+from shared_code.errors import AlertsApiError, BusyError
+from shared_code.jobs.conflicts import retry_on_conflict
 from shared_code.ports.monitor import AlertCloser, CloseOutcome
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,8 @@ class BackSync:
     ) -> None:
         key, generation = identity
         closed: set[str] = set()
-        for _ in range(self._max_races):
+
+        def attempt() -> None:
             row = self._correlations.get(connection.name, key)
             if row is None or row.generation != generation or row.state is not CorrelationState.OPEN:
                 return  # not ours any more: a new generation, or the alert path resolved it already
@@ -173,10 +175,8 @@ class BackSync:
                     closed.add(alert_id)
                     if outcome is CloseOutcome.CLOSED:
                         report.alerts_closed += 1
-            try:
-                self._correlations.replace(row.finished(state, finished_at))
-            except EtagConflict:
-                continue  # the alert path wrote in between: read again and decide again
+            # EtagConflict: the alert path wrote in between; retry_on_conflict reads again and decides again
+            self._correlations.replace(row.finished(state, finished_at))
             report.correlations_updated += 1
             log.info(
                 "backward sync: %s %s is %s; correlation %s updated, %d alert(s) closed",
@@ -186,5 +186,11 @@ class BackSync:
                 row.key_text,
                 len(closed),
             )
-            return
-        raise BusyError(f"correlation {key} of {item.number} kept changing; the page is retried next run")
+
+        retry_on_conflict(
+            attempt,
+            attempts=self._max_races,
+            give_up=lambda: BusyError(
+                f"correlation {key} of {item.number} kept changing; the page is retried next run"
+            ),
+        )
