@@ -87,6 +87,21 @@ class AlertProcessor:
     known_keys: int = 10_000
     _known: dict[str, None] = field(default_factory=dict, init=False, repr=False)
     _known_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _rows: dict[str, Correlation] = field(default_factory=dict, init=False, repr=False)
+
+    def last_row(self, key: str) -> Correlation | None:
+        """The row as this process last read or wrote it (a hint: see ``_RememberingStore``)."""
+        with self._known_lock:
+            return self._rows.get(key)
+
+    def remember_row(self, key: str, row: Correlation | None) -> None:
+        with self._known_lock:
+            self._rows.pop(key, None)
+            if row is None:
+                return
+            if len(self._rows) >= self.known_keys:
+                del self._rows[next(iter(self._rows))]
+            self._rows[key] = row
 
     def first_sight(self, key: str) -> bool:
         """True the first time this process handles ``key`` (a bounded memory; only a hint)."""
@@ -128,6 +143,7 @@ class AlertProcessor:
                     break
                 self.sleep(race_pause(races))
             except _LeaseHeld:
+                self.remember_row(key, None)
                 if time.monotonic() + pause > deadline:
                     break
                 self.sleep(pause)
@@ -138,6 +154,41 @@ class AlertProcessor:
 def race_pause(races: int) -> float:
     """Seconds to wait after losing ``races`` ETag races in a row: full jitter, 4 ms doubling to 100 ms."""
     return random.uniform(0.0, min(0.002 * 2 ** min(races, 6), 0.1))  # noqa: S311 - not cryptographic
+
+
+class _RememberingStore:
+    """The correlation store as a step sees it: every row read or written is remembered by the
+    processor, so the next notification of the problem in this process can start from it.
+
+    Safe because every effect is an ETag-matched write: a remembered row whose ETag is still the
+    table's IS the current row, and one that is not makes the first write fail (EtagConflict),
+    after which the step reads the row again. A failed write forgets the row.
+    """
+
+    def __init__(self, owner: AlertProcessor, key: str) -> None:
+        self._owner = owner
+        self._store = owner.correlations
+        self._key = key
+
+    def get(self, connection: str, key: str) -> Correlation | None:
+        row = self._store.get(connection, key)
+        self._owner.remember_row(key, row)
+        return row
+
+    def insert(self, row: Correlation) -> Correlation:
+        return self._written(lambda: self._store.insert(row))
+
+    def replace(self, row: Correlation) -> Correlation:
+        return self._written(lambda: self._store.replace(row))
+
+    def _written(self, write: Callable[[], Correlation]) -> Correlation:
+        try:
+            done = write()
+        except BaseException:
+            self._owner.remember_row(self._key, None)
+            raise
+        self._owner.remember_row(self._key, done)
+        return done
 
 
 class _LeaseLost(EtagConflict):
@@ -171,7 +222,7 @@ class _Step:
         key_text: str,
     ) -> None:
         self.owner = owner
-        self.repo = owner.correlations
+        self.repo = _RememberingStore(owner, key)
         self.clock = owner.clock
         self.sleep = owner.sleep
         self.lease = timedelta(seconds=owner.lease_seconds)
@@ -204,7 +255,9 @@ class _Step:
                 pass
             else:
                 return self.create(created, now, recover=False)
-        row = self.repo.get(self.connection.name, self.key)
+        # the row as this process last wrote it, when it has it: one table read less per
+        # notification of a problem this process handles again (a stale one fails its first write)
+        row = self.owner.last_row(self.key) or self.repo.get(self.connection.name, self.key)
         if row is None:
             if not fired:
                 return self.remember_resolution()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 BENCHMARKS = (
+    "tests.bench.azurite_bench",
     "tests.bench.alerts_bench",
     "tests.bench.sync_bench",
     "tests.bench.maps_render_bench",
