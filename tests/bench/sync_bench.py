@@ -89,6 +89,7 @@ from azure.data.tables import TableServiceClient, TransactionOperation, UpdateMo
 from shared_code.bootstrap import Container, get_container
 from shared_code.domain.workitem import WorkItem, WorkItemType
 from shared_code.itsm.servicenow.mapping import SYNC_FIELDS, TABLES
+from shared_code.monitor.alerts_management import AlertsManagementClient
 from shared_code.state import runs as runs_table
 from shared_code.state import syncerrors as syncerrors_table
 from shared_code.state import syncstate as syncstate_table
@@ -96,7 +97,7 @@ from shared_code.state.runs import RunRepository
 from shared_code.state.syncerrors import SyncErrorRepository
 from shared_code.state.syncstate import SyncStateRepository
 from shared_code.state.tables import bucket_of
-from shared_code.workitems.backsync import AlertsManagementClient, BackSync
+from shared_code.workitems.backsync import BackSync
 from shared_code.workitems.engine import SyncEngine, SyncOutcome, SyncResult
 from shared_code.workitems.sinks import SyncErrorLog
 from tests.bench.machine import Targets, peak_rss_mb, print_machine
@@ -536,7 +537,9 @@ def null_sink_engine(container: Container) -> SyncEngine:
         overlap=timedelta(seconds=settings.sync_overlap_seconds),
         backsync=BackSync(
             container.correlations,
-            AlertsManagementClient(container.http, container.credential, settings.arm_endpoint),
+            AlertsManagementClient(
+                container.credential, settings.arm_endpoint, ca_bundle=settings.tls_ca_bundle
+            ),
             container.clock,
         ),
     )
