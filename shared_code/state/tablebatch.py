@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from azure.core.rest import HttpRequest
@@ -201,12 +201,29 @@ def write_transaction(table: TableClient, operations: Sequence[Operation]) -> No
         raise StateError(f"{action} failed: {detail} {_failure(content)}")
 
 
-def transactions(operations: Sequence[Operation]) -> Iterator[list[Operation]]:
+def _weight(operation: Operation) -> int:
+    """An upper bound of an operation's bytes in the body, without serialising it: ASCII text is
+    written as it is, other text as ``\\uXXXX`` escapes (6 bytes a character)."""
+    if isinstance(operation, Delete):
+        return 300 + 6 * (len(operation.partition) + len(operation.row))
+    size = 300
+    for name, value in operation.items():
+        if isinstance(value, str):
+            size += len(name) + (len(value) if value.isascii() else 6 * len(value)) + 4
+        else:
+            size += len(name) + 48  # numbers, dates and their @odata.type annotation
+    return size
+
+
+Op = TypeVar("Op", bound=Operation)
+
+
+def transactions(operations: Sequence[Op]) -> Iterator[list[Op]]:
     """Operations of ONE partition cut into transactions within the service's limits (count, size)."""
-    batch: list[Operation] = []
+    batch: list[Op] = []
     size = 0
     for operation in operations:
-        weight = 200 if isinstance(operation, Delete) else len(_JSON.encode(_odata(operation))) + 300
+        weight = _weight(operation)
         if batch and (len(batch) >= MAX_OPERATIONS or size + weight > MAX_BODY_BYTES):
             yield batch
             batch, size = [], 0

@@ -17,13 +17,11 @@ from typing import Any
 from azure.data.tables import TableClient
 
 from shared_code.domain.workitem import WorkItem, WorkItemType
-from shared_code.state.tablebatch import upsert_transaction
+from shared_code.state.tablebatch import transactions, upsert_transaction
 from shared_code.state.tables import Entity, bucket_of, get_entity, query_entities
 
 TABLE = "WorkItems"
 BUCKETS = 8
-BATCH_ROWS = 100
-BATCH_BYTES = 3_000_000  # the service allows 4 MiB per transaction request
 TEXT_LIMIT = 16_000  # characters; a string property may hold at most 64 KiB (UTF-16)
 _FORBIDDEN = {"/": "%2F", "\\": "%5C", "#": "%23", "?": "%3F", "%": "%25"}
 
@@ -71,28 +69,6 @@ def from_entity(entity: dict[str, Any]) -> WorkItem:
         if isinstance(value, datetime) and value.tzinfo is None:
             data[name] = value.replace(tzinfo=UTC)
     return WorkItem.model_validate(data)
-
-
-def _size(entity: Entity) -> int:
-    size = 200
-    for name, value in entity.items():
-        size += len(name) + (len(value) * 2 if isinstance(value, str) else 16)
-    return size
-
-
-def transactions(entities: Sequence[Entity]) -> Iterator[list[Entity]]:
-    """Split one partition's rows into transactions of at most 100 rows and ~3 MB."""
-    chunk: list[Entity] = []
-    size = 0
-    for entity in entities:
-        entity_size = _size(entity)
-        if chunk and (len(chunk) >= BATCH_ROWS or size + entity_size > BATCH_BYTES):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(entity)
-        size += entity_size
-    if chunk:
-        yield chunk
 
 
 class WorkItemRepository:

@@ -61,9 +61,9 @@ from azure.data.tables import TableServiceClient
 
 from shared_code.bootstrap import get_container
 from shared_code.domain.workitem import WorkItemType
-from shared_code.state.tablebatch import upsert_transaction
+from shared_code.state.tablebatch import transactions, upsert_transaction
 from shared_code.state.tables import Entity
-from shared_code.state.workitems import partition_of, row_key, transactions
+from shared_code.state.workitems import partition_of, row_key
 from shared_code.workitems.engine import SyncOutcome
 from tests.bench.sync_bench import group_cpu_seconds
 from tests.loopback import netguard
