@@ -28,6 +28,7 @@ from shared_code.itsm.scsm.connector import ScsmConnector
 from shared_code.itsm.scsm.settings import ScsmConnection
 from shared_code.itsm.servicenow.auth import ServiceNowBasicAuth, ServiceNowOAuth
 from shared_code.itsm.servicenow.connector import ServiceNowConnector
+from shared_code.itsm.servicenow.events import EVENT_SEVERITY, EventWriter
 from shared_code.itsm.servicenow.settings import AuthMethod, ServiceNowConnection
 from shared_code.ports.itsm import ConnectorPorts
 from shared_code.secrets import SecretStore, StoredRefreshToken
@@ -68,6 +69,21 @@ def build_servicenow(
     connector = ServiceNowConnector(
         connection.name, connection.server_url, client, auth, close_code=connection.close_code
     )
+    if connection.work_item_type.sends_events:
+        # alerts go to Event Management; the sync still reads incidents and change requests
+        events = EventWriter(
+            connector,
+            event_class=f"Azure Monitor connector ({connection.name})",
+            fallback_severity=EVENT_SEVERITY[connection.default_severity],
+        )
+        return ConnectorPorts(
+            product="ServiceNow",
+            check=events.check,
+            close=connector.close,
+            incidents=events,
+            changes=connector,
+            configuration_items=connector,
+        )
     return ConnectorPorts(
         product="ServiceNow",
         check=connector.check,

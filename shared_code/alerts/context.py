@@ -101,6 +101,17 @@ def _criteria(context: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [item for item in all_of if isinstance(item, Mapping)] if isinstance(all_of, list) else []
 
 
+def first_metric_name(context: object) -> str:
+    """The metric a metric alert's first criterion watches ("Percentage CPU"), else ''."""
+    if not isinstance(context, Mapping):
+        return ""
+    for item in _criteria(context):
+        name = plain(item.get("metricName"), 200)
+        if name:
+            return name
+    return ""
+
+
 def _properties(context: Mapping[str, Any]) -> Mapping[str, Any]:
     properties = context.get("properties")
     return properties if isinstance(properties, Mapping) else {}

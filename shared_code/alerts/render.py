@@ -8,7 +8,7 @@ from datetime import datetime
 from shared_code.alerts.armid import is_guid, is_subscription_scope, resource_name, subscription_of
 from shared_code.domain.alert import AlertSignal
 from shared_code.domain.connection import ConnectionBase, CorrelationMode
-from shared_code.domain.workitem import IncidentDraft
+from shared_code.domain.workitem import AlertFacts, IncidentDraft
 
 SHORT_DESCRIPTION_LIMIT = 160
 DESCRIPTION_LIMIT = 30_000
@@ -125,6 +125,24 @@ def incident_description(signal: AlertSignal, impact: int, urgency: int) -> str:
     return _clip("\n".join(lines), DESCRIPTION_LIMIT)
 
 
+def alert_facts(signal: AlertSignal) -> AlertFacts:
+    """What an event-based product (ServiceNow Event Management) needs besides the incident text."""
+    target = signal.target_ids[0] if signal.target_ids else ""
+    resource = ci_name(signal.primary_ci) or (resource_name(target) if target else "")
+    return AlertFacts(
+        severity=signal.severity,
+        rule=signal.rule,
+        monitoring_service=signal.monitoring_service,
+        signal_type=signal.signal_type,
+        resource=resource,
+        resource_id=target if target.startswith("/subscriptions/") else "",
+        metric_name=signal.metric_name,
+        alert_id=signal.alert_id,
+        fired_at=signal.fired_at,
+        portal_link=signal.portal_link,
+    )
+
+
 def incident_draft(
     connection: ConnectionBase, signal: AlertSignal, key_text: str, correlation: str
 ) -> IncidentDraft:
@@ -142,6 +160,7 @@ def incident_draft(
         create_configuration_item=connection.create_configuration_items and not is_guid(ci),
         assignment_group=connection.assignment_group or None,
         caller=connection.caller or None,
+        alert=alert_facts(signal),
     )
 
 

@@ -25,7 +25,7 @@ from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import ErrorDetails, PydanticCustomError, PydanticSerializationError
 
 from shared_code.alerts.armid import is_arm_id, is_guid, is_subscription_scope, resource_name, subscription_of
-from shared_code.alerts.context import ContextFacts, context_facts, summarize_context
+from shared_code.alerts.context import ContextFacts, context_facts, first_metric_name, summarize_context
 from shared_code.alerts.text import clip, shown
 from shared_code.domain.alert import AlertSignal, MonitorCondition, Severity
 from shared_code.errors import AlertSchemaError, NotCommonSchemaError
@@ -272,6 +272,7 @@ def to_signal(parsed: CommonAlertPayload, *, default_severity: Severity = DEFAUL
             essentials.monitoring_service, context, parsed.data.custom_properties
         ),
         portal_link=portal_link_for(essentials),
+        metric_name=first_metric_name(context),
     )
     return bounded_signal(signal)
 

@@ -65,6 +65,9 @@ class AlertSignal(BaseModel):
         "log query and window, activity-log operation, health event...",
     )
     portal_link: str = ""
+    metric_name: str = Field(
+        default="", max_length=200, description="the first metric criterion's metricName (metric alerts)"
+    )
 
     @property
     def primary_ci(self) -> str:

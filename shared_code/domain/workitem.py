@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared_code.domain.alert import Severity
 from shared_code.errors import InvalidInputError, shown
 
 
@@ -177,6 +178,24 @@ class WorkItemState(StrEnum):
     CLOSED = "closed"
 
 
+class AlertFacts(BaseModel):
+    """The alert behind a draft, for products whose work item is an event rather than an incident
+    (ServiceNow Event Management): severity, what fired and where, in the product's own terms."""
+
+    model_config = ConfigDict(frozen=True)
+
+    severity: Severity
+    rule: str = Field(min_length=1)
+    monitoring_service: str = ""
+    signal_type: str = ""
+    resource: str = Field(default="", description="the primary target's name (a CI or resource name)")
+    resource_id: str = Field(default="", description="the primary target's ARM id, where there is one")
+    metric_name: str = ""
+    alert_id: str = ""
+    fired_at: datetime | None = None
+    portal_link: str = ""
+
+
 class IncidentDraft(BaseModel):
     """What the alert path asks a product to create. Products map it to their own fields."""
 
@@ -193,6 +212,9 @@ class IncidentDraft(BaseModel):
     assignment_group: str | None = None
     caller: str | None = None
     category: str | None = None
+    alert: AlertFacts | None = Field(
+        default=None, description="the alert's own facts, for products that send events (severity, metric)"
+    )
 
     def without_configuration_item(self) -> IncidentDraft:
         """The draft with no CI to link (the CMDB does not know it, or the product has none)."""

@@ -21,6 +21,7 @@ from shared_code.domain.workitem import IncidentDraft, WorkItemState, WorkItemTy
 from shared_code.httpretry import RetryPolicy
 from shared_code.itsm.servicenow.auth import ServiceNowOAuth
 from shared_code.itsm.servicenow.connector import ServiceNowConnector
+from shared_code.itsm.servicenow.events import EventWriter
 from shared_code.ports.itsm import ConnectorPorts
 from tests.fakes.itsm import FakeItsm
 from tests.loopback.servicenow import (
@@ -51,7 +52,7 @@ class Seeder:
         self.add = add
 
 
-def servicenow(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
+def _servicenow_connector(stack: ExitStack) -> tuple[ServiceNowLoopback, ServiceNowConnector]:
     snow = stack.enter_context(ServiceNowLoopback())
     client = stack.enter_context(httpx.Client(verify=loopback_tls().client_context(), timeout=10))
     auth = ServiceNowOAuth(
@@ -66,6 +67,11 @@ def servicenow(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
     policy = RetryPolicy(sleep=lambda _s: None, jitter=lambda cap: 0.0)
     connector = ServiceNowConnector("contract", snow.url, client, auth, retry=policy)
     snow.seed_cis(["contract-vm-1"])
+    return snow, connector
+
+
+def servicenow(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
+    snow, connector = _servicenow_connector(stack)
 
     def add(count: int, start: datetime, end: datetime) -> None:
         snow.seed_work_items("incident", count, start=start, end=end)
@@ -83,6 +89,29 @@ def servicenow(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
     )
 
 
+def servicenow_events(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
+    """ServiceNow with the work item type ``event``: the alert path's writer is Event Management
+    (the lifecycle fits: resolve is a clearing event that closes the em_alert, reopen a new event
+    within the active interval), the sync still reads incidents."""
+    snow, connector = _servicenow_connector(stack)
+    events = EventWriter(connector, event_class="contract")
+
+    def add(count: int, start: datetime, end: datetime) -> None:
+        snow.seed_work_items("incident", count, start=start, end=end)
+
+    return (
+        ConnectorPorts(
+            product="ServiceNow",
+            check=events.check,
+            close=events.close,
+            incidents=events,
+            changes=connector,
+            configuration_items=connector,
+        ),
+        Seeder(add),
+    )
+
+
 def fake(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
     itsm = FakeItsm()
     itsm.cis["contract-vm-1"] = "ci-1"
@@ -91,6 +120,7 @@ def fake(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
 
 IMPLEMENTATIONS: dict[str, Callable[[ExitStack], tuple[ConnectorPorts, Seeder]]] = {
     "servicenow": servicenow,
+    "servicenow-events": servicenow_events,
     "fake": fake,
 }
 

@@ -1456,3 +1456,89 @@ def test_a_rule_firing_on_a_thousand_resources_keeps_its_row_writable(flow: Flow
     assert correlation.configuration_items[-1] == f"{prefix}0999"
     assert len(correlation.alert_ids) == 25
     assert len(flow.notes(flow.incident())) == 24
+
+
+# -- ServiceNow Event Management (work item type event) ------------------------------------------------
+
+
+def _events_of(flow: Flow, key: str) -> list[dict[str, str]]:
+    return sorted(flow.snow.find("em_event", message_key=key), key=lambda rec: rec["processed"])
+
+
+def test_with_work_item_type_event_an_alert_is_one_em_alert_refired_into_it_and_cleared(flow: Flow) -> None:
+    flow.connect("--work-item-type", "event", "--note-interval-minutes", "0")
+    incidents_before = flow.snow.count("incident")
+    fired = alert(alert_id="event-1", fired_at=T0)
+
+    first = flow.send(fired)
+
+    assert first.outcome == "created"
+    key = f"azmon-{flow.correlation().key}-g1"
+    (em_alert,) = flow.snow.find("em_alert", message_key=key)
+    assert em_alert["state"] == "Open"
+    assert em_alert["severity"] == "3"  # Sev2 -> 3 Minor
+    assert first.work_item_number == em_alert["number"]
+    (event,) = _events_of(flow, key)
+    assert event["source"] == "Azure Monitor"
+    assert event["metric_name"] == "Percentage CPU"
+    assert event["time_of_event"] == "2024-05-06 07:00:00"
+    info = json.loads(event["additional_info"])
+    assert info["azure_severity"] == "Sev2"
+    assert info["azure_alert_id"].endswith("/event-1")
+    assert "Percentage CPU Average GreaterThan 80" in event["description"]
+
+    flow.clock.advance(minutes=1)
+    again = flow.send(alert(alert_id="event-1", fired_at=T0 + timedelta(minutes=1)))
+
+    assert again.outcome.startswith("noted")
+    (same,) = flow.snow.find("em_alert", message_key=key)
+    assert same["sys_id"] == em_alert["sys_id"]
+    assert same["event_count"] == "2"
+    assert same["severity"] == "3"  # the repeat keeps the problem's severity
+    assert "the alert fired again" in same["description"]
+
+    flow.clock.advance(minutes=1)
+    resolved = flow.send(resolution(fired, T0 + timedelta(minutes=2)))
+
+    assert resolved.outcome == "resolved"
+    (closed,) = flow.snow.find("em_alert", message_key=key)
+    assert closed["sys_id"] == em_alert["sys_id"]
+    assert closed["state"] == "Closed"
+    assert [e["severity"] for e in _events_of(flow, key)] == ["3", "3", "0"]
+    assert flow.correlation().state is CorrelationState.RESOLVED
+    assert flow.snow.count("incident") == incidents_before  # events only: no incident written by us
+
+
+def test_with_work_item_type_event_a_refire_after_resolution_reopens_the_em_alert(flow: Flow) -> None:
+    flow.connect("--work-item-type", "alert")
+    fired = alert(alert_id="event-2", fired_at=T0, cis=["vm-events-2"])
+    flow.send(fired)
+    flow.send(resolution(fired, T0 + timedelta(minutes=5)))
+    flow.clock.advance(minutes=30)
+
+    again = flow.send(alert(alert_id="event-2b", fired_at=T0 + timedelta(minutes=35), cis=["vm-events-2"]))
+
+    assert again.outcome == "reopened"
+    key = f"azmon-{flow.correlation().key}-g1"
+    (em_alert,) = flow.snow.find("em_alert", message_key=key)
+    assert em_alert["state"] == "Reopen"
+    assert em_alert["node"] == "vm-events-2"
+    assert [e["severity"] for e in _events_of(flow, key)] == ["3", "0", "3"]
+
+
+def test_an_event_connection_without_the_event_role_fails_the_delivery_with_a_clear_error(
+    low_attempts_flow: Flow,
+) -> None:
+    flow = low_attempts_flow
+    flow.connect("--work-item-type", "event")
+    flow.snow.set_roles(flow.snow.username, {"itil"})
+    try:
+        delivery_id = flow.accepted(alert(alert_id="event-3", fired_at=T0)).json()["deliveryId"]
+        flow.deliver()
+        row = flow.delivery(delivery_id)
+    finally:
+        flow.snow.set_roles(flow.snow.username, {"itil", "evt_mgmt_integration"})
+    assert row.status is DeliveryStatus.FAILED
+    assert "HTTP 403" in row.last_error
+    assert "evt_mgmt_integration" in row.last_error
+    assert not any("event-3" in event.get("additional_info", "") for event in flow.snow.records("em_event"))

@@ -10,6 +10,13 @@ the ServiceNow connector cannot tell it from an instance:
   ``_exclude_reference_link`` / ``_no_count``, create, read, update (PATCH and PUT), delete.
 * Tables ``incident``, ``change_request`` (both extend ``task``), ``cmdb_ci`` and its child
   ``cmdb_ci_server``, ``sys_user``, ``sys_user_group`` and the read-only ``sys_journal_field``.
+* Event Management: ``POST /api/global/em/jsonv2`` (``{"records": [...]}``, role
+  ``evt_mgmt_integration``) writes ``em_event`` rows and processes them into ``em_alert`` rows by
+  message key: a new key opens an alert (Alert0010001), a repeat updates it (severity, description,
+  event count), severity 0 (Clear) closes it, and an event for a closed alert reopens it within
+  ``active_interval_seconds`` (``evt_mgmt.active_interval``) or opens a new one after. Both tables
+  are read-only through the Table API. ``defer_event_processing`` keeps events unprocessed (state
+  Ready) until ``process_events()``, as the instance's background job would.
 * Business logic of a stock instance: numbers (INC0010001, CHG0030001), priority from
   impact/urgency, active from state, resolved_at/closed_at stamps, journal fields, and the incident
   data policy (Resolution code and notes are mandatory to resolve or close).
@@ -171,6 +178,44 @@ _CI_FIELDS = (
     "correlation_id",
     "discovery_source",
 )
+_EVENT_FIELDS = (
+    "source",
+    "event_class",
+    "node",
+    "type",
+    "resource",
+    "metric_name",
+    "message_key",
+    "severity",
+    "description",
+    "additional_info",
+    "time_of_event",
+    "resolution_state",
+    "state",
+    "alert",
+    "processed",
+)
+_ALERT_FIELDS = (
+    "number",
+    "source",
+    "event_class",
+    "node",
+    "type",
+    "resource",
+    "metric_name",
+    "message_key",
+    "severity",
+    "state",
+    "description",
+    "additional_info",
+    "initial_event_time",
+    "last_event_time",
+    "event_count",
+    "reopen_count",
+    "cmdb_ci",
+)
+_EVENT_SEVERITIES = {"0": "Clear", "1": "Critical", "2": "Major", "3": "Minor", "4": "Warning", "5": "OK"}
+EVENT_ROLE = "evt_mgmt_integration"
 _SERVER_FIELDS = ("host_name", "os", "os_version", "cpu_count", "ram", "disk_space", "virtual")
 _USER_FIELDS = ("user_name", "name", "first_name", "last_name", "email", "title", "active", "manager")
 _GROUP_FIELDS = ("name", "description", "email", "manager", "active")
@@ -308,6 +353,22 @@ TABLES: dict[str, _TableDef] = {
         _TableDef("sys_user", _SYS_FIELDS + _USER_FIELDS),
         _TableDef("sys_user_group", _SYS_FIELDS + _GROUP_FIELDS),
         _TableDef("sys_journal_field", _JOURNAL_FIELDS, display_field="value", read_only=True),
+        _TableDef(
+            "em_event",
+            _SYS_FIELDS + _EVENT_FIELDS,
+            display_field="message_key",
+            choices={"severity": _EVENT_SEVERITIES},
+            read_only=True,
+        ),
+        _TableDef(
+            "em_alert",
+            _SYS_FIELDS + _ALERT_FIELDS,
+            prefix="Alert",
+            first_number=10001,
+            display_field="number",
+            choices={"severity": _EVENT_SEVERITIES},
+            read_only=True,
+        ),
     )
 }
 _DEFAULTS: dict[str, dict[str, str]] = {
@@ -501,6 +562,7 @@ class ServiceNowHandler(LoopbackHandler):
         self.send_json(status, payload, headers)
 
 
+EVENTS_PATH = "/api/global/em/jsonv2"
 _API_PATH_RE = re.compile(r"/api/now(?:/v[12])?/table/([^/]+)(?:/([^/]*))?/?")
 
 
@@ -549,6 +611,10 @@ class ServiceNowLoopback(LoopbackServer):
         self._seeded_cis: list[str] = []
         self._seeded_groups: list[str] = []
         self._touch_rng = random.Random(99)
+        self._roles: dict[str, set[str]] = {username: {"itil", EVENT_ROLE}}
+        self.active_interval_seconds: float = 3600.0
+        self.defer_event_processing = False
+        self._event_sequence = itertools.count(1)
         self._insert_system_user(ADMIN_USERNAME, "System Administrator")
         if username != ADMIN_USERNAME:
             self._insert_system_user(username, username)
@@ -571,6 +637,22 @@ class ServiceNowLoopback(LoopbackServer):
         with self._lock:
             self._passwords[user_name] = password
             return self._user_ids.get(user_name) or self._insert_system_user(user_name, name or user_name)
+
+    def set_roles(self, user_name: str, roles: Iterable[str]) -> None:
+        """The roles of an API user (``admin`` has every role)."""
+        with self._lock:
+            self._roles[user_name] = set(roles)
+
+    def process_events(self) -> int:
+        """Process the events still waiting (``defer_event_processing``), oldest first; how many."""
+        with self._lock:
+            waiting = sorted(
+                (rec for rec in self._store["em_event"].values() if rec.get("state") == "Ready"),
+                key=itemgetter("sys_created_on", "processed"),
+            )
+            for event in waiting:
+                self._process_event(event)
+            return len(waiting)
 
     def mint_access_token(self, user_name: str | None = None) -> str:
         """An access token without the OAuth round trip (for hand-crafted requests)."""
@@ -787,12 +869,14 @@ class ServiceNowLoopback(LoopbackServer):
                 return 405, _error("Method not Supported", "Method not supported"), {}
             return self._oauth(body)
         match = _API_PATH_RE.fullmatch(path)
-        if match is None:
+        if match is None and path != EVENTS_PATH:
             return 400, _error("Requested URI does not represent any resource", None), {}
         with self._lock:
             user = self._authenticate(authorization)
         if user is None:
             return 401, _NOT_AUTHENTICATED, {"WWW-Authenticate": 'BASIC realm="Service-now"'}
+        if match is None:
+            return self._events_api(method, body, user)
         table, sys_id = match.group(1), match.group(2)
         try:
             return self._table_api(method, table, sys_id or None, flat, body, user)
@@ -1485,6 +1569,108 @@ class ServiceNowLoopback(LoopbackServer):
             )
         if not self._seeded_cis:
             self.seed_cis([f"{kind}-{n:03d}" for kind in ("web", "app", "db", "cache") for n in range(1, 51)])
+
+    # -- Event Management ------------------------------------------------------------------------
+    def _events_api(self, method: str, body: bytes, user: str) -> tuple[int, Any, dict[str, str]]:
+        if method != "POST":
+            return 405, _error("Method not Supported", f"{method} method not supported for API"), {}
+        with self._lock:
+            if user != ADMIN_USERNAME and EVENT_ROLE not in self._roles.get(user, set()):
+                return 403, _error("User Not Authorized", f"The user lacks the {EVENT_ROLE} role"), {}
+        try:
+            payload = json.loads(body) if body else None
+        except ValueError:
+            return 400, _error("Exception while reading request", "The payload is not valid JSON"), {}
+        records = payload.get("records") if isinstance(payload, dict) else None
+        if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+            return 400, _error("Invalid request", "Expected a 'records' array of event objects"), {}
+        for number, raw in enumerate(records, 1):
+            severity = _to_str(raw.get("severity", ""))
+            if severity not in _EVENT_SEVERITIES:
+                return 400, _error("Invalid request", f"Record {number}: severity must be 0..5"), {}
+            if not _to_str(raw.get("source", "")).strip():
+                return 400, _error("Invalid request", f"Record {number}: source is mandatory"), {}
+        with self._lock:
+            for raw in records:
+                fields = {name: _to_str(raw.get(name, "")) for name in _EVENT_FIELDS if name in raw}
+                fields |= {"state": "Ready", "processed": f"{next(self._event_sequence):012d}"}
+                event = self._insert("em_event", fields, user)
+                if not self.defer_event_processing:
+                    self._process_event(event)
+        return 200, {"result": {"Default Bulk Endpoint": f"{len(records)} events were inserted"}}, {}
+
+    def _process_event(self, event: Record) -> None:
+        """Fold one event into its alert by message key (or the default key of its identity fields)."""
+        key = event.get("message_key") or "".join(
+            event.get(name, "") for name in ("source", "node", "type", "resource", "metric_name")
+        )
+        severity = event.get("severity", "")
+        alerts = sorted(
+            (rec for rec in self._store["em_alert"].values() if rec.get("message_key") == key),
+            key=itemgetter("sys_created_on", "number"),
+        )
+        alert = alerts[-1] if alerts else None
+        now = self._now()
+        update = {
+            name: event[name]
+            for name in (
+                "severity",
+                "description",
+                "additional_info",
+                "node",
+                "type",
+                "resource",
+                "metric_name",
+            )
+            if event.get(name)
+        } | {"last_event_time": event.get("time_of_event") or _ts(now)}
+        outcome = "Ignored"
+        if alert is not None and alert.get("state") != "Closed":
+            count = str(int(alert.get("event_count", "0")) + 1)
+            if severity == "0":
+                self._update(alert, update | {"state": "Closed", "event_count": count}, "system")
+            else:
+                self._update(alert, update | {"event_count": count}, "system")
+            outcome = "Processed"
+        elif severity != "0":
+            updated = datetime.strptime(alert["sys_updated_on"], TS).replace(tzinfo=UTC) if alert else None
+            if (
+                alert is not None
+                and updated is not None
+                and (now - updated).total_seconds() <= (self.active_interval_seconds)
+            ):
+                reopened = str(int(alert.get("reopen_count", "0")) + 1)
+                count = str(int(alert.get("event_count", "0")) + 1)
+                fields = update | {"state": "Reopen", "event_count": count, "reopen_count": reopened}
+                self._update(alert, fields, "system")
+            else:
+                fields = {
+                    name: event.get(name, "")
+                    for name in ("source", "event_class", "node", "type", "resource", "metric_name")
+                }
+                fields |= update | {
+                    "message_key": key,
+                    "state": "Open",
+                    "event_count": "1",
+                    "initial_event_time": update["last_event_time"],
+                }
+                node = event.get("node", "")
+                ci = next(
+                    (
+                        sys_id
+                        for sys_id, rec in self._store["cmdb_ci"].items()
+                        if node and rec.get("name") == node
+                    ),
+                    "",
+                )
+                if ci:
+                    fields["cmdb_ci"] = ci
+                alert = self._insert("em_alert", fields, "system")
+            outcome = "Processed"
+        changes = {"state": outcome}
+        if alert is not None and outcome == "Processed":
+            changes["alert"] = alert["sys_id"]
+        self._update(event, changes, "system")
 
     # -- control endpoints -------------------------------------------------------------------------
     def _control(self, method: str, path: str, body: bytes) -> tuple[int, Any, dict[str, str]]:

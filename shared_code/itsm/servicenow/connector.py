@@ -338,10 +338,14 @@ class ServiceNowConnector:
         *,
         sys_id: str | None = None,
         params: Mapping[str, str] | None = None,
-        json: Mapping[str, str] | None = None,
+        json: Mapping[str, Any] | None = None,
         idempotent: bool = True,
+        path: str | None = None,
     ) -> dict[str, Any]:
-        path = f"{TABLE_API}/{table}" + (f"/{quote(sys_id, safe='')}" if sys_id is not None else "")
+        """One call to the Table API (``table``), or to another REST API at ``path`` (then ``table``
+        only names the call in errors)."""
+        if path is None:
+            path = f"{TABLE_API}/{table}" + (f"/{quote(sys_id, safe='')}" if sys_id is not None else "")
         url = self._instance + path
         headers = {"Accept": "application/json"}
 

@@ -18,6 +18,21 @@ class AuthMethod(StrEnum):
     BASIC = "basic"
 
 
+class ServiceNowWorkItemType(StrEnum):
+    """What an alert becomes in ServiceNow: an incident (Table API) or an Event Management event.
+
+    ``event`` and ``alert`` send the same events (``/api/global/em/jsonv2``); ``alert`` names what
+    Event Management makes of them (an ``em_alert``), as the retired connector's choice did."""
+
+    INCIDENT = "incident"
+    EVENT = "event"
+    ALERT = "alert"
+
+    @property
+    def sends_events(self) -> bool:
+        return self is not ServiceNowWorkItemType.INCIDENT
+
+
 class ServiceNowConnection(ConnectionBase):
     partner_type: Literal["servicenow"] = "servicenow"
     private_instance: bool = Field(
@@ -41,6 +56,12 @@ class ServiceNowConnection(ConnectionBase):
         max_length=80,
         description="resolution code set when an alert resolves its incident",
         json_schema_extra={"cli": "--close-code"},
+    )
+
+    work_item_type: ServiceNowWorkItemType = Field(
+        default=ServiceNowWorkItemType.INCIDENT,
+        description="what an alert becomes: incident, or event / alert (Event Management events)",
+        json_schema_extra={"cli": "--work-item-type"},
     )
 
     @model_validator(mode="after")
