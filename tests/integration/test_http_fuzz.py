@@ -43,7 +43,7 @@ EXAMPLES = {
 }
 # Growth of the worker's peak RSS over one route's fuzz run. It also holds the loopback servers'
 # threads and the allocator's retained arenas, which swing with the machine's load (200 MB was
-# exceeded once on a loaded machine with no leak); a leak of 0.5 MB per request still fails it.
+# exceeded once on a loaded machine with no leak); a leak of 1 MB per request still fails it.
 MAX_RSS_GROWTH_MB = 400
 MAX_PEAK_PER_PAYLOAD_MB = 48
 
