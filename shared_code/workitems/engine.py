@@ -331,9 +331,17 @@ class SyncEngine:
 
     @staticmethod
     def _check_progress(cursor: SyncCursor, page: SyncPage) -> None:
-        """A connector that returns the same position with more to come would loop for ever."""
-        if not page.is_last and not page.items and not page.rejected and page.next_cursor == cursor:
-            raise ItsmError("the ITSM connector returned an empty page without moving its cursor")
+        """A page with more to come must move the keyset position forward: a connector that answers
+        the same (or an earlier) position would loop for ever, and a CLI run has no time budget."""
+        if page.is_last:
+            return
+        moved = (page.next_cursor.updated_at, page.next_cursor.last_id) > (cursor.updated_at, cursor.last_id)
+        if not moved:
+            raise ItsmError(
+                "the ITSM connector returned a page that does not move its cursor forward "
+                f"({page.next_cursor.updated_at.isoformat()} {page.next_cursor.last_id[:40]!r} after "
+                f"{cursor.updated_at.isoformat()} {cursor.last_id[:40]!r}); stopping instead of looping"
+            )
 
     def _commit(self, run: _Run, pool: ThreadPoolExecutor, page: SyncPage) -> None:
         """Store one page everywhere; raises if any part fails (the watermark then stays put)."""

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from shared_code.bootstrap import Container
 from shared_code.domain.connection import ConnectionBase, SyncData
 from shared_code.domain.correlation import Correlation, CorrelationState
 from shared_code.domain.runs import RunRecord, SyncStateRow
@@ -20,6 +21,7 @@ from shared_code.errors import (
     AlreadyExistsError,
     EtagConflict,
     ItsmAuthError,
+    ItsmError,
     ItsmUnavailableError,
     NotFoundError,
     StateError,
@@ -28,6 +30,8 @@ from shared_code.itsm.servicenow.mapping import lifecycle_of
 from shared_code.ports.itsm import ConnectorPorts
 from shared_code.ports.monitor import CloseOutcome
 from shared_code.products import parse_connection
+from shared_code.state import workitems as workitems_table
+from shared_code.state.workitems import WorkItemRepository
 from shared_code.workitems.backsync import BackSync, finished_state, parse_correlation_id
 from shared_code.workitems.engine import SyncEngine, SyncOutcome, SyncProgress
 from tests.fakes.state import InMemoryCorrelations
@@ -818,3 +822,69 @@ def test_sync_run_shows_progress_on_a_terminal_and_a_summary_and_fails_on_failur
     assert "\r" not in piped.getvalue()
     with pytest.raises(InvalidInputError):
         sync_run(container, "alpha", ["problems"], piped, False)  # type: ignore[arg-type]
+
+
+# -- the run machinery as the engine uses it -----------------------------------------------------
+
+
+def test_a_connector_whose_cursor_stops_moving_cannot_loop_a_cli_run_for_ever() -> None:
+    h = Harness(page_size=5)
+    for n in range(1, 21):
+        h.feed.add(n, NOW - timedelta(hours=1) + timedelta(minutes=n))
+    real_fetch = h.feed.fetch_changes
+
+    def stuck(item_type: WorkItemType, cursor: SyncCursor, page_size: int) -> SyncPage:
+        if len(h.feed.cursors) > 50:  # the test's own bound, so a regression fails instead of hanging
+            raise ItsmError("looped 50 times")
+        page = real_fetch(item_type, cursor, page_size)
+        if len(h.feed.cursors) >= 2:  # from the second page on: the same rows, the same position
+            return page.model_copy(update={"next_cursor": cursor, "is_last": False})
+        return page
+
+    h.feed.fetch_changes = stuck  # type: ignore[method-assign]
+    [result] = h.engine.run(trigger="cli")  # no time budget: only the progress check can stop it
+    assert result.outcome is SyncOutcome.FAILED
+    assert "does not move its cursor forward" in result.error
+    assert len(h.feed.cursors) <= 3
+
+
+def test_the_sync_lease_is_renewed_with_every_committed_page() -> None:
+    h = Harness(page_size=5)
+    for n in range(1, 21):
+        h.feed.add(n, NOW - timedelta(hours=1) + timedelta(minutes=n))
+    leases: list[datetime | None] = []
+
+    def slow_write(index: int) -> None:
+        h.clock.now += timedelta(minutes=3)  # each page takes longer than half a 5-minute lease
+        row = h.state.get("snow", "incidents")
+        leases.append(row.lease_until if row else None)
+
+    h.sinks[0].before_write = slow_write
+    [result] = h.engine.run()
+    assert result.outcome is SyncOutcome.SUCCEEDED
+    assert result.synced == 20
+    # every page found the lease renewed by the previous page's commit: it never lapsed
+    renewed = [until for until in leases if until is not None]
+    assert len(renewed) == len(leases) == 4
+    assert renewed == sorted(renewed)
+    assert len(set(renewed)) == len(renewed)
+    assert all(
+        until > moment
+        for until, moment in zip(
+            renewed, [NOW + timedelta(minutes=3 * (i + 1)) for i in range(4)], strict=True
+        )
+    )
+
+
+def test_a_page_with_the_same_item_twice_keeps_the_newer_version_in_the_table(app: Container) -> None:
+    repository = WorkItemRepository(app.tables.table(workitems_table.TABLE))
+    old = item("snow", 7, NOW - timedelta(minutes=5), title="before the edit")
+    new = item("snow", 7, NOW - timedelta(minutes=1), title="after the edit")
+    assert repository.upsert_many([new, old]) == 1  # newer first: order in the page does not matter
+    stored = repository.get("snow", INC, old.source_id)
+    assert stored is not None
+    assert stored.title == "after the edit"
+    assert repository.upsert_many([old, new]) == 1
+    stored = repository.get("snow", INC, old.source_id)
+    assert stored is not None
+    assert stored.title == "after the edit"
