@@ -45,7 +45,7 @@ class Product:
 
     options: list[str]
     stdin: str
-    resolve: Callable[[str], None]
+    resolve: Callable[[str], object]
 
 
 def cherwell(stack: LoopbackStack, things: ExitStack) -> Product:
