@@ -31,6 +31,7 @@ from shared_code.bootstrap import Container
 from shared_code.domain.workitem import WorkItemType
 from shared_code.state import workitems as workitems_table
 from shared_code.state.workitems import WorkItemRepository
+from tests.demo_products import run_products_demo
 from tests.hostsim import FunctionHost
 from tests.loopback.stack import LOGS_STREAM, LoopbackStack
 
@@ -250,6 +251,7 @@ def main() -> int:
         say(f"  Entra ID {stack.entra.url}   Logs Ingestion {stack.logs.url}   ARM {stack.alerts.url}")
         with stack.app() as container:
             Demo(stack, container).run()
+            run_products_demo(stack, container)
     heading("Done")
     say(f"Stopped everything the demo started ({time.perf_counter() - started:.1f}s in all).")
     return 0

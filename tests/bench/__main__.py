@@ -14,6 +14,9 @@ BENCHMARKS = (
     "tests.bench.sync_bench",
     "tests.bench.maps_render_bench",
     "tests.bench.maps_sources_bench",
+    "tests.bench.cherwell_bench",
+    "tests.bench.provance_bench",
+    "tests.bench.scsm_bench",
 )
 
 

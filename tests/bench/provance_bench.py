@@ -12,8 +12,9 @@ and Key Vault of ``LoopbackStack``, and a loopback Dataverse seeded with ``PROVA
     plain ``httpx.Client`` with one Entra token from azure-identity, sending the connector's first
     query (same ``$select``, ``$filter``, ``$orderby``, page size ``SYNC_PAGE_SIZE`` = 1,000) and
     following ``@odata.nextLink``, parsing each page's JSON, and writing every row (its columns as
-    properties) to a fresh Azurite table with the SDK's batched upserts (``submit_transaction``, 100
-    rows per partition transaction, the WorkItems partitioning). *Ours* is ``sync_engine.run`` of a
+    properties) to a fresh Azurite table the way the engine writes (``tests/bench/rawsync.py``: the
+    next page fetched while one is written, ``upsert_transaction`` batches of at most 100 rows, the
+    WorkItems partitioning, partitions in parallel). *Ours* is ``sync_engine.run`` of a
     new connection added with the CLI, to a fresh table prefix: the same paging, the mapping to
     ``WorkItem``, the WorkItems upserts, a watermark per page, the lease and the Runs record. Log
     Analytics is off, so the table is the one sink for both. Target: >= 0.8; below it the benchmark
@@ -27,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from collections import defaultdict
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -39,8 +40,10 @@ from shared_code.bootstrap import get_container
 from shared_code.domain.workitem import WorkItemType
 from shared_code.itsm.provance.connector import FORMATTED_VALUES
 from shared_code.itsm.provance.mapping import TableInfo
+from shared_code.state.tables import Entity
 from shared_code.state.workitems import partition_of, row_key
 from shared_code.workitems.engine import SyncOutcome
+from tests.bench.rawsync import RawFetchError, fetch_and_write
 from tests.loopback import netguard
 from tests.loopback.azurite import Azurite
 from tests.loopback.provance import (
@@ -72,7 +75,7 @@ def log(message: str) -> None:
 
 
 def raw_pass(dataverse: DataverseLoopback, azurite: Azurite, table_name: str) -> tuple[int, float]:
-    """Page with plain httpx (following nextLink) and upsert every row with the SDK; (rows, seconds)."""
+    """Page with plain httpx (following nextLink), write every row as the engine writes; (rows, s)."""
     info = TableInfo(
         "incident",
         "incidents",
@@ -105,29 +108,33 @@ def raw_pass(dataverse: DataverseLoopback, azurite: Azurite, table_name: str) ->
         "$filter": f"modifiedon gt {since}",
         "$orderby": "modifiedon asc,versionnumber asc",
     }
-    url: str | None = f"{dataverse.url}/api/data/v9.2/incidents"
-    seen = 0
+    url = f"{dataverse.url}/api/data/v9.2/incidents"
+
+    def pages(http: httpx.Client) -> Iterator[list[Entity]]:
+        next_url: str | None = url
+        query: dict[str, str] | None = params
+        while next_url is not None:
+            response = http.get(next_url, params=query, headers=headers)
+            response.raise_for_status()
+            body = response.json()
+            rows: list[dict[str, Any]] = body["value"]
+            entities: list[Entity] = []
+            for row in rows:
+                entity: Entity = {
+                    k.replace("@", "_").replace(".", "_"): v for k, v in row.items() if v is not None
+                }
+                entity["PartitionKey"] = partition_of("raw", WorkItemType.INCIDENT, row["incidentid"])
+                entity["RowKey"] = row_key(row["incidentid"])
+                entities.append(entity)
+            yield entities
+            next_url, query = body.get("@odata.nextLink"), None
+
     with (
         httpx.Client(verify=loopback_tls().client_context(), timeout=60) as http,
         TableServiceClient.from_connection_string(azurite.connection_string) as service,
     ):
         table = service.create_table_if_not_exists(table_name)
-        while url is not None:
-            response = http.get(url, params=params, headers=headers)
-            response.raise_for_status()
-            body = response.json()
-            rows: list[dict[str, Any]] = body["value"]
-            seen += len(rows)
-            batches: dict[str, list[dict[str, Any]]] = defaultdict(list)
-            for row in rows:
-                entity = {k.replace("@", "_").replace(".", "_"): v for k, v in row.items() if v is not None}
-                entity["PartitionKey"] = partition_of("raw", WorkItemType.INCIDENT, row["incidentid"])
-                entity["RowKey"] = row_key(row["incidentid"])
-                batches[entity["PartitionKey"]].append(entity)
-            for entities in batches.values():
-                for at in range(0, len(entities), 100):
-                    table.submit_transaction([("upsert", e) for e in entities[at : at + 100]])
-            url, params = body.get("@odata.nextLink"), None
+        seen = fetch_and_write(table, lambda: pages(http))
     credential.close()
     return seen, time.perf_counter() - started
 
@@ -208,7 +215,7 @@ def main() -> int:
 def run() -> int:
     try:
         return main()
-    except BenchError as exc:
+    except (BenchError, RawFetchError) as exc:
         log(f"FAILED: {exc}")
         return 1
 

@@ -26,7 +26,8 @@ Figure (stdout, ``name: value``; progress and detail on stderr):
     TLS) signs in once and walks ``GetProjectionByCriteria`` over ``LastModified`` windows sized to
     bring about a page each (``SYNC_PAGE_SIZE``) on a fetching thread, parsing each answer's JSON,
     while the main thread writes the previous window's rows, as entities with the same columns
-    built straight from the JSON, with batched upserts (``upsert_transaction``: at most 100 rows per
+    built straight from the JSON, written the way the engine writes (``tests/bench/rawsync.py``:
+    batched upserts with ``upsert_transaction``, at most 100 rows per
     partition transaction, partitions in parallel, the same partitioning) into a fresh table of the
     same Azurite. No mapping model, no watermark, no lease.
 
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import signal
 import statistics
 import subprocess
@@ -50,7 +50,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
@@ -61,10 +60,10 @@ from azure.data.tables import TableServiceClient
 
 from shared_code.bootstrap import get_container
 from shared_code.domain.workitem import WorkItemType
-from shared_code.state.tablebatch import transactions, upsert_transaction
 from shared_code.state.tables import Entity
 from shared_code.state.workitems import partition_of, row_key
 from shared_code.workitems.engine import SyncOutcome
+from tests.bench.rawsync import RawFetchError, fetch_and_write
 from tests.bench.sync_bench import group_cpu_seconds
 from tests.loopback import netguard
 from tests.loopback import scsm as portal
@@ -267,54 +266,33 @@ def raw_windows(http: httpx.Client, token: str, page_size: int) -> Iterator[list
 def raw_pass(
     server: PortalProcess, azurite: Azurite, table_name: str, page_size: int
 ) -> tuple[int, int, float]:
-    """(rows, requests, seconds) of plain paging with the rows written as they come."""
+    """(rows, requests, seconds) of plain paging with the rows written as the engine writes."""
     service = TableServiceClient.from_connection_string(azurite.connection_string)
     table = service.create_table_if_not_exists(table_name)
-    pages: queue.Queue[list[dict[str, Any]] | None] = queue.Queue(maxsize=1)
-    failure: list[BaseException] = []
     requests = 0
     started = time.perf_counter()
 
-    def fetch() -> None:
+    def pages() -> Iterator[list[Entity]]:
         nonlocal requests
-        try:
-            with httpx.Client(
-                base_url=server.url, verify=loopback_tls().client_context(), timeout=60
-            ) as http:
-                body = {
-                    "UserName": portal.DEFAULT_USERNAME,
-                    "Password": portal.DEFAULT_PASSWORD,
-                    "LanguageCode": "ENU",
-                }
-                token = http.post("/api/V3/Authorization/GetToken", json=body).json()
-                for rows in raw_windows(http, token, page_size):
-                    requests += 1
-                    pages.put(rows)
-        except BaseException as exc:  # reported by the writer below
-            failure.append(exc)
-        finally:
-            pages.put(None)
+        with httpx.Client(base_url=server.url, verify=loopback_tls().client_context(), timeout=60) as http:
+            body = {
+                "UserName": portal.DEFAULT_USERNAME,
+                "Password": portal.DEFAULT_PASSWORD,
+                "LanguageCode": "ENU",
+            }
+            token = http.post("/api/V3/Authorization/GetToken", json=body).json()
+            for rows in raw_windows(http, token, page_size):
+                requests += 1
+                yield [raw_entity("raw", row) for row in rows]
 
-    written = 0
-    fetcher = threading.Thread(target=fetch, daemon=True)
-    fetcher.start()
-    with ThreadPoolExecutor(8) as pool:
-        while (rows := pages.get()) is not None:
-            partitions: dict[str, list[Entity]] = {}
-            for row in rows:
-                entity = raw_entity("raw", row)
-                partitions.setdefault(str(entity["PartitionKey"]), []).append(entity)
-            chunks = [chunk for entities in partitions.values() for chunk in transactions(entities)]
-            for future in [pool.submit(upsert_transaction, table, chunk) for chunk in chunks]:
-                future.result()
-            written += len(rows)
-    fetcher.join()
-    seconds = time.perf_counter() - started
-    table.close()
-    service.close()
-    if failure:
-        raise BenchError(f"raw paging failed: {failure[0]!r}")
-    return written, requests, seconds
+    try:
+        written = fetch_and_write(table, pages)
+    except RawFetchError as exc:
+        raise BenchError(str(exc)) from exc
+    finally:
+        table.close()
+        service.close()
+    return written, requests, time.perf_counter() - started
 
 
 # -- ours: the app's sync engine -------------------------------------------------------------------

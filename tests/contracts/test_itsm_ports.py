@@ -19,11 +19,19 @@ from pydantic import SecretStr
 from shared_code.domain.sync import SyncCursor
 from shared_code.domain.workitem import IncidentDraft, WorkItemState, WorkItemType
 from shared_code.httpretry import RetryPolicy
+from shared_code.itsm.cherwell.settings import CherwellConnection
+from shared_code.itsm.provance.settings import ProvanceConnection
+from shared_code.itsm.scsm.settings import ScsmConnection
 from shared_code.itsm.servicenow.auth import ServiceNowOAuth
 from shared_code.itsm.servicenow.connector import ServiceNowConnector
 from shared_code.itsm.servicenow.events import EventWriter
 from shared_code.ports.itsm import ConnectorPorts
+from shared_code.products import build_connector
 from tests.fakes.itsm import FakeItsm
+from tests.loopback import cherwell as cherwell_loopback
+from tests.loopback import provance as provance_loopback
+from tests.loopback import scsm as scsm_loopback
+from tests.loopback.entra import EntraLoopback
 from tests.loopback.servicenow import (
     DEFAULT_CLIENT_ID,
     DEFAULT_CLIENT_SECRET,
@@ -43,6 +51,22 @@ class _TokenStore:
 
     def save(self, token: str) -> None:
         self.token = token
+
+
+class _Secrets:
+    """The secret store the registry reads a connection's password or client secret from."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = {name: SecretStr(value) for name, value in values.items()}
+
+    def get(self, name: str) -> SecretStr | None:
+        return self.values.get(name)
+
+    def set(self, name: str, value: SecretStr) -> None:
+        self.values[name] = value
+
+    def delete(self, name: str) -> None:
+        self.values.pop(name, None)
 
 
 class Seeder:
@@ -112,6 +136,77 @@ def servicenow_events(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
     )
 
 
+def _tls_client(stack: ExitStack) -> httpx.Client:
+    return stack.enter_context(httpx.Client(verify=loopback_tls().client_context(), timeout=10))
+
+
+def cherwell(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
+    """Built by the product registry, as the app builds it; the CI is a ConfigServer record."""
+    server = stack.enter_context(cherwell_loopback.CherwellLoopback())
+    server.insert_record("ConfigServer", FriendlyName="contract-vm-1")
+    connection = CherwellConnection.model_validate(
+        {
+            "name": "contract-cw",
+            "server_url": server.url,
+            "username": cherwell_loopback.DEFAULT_USERNAME,
+            "client_id": cherwell_loopback.DEFAULT_CLIENT_ID,
+        }
+    )
+    secrets = _Secrets({connection.password_secret_name: cherwell_loopback.DEFAULT_PASSWORD})
+    ports = build_connector(connection, secrets, _tls_client(stack))
+
+    def add(count: int, start: datetime, end: datetime) -> None:
+        server.seed_work_items("Incident", count, start=start, end=end)
+
+    return ports, Seeder(add)
+
+
+def provance(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
+    """Dataverse behind the loopback Entra; the registry's credential trusts the loopback CA the way
+    the app's does (``TLS_CA_BUNDLE``). Provance offers no CI lookup (its CMDB tables are site-specific)."""
+    entra = stack.enter_context(EntraLoopback())
+    server = provance_loopback.DataverseLoopback(entra).start()
+    stack.callback(server.stop)
+    provance_loopback.register_app(server)
+    for name in provance_loopback.PEOPLE:
+        server.add_user(name)
+    account = server.add_account("Contoso contract")
+    environment = stack.enter_context(pytest.MonkeyPatch.context())
+    environment.setenv("TLS_CA_BUNDLE", loopback_tls().ca_bundle_path)
+    connection = ProvanceConnection.model_validate(
+        {
+            "name": "contract-pv",
+            "server_url": server.url,
+            "username": provance_loopback.PROVANCE_APP_ID,
+            "tenant_id": entra.tenant_id,
+            "authority_host": entra.url,
+            "private_instance": True,
+            "customer": f"accounts({account})",
+        }
+    )
+    secrets = _Secrets({connection.client_secret_name: provance_loopback.PROVANCE_APP_SECRET})
+    ports = build_connector(connection, secrets, _tls_client(stack))
+
+    def add(count: int, start: datetime, end: datetime) -> None:
+        server.seed(connection.incident_table, count, start=start, end=end)
+
+    return ports, Seeder(add)
+
+
+def scsm(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
+    """The Cireson portal over SCSM; the CI is an active Windows computer the portal knows."""
+    server = stack.enter_context(scsm_loopback.ScsmLoopback())
+    server.add_ci("contract-vm-1")
+    connection = ScsmConnection(name="contract-scsm", server_url=server.url, username=server.username)
+    secrets = _Secrets({connection.password_secret_name: server.password})
+    ports = build_connector(connection, secrets, _tls_client(stack))
+
+    def add(count: int, start: datetime, end: datetime) -> None:
+        server.seed_work_items(scsm_loopback.INCIDENT, count, start=start, end=end)
+
+    return ports, Seeder(add)
+
+
 def fake(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
     itsm = FakeItsm()
     itsm.cis["contract-vm-1"] = "ci-1"
@@ -121,6 +216,9 @@ def fake(stack: ExitStack) -> tuple[ConnectorPorts, Seeder]:
 IMPLEMENTATIONS: dict[str, Callable[[ExitStack], tuple[ConnectorPorts, Seeder]]] = {
     "servicenow": servicenow,
     "servicenow-events": servicenow_events,
+    "cherwell": cherwell,
+    "provance": provance,
+    "scsm": scsm,
     "fake": fake,
 }
 
@@ -169,14 +267,28 @@ def test_an_incident_goes_through_its_lifecycle(product: tuple[ConnectorPorts, S
     assert writer.get_state(ref) is WorkItemState.OPEN
 
 
-def test_configuration_items_are_found_by_name_and_unknown_ones_are_none(
-    product: tuple[ConnectorPorts, Seeder],
-) -> None:
-    ports, _ = product
-    if ports.configuration_items is None:
-        pytest.skip(f"{ports.product} offers no CI lookup")  # a capability the registry says it lacks
-    assert ports.configuration_items.ensure_configuration_item("contract-vm-1", create=False)
-    assert ports.configuration_items.ensure_configuration_item("no-such-ci-anywhere", create=False) is None
+WITHOUT_CI_LOOKUP = {"provance"}
+"""Products whose registry entry offers no ``configuration_items`` port (their CMDB is site-specific)."""
+
+
+@pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))
+def test_a_product_offers_ci_lookup_exactly_where_the_registry_says(name: str) -> None:
+    with ExitStack() as stack:
+        ports, _ = IMPLEMENTATIONS[name](stack)
+        assert (ports.configuration_items is None) == (name in WITHOUT_CI_LOOKUP)
+        ports.close()
+
+
+@pytest.mark.parametrize("name", sorted(set(IMPLEMENTATIONS) - WITHOUT_CI_LOOKUP))
+def test_configuration_items_are_found_by_name_and_unknown_ones_are_none(name: str) -> None:
+    with ExitStack() as stack:
+        ports, _ = IMPLEMENTATIONS[name](stack)
+        assert ports.configuration_items is not None
+        assert ports.configuration_items.ensure_configuration_item("contract-vm-1", create=False)
+        assert (
+            ports.configuration_items.ensure_configuration_item("no-such-ci-anywhere", create=False) is None
+        )
+        ports.close()
 
 
 def test_the_change_feed_pages_in_keyset_order_without_gaps_or_repeats(
@@ -190,19 +302,24 @@ def test_the_change_feed_pages_in_keyset_order_without_gaps_or_repeats(
     seeder.add(45, end - timedelta(days=2), end)
     cursor = SyncCursor(updated_at=end - timedelta(days=3))
     seen: list[str] = []
-    last: tuple[datetime, str] | None = None
+    last: datetime | None = None
     for _ in range(100):  # bounded: 45 rows in pages of 10
         page = ports.changes.fetch_changes(WorkItemType.INCIDENT, cursor, 10)
         for item in page.items:
-            position = (item.updated_at, item.source_id)
-            assert last is None or position > last, "pages must follow (updated_at, id) order"
-            last = position
+            # ties on one update time follow the product's own keyset (the cursor's last_id is the
+            # product's: a record id for most, Dataverse's row version for Provance), so only the
+            # time order is common to all; gaps and repeats are caught by the count below
+            assert last is None or item.updated_at >= last, "pages must follow updated_at order"
+            last = item.updated_at
+            assert cursor.updated_at <= item.updated_at <= page.next_cursor.updated_at
             seen.append(item.source_id)
             assert item.lifecycle is not None, "the product's mapping sets the normalised lifecycle"
         assert (page.next_cursor.updated_at, page.next_cursor.last_id) >= (cursor.updated_at, cursor.last_id)
+        if page.items:
+            assert page.next_cursor != cursor, "a page with rows moves the cursor past them"
         cursor = page.next_cursor
         if page.is_last:
             break
     else:
         pytest.fail("the change feed never reported its last page")
-    assert len(seen) == len(set(seen)) >= 45
+    assert len(seen) == len(set(seen)) >= 45, "every seeded row once, none twice"
