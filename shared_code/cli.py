@@ -260,13 +260,25 @@ class Cli:
         if not results:
             self.say("nothing to redrive")
             return EXIT_OK
-        failed = 0
-        for d in results:
+        failed = unreachable = 0
+        for redriven in results:
+            d = redriven.delivery
+            if redriven.storage_error:
+                unreachable += 1
+                self.say(f"{d.delivery_id} not redriven: {redriven.storage_error[:300]}")
+                continue
             failed += d.status is DeliveryStatus.FAILED
             detail = d.work_item_number or d.last_error[:200]
             self.say(f"{d.delivery_id} {d.status.value}: {d.outcome or ''} {detail}".rstrip())
-        self.say(f"redrove {len(results)}: {len(results) - failed} delivered, {failed} failed")
-        return EXIT_FAILED if failed else EXIT_OK
+        delivered = len(results) - failed - unreachable
+        summary = f"redrove {len(results)}: {delivered} delivered, {failed} failed"
+        if unreachable:
+            summary += (
+                f", {unreachable} not redriven (storage failed for them: run the redrive again "
+                "once the storage account answers)"
+            )
+        self.say(summary)
+        return EXIT_FAILED if failed or unreachable else EXIT_OK
 
     # -- sync ----------------------------------------------------------------------------------
 
