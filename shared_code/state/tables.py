@@ -93,9 +93,9 @@ which Azurite (Node's keep-alive timeout) closes it, and far below Azure Storage
 WRITE_ATTEMPTS = 3
 """Attempts of a write that is safe to repeat when the connection fails under it."""
 _WRITE_PAUSE = 0.05
-_NO_SDK_TRANSPORT_RETRIES: dict[str, Any] = {"retry_connect": 0, "retry_read": 0}
-"""Per-call options: the SDK's policy leaves transport errors of writes to ``_repeat`` (which knows
-what a repeat means) and still retries 5xx answers itself."""
+NO_SDK_TRANSPORT_RETRIES: dict[str, Any] = {"retry_connect": 0, "retry_read": 0}
+"""Per-call options: the SDK's policy leaves transport errors of writes to ``repeat_safe_write``
+(which knows what a repeat means) and still retries 5xx answers itself."""
 CONNECTION_ERRORS = (ServiceRequestError, ServiceResponseError)
 _IDLE_SINCE = "_itsm_idle_since"
 
@@ -178,7 +178,7 @@ def transport_options(
     )
     session = Session()
     session.trust_env = False
-    # retries stay with the SDK's own retry policy (and _repeat for writes), not urllib3's
+    # retries stay with the SDK's own retry policy (and repeat_safe_write), not urllib3's
     adapter = _IdleClosingAdapter(
         idle_seconds=idle_seconds,
         pool_maxsize=POOL_SIZE,
@@ -296,16 +296,18 @@ def _with_etag(entity: Any) -> Entity:
     return result
 
 
-def _repeat(
+def repeat_safe_write(
     action: str,
     call: Callable[[], T],
     *,
     conflict_after_repeat: Callable[[], T | None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """``call``, repeated on a connection error (bounded). A conflict met by a repeat may be this
-    write's own first attempt, which landed while its answer was lost: ``conflict_after_repeat``
-    says so (it returns the result to use) or not (None: the conflict stands)."""
+    """``call`` (a write that is safe to repeat), repeated on a connection error (bounded).
+
+    A conflict met by a repeat may be this write's own first attempt, which landed while its
+    answer was lost: ``conflict_after_repeat`` says so (it returns the result to use) or not
+    (None: the conflict stands)."""
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
             return call()
@@ -351,9 +353,9 @@ def insert_entity(table: TableClient, entity: Entity) -> str:
     """Conditional insert: AlreadyExistsError when the row is there. Returns the new ETag."""
     action = f"inserting into {table.table_name}"
     with translate_errors(action):
-        result = _repeat(
+        result = repeat_safe_write(
             action,
-            lambda: table.create_entity(entity, **_NO_SDK_TRANSPORT_RETRIES),
+            lambda: table.create_entity(entity, **NO_SDK_TRANSPORT_RETRIES),
             conflict_after_repeat=lambda: _own_row(table, entity),
         )
     return str(result.get("etag", ""))
@@ -364,14 +366,14 @@ def replace_if_match(table: TableClient, entity: Entity, etag: str) -> str:
     action = f"updating {table.table_name}"
     try:
         with translate_errors(action):
-            result = _repeat(
+            result = repeat_safe_write(
                 action,
                 lambda: table.update_entity(
                     entity,
                     mode=UpdateMode.REPLACE,
                     etag=etag,
                     match_condition=MatchConditions.IfNotModified,
-                    **_NO_SDK_TRANSPORT_RETRIES,
+                    **NO_SDK_TRANSPORT_RETRIES,
                 ),
                 conflict_after_repeat=lambda: _own_row(table, entity),
             )
@@ -384,8 +386,8 @@ def merge_entity(table: TableClient, entity: Entity) -> None:
     """Upsert-merge: the columns given win, others stay (repeated on a connection error)."""
     action = f"updating {table.table_name}"
     with translate_errors(action):
-        _repeat(
-            action, lambda: table.upsert_entity(entity, mode=UpdateMode.MERGE, **_NO_SDK_TRANSPORT_RETRIES)
+        repeat_safe_write(
+            action, lambda: table.upsert_entity(entity, mode=UpdateMode.MERGE, **NO_SDK_TRANSPORT_RETRIES)
         )
 
 
@@ -393,7 +395,7 @@ def delete_entity(table: TableClient, partition: str, row: str) -> None:
     action = f"deleting from {table.table_name}"
     try:
         with translate_errors(action):
-            _repeat(action, lambda: table.delete_entity(partition, row, **_NO_SDK_TRANSPORT_RETRIES))
+            repeat_safe_write(action, lambda: table.delete_entity(partition, row, **NO_SDK_TRANSPORT_RETRIES))
     except ResourceNotFoundError:
         return
 
@@ -415,13 +417,13 @@ def upsert_batch(table: TableClient, entities: list[Entity]) -> None:
         ]
         action = f"writing a batch to {table.table_name}"
         with translate_errors(action):  # a batch of upserts: the same rows whether it ran once or twice
-            _repeat(action, _submit(table, operations))
+            repeat_safe_write(action, _submit(table, operations))
 
 
 def _submit(
     table: TableClient, operations: list[tuple[TransactionOperation, Entity, dict[str, Any]]]
 ) -> Callable[[], object]:
-    return lambda: table.submit_transaction(operations, **_NO_SDK_TRANSPORT_RETRIES)
+    return lambda: table.submit_transaction(operations, **NO_SDK_TRANSPORT_RETRIES)
 
 
 def retry_on_conflict(action: Callable[[], T], attempts: int = 20) -> T:

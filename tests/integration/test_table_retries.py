@@ -21,6 +21,7 @@ from shared_code.alerts.schema import parse_alert
 from shared_code.cli import Cli, main
 from shared_code.errors import AlreadyExistsError, StateError
 from shared_code.state.deliveries import Delivery, DeliveryStatus
+from shared_code.state.tablebatch import upsert_transaction
 from shared_code.state.tables import (
     WRITE_ATTEMPTS,
     EtagConflict,
@@ -122,6 +123,18 @@ def test_writes_are_repeated_when_the_connection_fails_before_they_land(
     assert stored is not None
     assert (stored["Value"], stored["Other"]) == (2, "x")
     assert sorted(e["RowKey"] for e in table.list_entities()) == ["b1", "b2", "b3", "b4", "r"]
+
+
+@pytest.mark.parametrize("fault", ["before", "after"])
+def test_the_sync_batch_writer_repeats_a_batch_whose_connection_failed(
+    table: TableClient, proxy: ResetProxy, fault: str
+) -> None:
+    proxy.fail_next("before" if fault == "before" else "after")
+
+    upsert_transaction(table, [row(f"w{i}", Value=i, Title=f"incident {i}") for i in range(50)])
+
+    assert proxy.resets == 1
+    assert len(list(table.list_entities())) == 50
 
 
 def test_an_insert_whose_answer_was_lost_is_not_reported_as_a_conflict(
