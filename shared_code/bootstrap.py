@@ -19,6 +19,7 @@ import certifi
 import httpx
 from azure.core.credentials import TokenCredential
 
+from shared_code import netsafety
 from shared_code.alerts.delivery import AlertDelivery
 from shared_code.alerts.intake import AlertIntake
 from shared_code.alerts.processor import AlertProcessor
@@ -117,10 +118,18 @@ class Container:
         timeout = httpx.Timeout(
             self.settings.http_timeout_seconds, connect=min(10.0, self.settings.http_timeout_seconds)
         )
+        tls = build_ssl_context(self.settings)
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        # every connection is checked on the address it resolves to (never a metadata service)
+        transport = netsafety.guard_transport(
+            httpx.HTTPTransport(verify=tls, limits=limits),
+            allow_loopback=self.settings.allow_loopback_instances,
+        )
         return httpx.Client(
             timeout=timeout,
-            verify=build_ssl_context(self.settings),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            verify=tls,  # for proxy mounts from the environment
+            limits=limits,
+            transport=transport,
             headers={"User-Agent": "azure-monitor-itsm-connector/0.1"},
         )
 

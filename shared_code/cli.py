@@ -19,9 +19,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
+from shared_code import netsafety
 from shared_code.alerts.signal import Severity
 from shared_code.bootstrap import Container, get_container
 from shared_code.connections import AuthMethod, Connection, PartnerType, secret_name
@@ -91,8 +93,9 @@ class Cli:
             raise InvalidInputError(
                 f"partner type {connection.partner_type.value!r} is not supported yet ({supported})"
             )
-        secrets = self._read_secrets(connection, args)
         container = self.container
+        self._check_destination(connection, container)
+        secrets = self._read_secrets(connection, args)
         try:
             container.connections.get(connection.name)
         except ConnectorAppError:
@@ -118,9 +121,56 @@ class Cli:
             f"added connection {connection.name} ({connection.partner_type.value}, {connection.server_url})"
         )
         self.say(f"secrets stored in Key Vault as: {', '.join(sorted(secrets))}")
-        if args.test:
-            return self._test(connection)
-        return EXIT_OK
+        if not args.test:
+            return EXIT_OK
+        code = self._test(connection)
+        if code == EXIT_OK:
+            return code
+        name = connection.name
+        if args.keep_on_failure:
+            self.say(
+                f"kept connection {name} and its secrets (--keep-on-failure): fix the credentials with "
+                f"'connections reauthorise {name}', or remove it with 'connections remove {name}'"
+            )
+        else:
+            self._roll_back(container, connection)
+        return code
+
+    def _check_destination(self, connection: Connection, container: Container) -> None:
+        """Refuse a private instance whose name resolves to an address the app never calls
+        (UnsafeAddressError). A cloud instance's name is checked when the app connects to it."""
+        if not connection.private_instance:
+            return
+        parts = urlsplit(connection.server_url)
+        host = parts.hostname or ""
+        try:
+            netsafety.check_destination(
+                host, parts.port or 443, allow_loopback=container.settings.allow_loopback_instances
+            )
+        except OSError as exc:  # a private name may resolve only where the app runs
+            self.say(
+                f"note: {host} does not resolve from here ({exc.strerror or type(exc).__name__}); "
+                "the app checks the address again on every connection"
+            )
+
+    def _roll_back(self, container: Container, connection: Connection) -> None:
+        """Undo an add whose test failed: the connection row and the secrets it stored."""
+        name = connection.name
+        try:
+            container.connections.remove(name)
+            container.forget_connector(name)
+            for secret in connection.secret_names:
+                container.secrets.delete(secret)
+        except ConnectorAppError as exc:
+            self.say(
+                f"the test failed and removing connection {name} again failed too ({exc}): "
+                f"remove it with 'connections remove {name}'"
+            )
+            return
+        self.say(
+            f"removed connection {name} and its secrets again because the test failed "
+            "(add --keep-on-failure to keep them for 'connections reauthorise')"
+        )
 
     def _read_secrets(self, connection: Connection, args: argparse.Namespace) -> dict[str, SecretStr]:
         wanted: list[tuple[str, str, str | None]] = []
@@ -384,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_secret_options(add)
     add.add_argument("--test", action="store_true", help="test the connection after adding it")
+    add.add_argument(
+        "--keep-on-failure",
+        action="store_true",
+        help="with --test: keep the connection and its secrets when the test fails (default: remove them)",
+    )
     lst = conn.add_parser("list", help="list connections")
     lst.add_argument("--json", action="store_true")
     for verb, text in (("show", "show one connection"), ("test", "make an authenticated call")):

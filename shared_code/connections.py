@@ -13,12 +13,13 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shared_code import netsafety
 from shared_code.alerts.signal import Severity
 from shared_code.errors import InvalidInputError
 from shared_code.itsm.base import SeverityMapping
 
 CONNECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,49}$")
-SERVICENOW_HOST_SUFFIXES = (".service-now.com", ".servicenow.com")
+SERVICENOW_HOST_SUFFIXES = netsafety.SAAS_HOST_SUFFIXES
 
 
 class PartnerType(StrEnum):
@@ -112,19 +113,20 @@ class Connection(BaseModel):
             raise ValueError("must not contain credentials; they go to Key Vault")
         if parts.query or parts.fragment:
             raise ValueError("must be the instance's base URL without query or fragment")
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not one
+        except ValueError:
+            raise ValueError("has an invalid port (use a number from 1 to 65535, or none for 443)") from None
         return f"https://{parts.netloc}{parts.path.rstrip('/')}"
 
     @model_validator(mode="after")
     def _rules(self) -> Self:
         if self.auth_method is AuthMethod.OAUTH and not self.client_id:
             raise ValueError("client_id is required for OAuth connections")
-        if self.partner_type is PartnerType.SERVICENOW and not self.private_instance:
-            host = urlsplit(self.server_url).hostname or ""
-            if not host.endswith(SERVICENOW_HOST_SUFFIXES):
-                raise ValueError(
-                    f"server_url host {host!r} is not a *.service-now.com or *.servicenow.com instance; "
-                    "mark the connection as a private instance to allow it"
-                )
+        if self.partner_type is PartnerType.SERVICENOW or self.private_instance:
+            problem = netsafety.url_problem(self.server_url, private_instance=self.private_instance)
+            if problem is not None:
+                raise ValueError(f"server_url: {problem}")
         return self
 
     @property

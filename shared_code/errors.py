@@ -7,7 +7,8 @@
     │   │   └── NotCommonSchemaError  the payload is not the Common Alert Schema at all
     │   ├── MalformedPayloadError     the body is not parseable JSON
     │   ├── UnsupportedPayloadError   the body is not JSON at all (content type)
-    │   └── PayloadTooLargeError      the body is over the size limit
+    │   ├── PayloadTooLargeError      the body is over the size limit
+    │   └── UnsafeAddressError        a URL names (or resolves to) an address the app never calls
     ├── NotFoundError                 a named connection, delivery or row does not exist
     ├── AlreadyExistsError            a create found the row already there
     ├── SecretStoreError              Key Vault could not be read or written
@@ -73,6 +74,11 @@ class UnsupportedPayloadError(InvalidInputError):
 
 class PayloadTooLargeError(InvalidInputError):
     """The body is over the size limit."""
+
+
+class UnsafeAddressError(InvalidInputError):
+    """A URL names, or its host resolves to, an address the app never connects to (a metadata
+    service, link-local, loopback unless allowed): see ``shared_code.netsafety``."""
 
 
 class NotFoundError(ConnectorAppError):

@@ -68,6 +68,11 @@ class Settings(BaseModel):
     tls_ca_bundle: str = Field(
         default="", alias="TLS_CA_BUNDLE", description="extra CA bundle for outbound TLS (private CAs)"
     )
+    allow_loopback_instances: bool = Field(
+        default=False,
+        alias="ALLOW_LOOPBACK_INSTANCES",
+        description="let connections reach loopback addresses: local testing only (see netsafety)",
+    )
     sync_page_size: int = Field(default=1000, alias="SYNC_PAGE_SIZE", ge=10, le=10000)
     sync_overlap_seconds: int = Field(default=120, alias="SYNC_OVERLAP_SECONDS", ge=0, le=3600)
     logs_ingestion_endpoint: HttpsUrl = Field(default="", alias="LOGS_INGESTION_ENDPOINT")

@@ -123,6 +123,8 @@ class LoopbackStack:
             "LOGS_INGESTION_ERROR_STREAM": LOGS_ERROR_STREAM,
             "ARM_ENDPOINT": self.alerts.url,
             "HTTP_TIMEOUT_SECONDS": "10",
+            # every server here is on 127.0.0.1, which the app refuses to call unless told it is a test
+            "ALLOW_LOOPBACK_INSTANCES": "true",
             **self.entra.environment(),
         }
         env.update(overrides)
