@@ -12,14 +12,14 @@ import ssl
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from functools import cached_property
+from typing import Any, Generic, TypeVar, overload
 from urllib.parse import urlsplit
 
 import certifi
 import httpx
 from azure.core.credentials import TokenCredential
 
-from shared_code import netsafety
+from shared_code import netsafety, tlstrust
 from shared_code.alerts.delivery import AlertDelivery
 from shared_code.alerts.intake import AlertIntake
 from shared_code.alerts.processor import AlertProcessor
@@ -38,9 +38,47 @@ from shared_code.state.tables import TableStore
 from shared_code.workitems.engine import SyncEngine
 from shared_code.workitems.wiring import build_sync_engine
 
+T = TypeVar("T")
+
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+class lazy(Generic[T]):
+    """A member built on first use, exactly once per instance, whichever threads race for it.
+
+    ``functools.cached_property`` locked until Python 3.11 (one lock for every instance of the
+    class: one container's slow build held up every other container) and does not lock at all
+    since 3.12 (two requests could each build their own credential or table store). This takes the
+    instance's own re-entrant ``_lazy_lock`` (a member's factory may use other members); once
+    built, the value sits in the instance ``__dict__`` and is read without any lock.
+    """
+
+    def __init__(self, factory: Callable[[Any], T]) -> None:
+        self._factory = factory
+        self._name = factory.__name__
+        self.__doc__ = factory.__doc__
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any]) -> lazy[T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type[Any]) -> T: ...
+
+    def __get__(self, instance: object | None, owner: type[Any]) -> lazy[T] | T:
+        if instance is None:
+            return self
+        values = instance.__dict__
+        if self._name in values:
+            return values[self._name]  # type: ignore[no-any-return]
+        with instance.__dict__["_lazy_lock"]:
+            if self._name not in values:
+                values[self._name] = self._factory(instance)
+            return values[self._name]  # type: ignore[no-any-return]
 
 
 # Entra ID authority hosts of the public and national clouds; MSAL validates any other host with an
@@ -56,14 +94,20 @@ KNOWN_AUTHORITY_HOSTS = frozenset(
 )
 
 
-def build_credential(settings: Settings, environ: Mapping[str, str] | None = None) -> TokenCredential:
-    """The app's Azure identity: managed identity in Azure, env / developer sign-in locally."""
+def build_credential(
+    settings: Settings, environ: Mapping[str, str] | None = None, *, ca_file: str = ""
+) -> TokenCredential:
+    """The app's Azure identity: managed identity in Azure, env / developer sign-in locally.
+
+    ``ca_file``: the CA file to verify TLS with (``tlstrust.trust_file``: the default roots plus
+    TLS_CA_BUNDLE); default: the SDK's own.
+    """
     from azure.identity import DefaultAzureCredential  # noqa: PLC0415 - imported only when needed
 
     environ = os.environ if environ is None else environ
     kwargs: dict[str, object] = {}
-    if settings.tls_ca_bundle:
-        kwargs["connection_verify"] = settings.tls_ca_bundle
+    if ca_file:
+        kwargs["connection_verify"] = ca_file
     authority = environ.get("AZURE_AUTHORITY_HOST", "")
     if authority and (urlsplit(authority).hostname or "") not in KNOWN_AUTHORITY_HOSTS:
         kwargs["disable_instance_discovery"] = True
@@ -78,7 +122,7 @@ def build_ssl_context(settings: Settings) -> ssl.SSLContext:
 
 
 class Container:
-    """Long-lived collaborators for one process, each made on first use."""
+    """Long-lived collaborators for one process, each made on first use (see ``lazy``)."""
 
     def __init__(
         self,
@@ -93,27 +137,35 @@ class Container:
         self._credential = credential
         self._secrets = secrets
         self._lock = threading.Lock()
+        self._lazy_lock = threading.RLock()
         self._connectors: dict[str, tuple[Connection, ItsmConnector]] = {}
 
-    @cached_property
-    def credential(self) -> TokenCredential:
-        return self._credential or build_credential(self.settings)
+    @lazy
+    def ca_file(self) -> str:
+        """The CA file for the Azure SDK clients: default roots plus TLS_CA_BUNDLE ('' without one)."""
+        return tlstrust.trust_file(self.settings.tls_ca_bundle)
 
-    @cached_property
+    @lazy
+    def credential(self) -> TokenCredential:
+        return self._credential or build_credential(self.settings, ca_file=self.ca_file)
+
+    @lazy
     def tables(self) -> TableStore:
         needs_credential = bool(self.settings.state_table_endpoint)
-        return TableStore.from_settings(self.settings, self.credential if needs_credential else None)
+        return TableStore.from_settings(
+            self.settings, self.credential if needs_credential else None, ca_file=self.ca_file
+        )
 
-    @cached_property
+    @lazy
     def secrets(self) -> SecretStore:
         return self._secrets or KeyVaultSecretStore(
             self.settings.key_vault_url,
             self.credential,
-            ca_bundle=self.settings.tls_ca_bundle,
+            ca_bundle=self.ca_file,
             timeout=self.settings.http_timeout_seconds,
         )
 
-    @cached_property
+    @lazy
     def http(self) -> httpx.Client:
         timeout = httpx.Timeout(
             self.settings.http_timeout_seconds, connect=min(10.0, self.settings.http_timeout_seconds)
@@ -133,15 +185,15 @@ class Container:
             headers={"User-Agent": "azure-monitor-itsm-connector/0.1"},
         )
 
-    @cached_property
+    @lazy
     def connections(self) -> ConnectionRepository:
         return ConnectionRepository(self.tables.table(connections_table.TABLE))
 
-    @cached_property
+    @lazy
     def deliveries(self) -> DeliveryRepository:
         return DeliveryRepository(self.tables.table(deliveries_table.TABLE))
 
-    @cached_property
+    @lazy
     def correlations(self) -> CorrelationRepository:
         return CorrelationRepository(self.tables.table(correlations_table.TABLE))
 
@@ -162,11 +214,11 @@ class Container:
         if cached is not None:
             cached[1].close()
 
-    @cached_property
+    @lazy
     def alert_intake(self) -> AlertIntake:
         return AlertIntake(self.connections, self.deliveries, self.clock)
 
-    @cached_property
+    @lazy
     def alert_delivery(self) -> AlertDelivery:
         processor = AlertProcessor(
             self.correlations, self.clock, lease_seconds=float(self.settings.alert_lease_seconds)
@@ -180,7 +232,7 @@ class Container:
             max_attempts=self.settings.alert_max_attempts,
         )
 
-    @cached_property
+    @lazy
     def sync_engine(self) -> SyncEngine:
         return build_sync_engine(self)
 

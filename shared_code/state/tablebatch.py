@@ -146,7 +146,7 @@ def upsert_transaction(table: TableClient, entities: Sequence[Entity]) -> None:
         finally:
             response.close()
 
-    with translate_errors(action):  # upserts: the same rows whether the batch ran once or twice
+    with translate_errors(action, table.url):  # upserts: the same rows whether the batch ran once or twice
         status, content = repeat_safe_write(action, send)
     if status != 202:
         raise StateError(f"{action} failed: HTTP {status} {_failure(content)}")

@@ -50,7 +50,8 @@ from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util.retry import Retry
 
-from shared_code.errors import AlreadyExistsError, StateError
+from shared_code.diagnose import STORAGE_ROLE, describe
+from shared_code.errors import AlreadyExistsError, ConfigurationError, StateError
 from shared_code.settings import DEVELOPMENT_STORAGE, Settings
 
 T = TypeVar("T")
@@ -213,10 +214,15 @@ class TableStore:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings, credential: TokenCredential | None) -> TableStore:
+    def from_settings(
+        cls, settings: Settings, credential: TokenCredential | None, *, ca_file: str = ""
+    ) -> TableStore:
+        """The store of the settings' account. ``ca_file``: the CA file for TLS (the default roots
+        plus TLS_CA_BUNDLE, see ``tlstrust``); default: the environment's, else certifi's."""
         options: dict[str, Any] = {
             "connect_timeout": min(CONNECT_TIMEOUT, settings.http_timeout_seconds),
             "read_timeout": min(READ_TIMEOUT, settings.http_timeout_seconds),
+            "ca_bundle": ca_file or None,
         }
         if settings.state_table_endpoint:
             if credential is None:
@@ -229,7 +235,12 @@ class TableStore:
             conn = settings.storage_connection
             if conn.strip() == DEVELOPMENT_STORAGE:
                 conn = AZURITE_CONNECTION_STRING
-            endpoint = TableServiceClient.from_connection_string(conn).url
+            try:
+                endpoint = TableServiceClient.from_connection_string(conn).url
+            except ValueError as exc:  # Settings checks the shape; this is what the SDK still refuses
+                raise ConfigurationError(
+                    f"Invalid app settings:\n- AzureWebJobsStorage: the storage SDK refuses it ({exc})"
+                ) from exc
             service = TableServiceClient.from_connection_string(
                 conn, **transport_options(endpoint, **options)
             )
@@ -241,7 +252,7 @@ class TableStore:
         with self._lock:
             client = self._clients.get(full)
             if client is None:
-                with translate_errors(f"creating table {full}"):
+                with translate_errors(f"creating table {full}", self._service.url):
                     self._service.create_table_if_not_exists(full)
                 client = self._service.get_table_client(full)
                 self._clients[full] = client
@@ -256,10 +267,12 @@ class TableStore:
 
 
 class translate_errors:
-    """Turn Azure SDK errors into StateError / AlreadyExistsError / EtagConflict."""
+    """Turn Azure SDK errors into StateError / AlreadyExistsError / EtagConflict; a StateError says
+    what was unreachable, why and what to do (``diagnose.describe``). ``target``: the endpoint."""
 
-    def __init__(self, action: str) -> None:
+    def __init__(self, action: str, target: str = "") -> None:
         self.action = action
+        self.target = target
 
     def __enter__(self) -> None:
         return None
@@ -276,14 +289,14 @@ class translate_errors:
         if isinstance(exc, ResourceNotFoundError):
             return False  # callers decide what a missing row means
         if isinstance(exc, AzureError):
-            reason = getattr(exc, "reason", None) or type(exc).__name__
+            reason = describe(exc, target=self.target, role=STORAGE_ROLE)
             raise StateError(f"{self.action} failed: {reason}") from exc
         return False
 
 
 def get_entity(table: TableClient, partition: str, row: str) -> Entity | None:
     try:
-        with translate_errors(f"reading {table.table_name}"):
+        with translate_errors(f"reading {table.table_name}", table.url):
             return _with_etag(table.get_entity(partition, row))
     except ResourceNotFoundError:
         return None
@@ -352,7 +365,7 @@ def _own_row(table: TableClient, entity: Mapping[str, Any]) -> dict[str, Any] | 
 def insert_entity(table: TableClient, entity: Entity) -> str:
     """Conditional insert: AlreadyExistsError when the row is there. Returns the new ETag."""
     action = f"inserting into {table.table_name}"
-    with translate_errors(action):
+    with translate_errors(action, table.url):
         result = repeat_safe_write(
             action,
             lambda: table.create_entity(entity, **NO_SDK_TRANSPORT_RETRIES),
@@ -365,7 +378,7 @@ def replace_if_match(table: TableClient, entity: Entity, etag: str) -> str:
     """Replace only if nobody wrote since ``etag`` was read; EtagConflict otherwise."""
     action = f"updating {table.table_name}"
     try:
-        with translate_errors(action):
+        with translate_errors(action, table.url):
             result = repeat_safe_write(
                 action,
                 lambda: table.update_entity(
@@ -385,7 +398,7 @@ def replace_if_match(table: TableClient, entity: Entity, etag: str) -> str:
 def merge_entity(table: TableClient, entity: Entity) -> None:
     """Upsert-merge: the columns given win, others stay (repeated on a connection error)."""
     action = f"updating {table.table_name}"
-    with translate_errors(action):
+    with translate_errors(action, table.url):
         repeat_safe_write(
             action, lambda: table.upsert_entity(entity, mode=UpdateMode.MERGE, **NO_SDK_TRANSPORT_RETRIES)
         )
@@ -394,7 +407,7 @@ def merge_entity(table: TableClient, entity: Entity) -> None:
 def delete_entity(table: TableClient, partition: str, row: str) -> None:
     action = f"deleting from {table.table_name}"
     try:
-        with translate_errors(action):
+        with translate_errors(action, table.url):
             repeat_safe_write(action, lambda: table.delete_entity(partition, row, **NO_SDK_TRANSPORT_RETRIES))
     except ResourceNotFoundError:
         return
@@ -403,7 +416,7 @@ def delete_entity(table: TableClient, partition: str, row: str) -> None:
 def query_entities(
     table: TableClient, query: str, parameters: dict[str, Any] | None = None
 ) -> Iterator[Entity]:
-    with translate_errors(f"querying {table.table_name}"):
+    with translate_errors(f"querying {table.table_name}", table.url):
         for entity in table.query_entities(query, parameters=parameters or {}):
             yield _with_etag(entity)
 
@@ -416,7 +429,9 @@ def upsert_batch(table: TableClient, entities: list[Entity]) -> None:
             (TransactionOperation.UPSERT, e, {"mode": UpdateMode.REPLACE}) for e in chunk
         ]
         action = f"writing a batch to {table.table_name}"
-        with translate_errors(action):  # a batch of upserts: the same rows whether it ran once or twice
+        with translate_errors(
+            action, table.url
+        ):  # a batch of upserts: the same rows whether it ran once or twice
             repeat_safe_write(action, _submit(table, operations))
 
 

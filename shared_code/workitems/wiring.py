@@ -36,7 +36,7 @@ def build_sync_engine(container: Container) -> SyncEngine:
             settings.logs_ingestion_endpoint,
             settings.logs_ingestion_rule_id,
             container.credential,
-            ca_bundle=settings.tls_ca_bundle,
+            ca_bundle=container.ca_file,
             timeout=settings.http_timeout_seconds,
         )
         sinks.append(LogAnalyticsSink(uploader, settings.logs_ingestion_stream, container.clock))
