@@ -24,10 +24,11 @@ from urllib.parse import urlsplit
 from pydantic import SecretStr
 
 from shared_code import netsafety
+from shared_code.alerts.intake import DELIVERY_ID
 from shared_code.alerts.signal import Severity
 from shared_code.bootstrap import Container, get_container
-from shared_code.connections import AuthMethod, Connection, PartnerType, secret_name
-from shared_code.errors import AlreadyExistsError, ConnectorAppError, InvalidInputError
+from shared_code.connections import CONNECTION_NAME, AuthMethod, Connection, PartnerType, secret_name
+from shared_code.errors import AlreadyExistsError, ConnectorAppError, InvalidInputError, shown
 from shared_code.itsm.base import SeverityMapping
 from shared_code.itsm.registry import SUPPORTED_PARTNERS
 from shared_code.secrets import StoredRefreshToken
@@ -291,9 +292,13 @@ class Cli:
         return EXIT_OK
 
     def alerts_show(self, args: argparse.Namespace) -> int:
-        found = self.container.deliveries.get(args.connection, args.delivery_id)
+        found = (
+            self.container.deliveries.get(args.connection, args.delivery_id)
+            if DELIVERY_ID.match(args.delivery_id) and CONNECTION_NAME.match(args.connection)
+            else None
+        )
         if found is None:
-            self.say(f"no delivery {args.delivery_id} on connection {args.connection}")
+            self.say(f"no delivery {shown(args.delivery_id)} on connection {shown(args.connection)}")
             return EXIT_FAILED
         self.say(json.dumps(delivery_summary(found), indent=2, default=str))
         return EXIT_OK
