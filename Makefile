@@ -1,5 +1,5 @@
 # The two commands: `make demo` and `make test`. Both set up what they need on a fresh machine
-# with Python 3.11 and Node.js: a virtualenv in .venv and Azurite in node_modules.
+# with Python 3.11 or 3.12 and Node.js 22+ (Azurite's engines): a virtualenv in .venv and Azurite in node_modules.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -12,13 +12,14 @@ import ssl
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
+from typing import Any, Generic, TypeVar, overload
 from urllib.parse import urlsplit
 
 import certifi
 import httpx
 from azure.core.credentials import TokenCredential
 
+from shared_code import netsafety, tlstrust
 from shared_code.alerts.delivery import AlertDelivery
 from shared_code.alerts.intake import AlertIntake
 from shared_code.alerts.processor import AlertProcessor
@@ -60,9 +61,47 @@ from shared_code.workitems.sinks import LogAnalyticsSink, SyncErrorLog, TableSin
 MAP_STATE_TABLE = "MapState"
 """Lease rows of the map import (one per source), shaped like SyncState rows."""
 
+T = TypeVar("T")
+
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+class lazy(Generic[T]):
+    """A member built on first use, exactly once per instance, whichever threads race for it.
+
+    ``functools.cached_property`` locked until Python 3.11 (one lock for every instance of the
+    class: one container's slow build held up every other container) and does not lock at all
+    since 3.12 (two requests could each build their own credential or table store). This takes the
+    instance's own re-entrant ``_lazy_lock`` (a member's factory may use other members); once
+    built, the value sits in the instance ``__dict__`` and is read without any lock.
+    """
+
+    def __init__(self, factory: Callable[[Any], T]) -> None:
+        self._factory = factory
+        self._name = factory.__name__
+        self.__doc__ = factory.__doc__
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any]) -> lazy[T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type[Any]) -> T: ...
+
+    def __get__(self, instance: object | None, owner: type[Any]) -> lazy[T] | T:
+        if instance is None:
+            return self
+        values = instance.__dict__
+        if self._name in values:
+            return values[self._name]  # type: ignore[no-any-return]
+        with instance.__dict__["_lazy_lock"]:
+            if self._name not in values:
+                values[self._name] = self._factory(instance)
+            return values[self._name]  # type: ignore[no-any-return]
 
 
 # Entra ID authority hosts of the public and national clouds; MSAL validates any other host with an
@@ -78,14 +117,20 @@ KNOWN_AUTHORITY_HOSTS = frozenset(
 )
 
 
-def build_credential(settings: Settings, environ: Mapping[str, str] | None = None) -> TokenCredential:
-    """The app's Azure identity: managed identity in Azure, env / developer sign-in locally."""
+def build_credential(
+    settings: Settings, environ: Mapping[str, str] | None = None, *, ca_file: str = ""
+) -> TokenCredential:
+    """The app's Azure identity: managed identity in Azure, env / developer sign-in locally.
+
+    ``ca_file``: the CA file to verify TLS with (``tlstrust.trust_file``: the default roots plus
+    TLS_CA_BUNDLE); default: the SDK's own.
+    """
     from azure.identity import DefaultAzureCredential  # noqa: PLC0415 - imported only when needed
 
     environ = os.environ if environ is None else environ
     kwargs: dict[str, object] = {}
-    if settings.tls_ca_bundle:
-        kwargs["connection_verify"] = settings.tls_ca_bundle
+    if ca_file:
+        kwargs["connection_verify"] = ca_file
     authority = environ.get("AZURE_AUTHORITY_HOST", "")
     if authority and (urlsplit(authority).hostname or "") not in KNOWN_AUTHORITY_HOSTS:
         kwargs["disable_instance_discovery"] = True
@@ -100,7 +145,7 @@ def build_ssl_context(settings: Settings) -> ssl.SSLContext:
 
 
 class Container:
-    """Long-lived collaborators for one process, each made on first use."""
+    """Long-lived collaborators for one process, each made on first use (see ``lazy``)."""
 
     def __init__(
         self,
@@ -115,47 +160,63 @@ class Container:
         self._credential = credential
         self._secrets = secrets
         self._lock = threading.Lock()
+        self._lazy_lock = threading.RLock()
         self._connectors: dict[str, tuple[ConnectionBase, ConnectorPorts]] = {}
 
-    @cached_property
-    def credential(self) -> TokenCredential:
-        return self._credential or build_credential(self.settings)
+    @lazy
+    def ca_file(self) -> str:
+        """The CA file for the Azure SDK clients: default roots plus TLS_CA_BUNDLE ('' without one)."""
+        return tlstrust.trust_file(self.settings.tls_ca_bundle)
 
-    @cached_property
+    @lazy
+    def credential(self) -> TokenCredential:
+        return self._credential or build_credential(self.settings, ca_file=self.ca_file)
+
+    @lazy
     def tables(self) -> TableStore:
         needs_credential = bool(self.settings.state_table_endpoint)
-        return TableStore.from_settings(self.settings, self.credential if needs_credential else None)
+        return TableStore.from_settings(
+            self.settings, self.credential if needs_credential else None, ca_file=self.ca_file
+        )
 
-    @cached_property
+    @lazy
     def secrets(self) -> SecretStore:
         return self._secrets or KeyVaultSecretStore(
             self.settings.key_vault_url,
             self.credential,
-            ca_bundle=self.settings.tls_ca_bundle,
+            ca_bundle=self.ca_file,
             timeout=self.settings.http_timeout_seconds,
         )
 
-    @cached_property
+    @lazy
     def http(self) -> httpx.Client:
         timeout = httpx.Timeout(
             self.settings.http_timeout_seconds, connect=min(10.0, self.settings.http_timeout_seconds)
         )
+        tls = build_ssl_context(self.settings)
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        # every connection is checked on the address it resolves to (never a metadata service)
+        transport = netsafety.guard_transport(
+            httpx.HTTPTransport(verify=tls, limits=limits),
+            allow_loopback=self.settings.allow_loopback_instances,
+        )
         return httpx.Client(
             timeout=timeout,
-            verify=build_ssl_context(self.settings),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            verify=tls,  # for proxy mounts from the environment
+            limits=limits,
+            transport=transport,
             headers={"User-Agent": "azure-monitor-itsm-connector/0.1"},
         )
 
-    @cached_property
+    @lazy
     def connections(self) -> ConnectionRepository:
         return ConnectionRepository(self.tables.table(connections_table.TABLE), parse_connection)
 
-    @cached_property
+    @lazy
     def deliveries(self) -> DeliveryRepository:
         return DeliveryRepository(self.tables.table(deliveries_table.TABLE))
 
-    @cached_property
+    @lazy
     def correlations(self) -> CorrelationRepository:
         return CorrelationRepository(self.tables.table(correlations_table.TABLE))
 
@@ -176,11 +237,11 @@ class Container:
         if cached is not None:
             cached[1].close()
 
-    @cached_property
+    @lazy
     def alert_intake(self) -> AlertIntake:
         return AlertIntake(self.connections, self.deliveries, self.clock)
 
-    @cached_property
+    @lazy
     def alert_delivery(self) -> AlertDelivery:
         processor = AlertProcessor(
             self.correlations, self.clock, lease_seconds=float(self.settings.alert_lease_seconds)
@@ -194,29 +255,29 @@ class Container:
             max_attempts=self.settings.alert_max_attempts,
         )
 
-    @cached_property
+    @lazy
     def secure_webhook(self) -> SecureWebhookValidator:
         return SecureWebhookValidator(
             self.settings.authority_host, self.http, build_ssl_context(self.settings)
         )
 
-    @cached_property
+    @lazy
     def health(self) -> HealthMonitor:
         return build_health_monitor(self)
 
-    @cached_property
+    @lazy
     def sync_engine(self) -> SyncEngine:
         return build_sync_engine(self)
 
-    @cached_property
+    @lazy
     def map_sources(self) -> MapSourceRepository:
         return MapSourceRepository(self.tables.table(mapsources_table.TABLE))
 
-    @cached_property
+    @lazy
     def maps(self) -> MapRepository:
         return MapRepository(self.tables.table(maps_table.TABLE))
 
-    @cached_property
+    @lazy
     def map_source_deps(self) -> MapSourceDeps:
         settings = self.settings
         return MapSourceDeps(
@@ -225,11 +286,11 @@ class Container:
             arm_endpoint=str(settings.arm_endpoint),
             logs_query_endpoint=str(settings.logs_query_endpoint),
             logs_query_audience=str(settings.logs_query_audience),
-            ca_bundle=settings.tls_ca_bundle,
+            ca_bundle=self.ca_file,
             clock=self.clock,
         )
 
-    @cached_property
+    @lazy
     def map_importer(self) -> MapImporter:
         return MapImporter(
             sources=self.map_sources,
@@ -269,7 +330,7 @@ def build_sync_engine(container: Container) -> SyncEngine:
             settings.logs_ingestion_endpoint,
             settings.logs_ingestion_rule_id,
             container.credential,
-            ca_bundle=settings.tls_ca_bundle,
+            ca_bundle=container.ca_file,
             timeout=settings.http_timeout_seconds,
         )
         sinks.append(LogAnalyticsSink(uploader, settings.logs_ingestion_stream, container.clock))
@@ -281,7 +342,7 @@ def build_sync_engine(container: Container) -> SyncEngine:
     alerts = AlertsManagementClient(
         container.credential,
         settings.arm_endpoint,
-        ca_bundle=settings.tls_ca_bundle,
+        ca_bundle=container.ca_file,
         timeout=settings.http_timeout_seconds,
     )
     return SyncEngine(

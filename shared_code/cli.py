@@ -21,16 +21,19 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from enum import StrEnum
 from typing import IO, Any, NoReturn
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
+from shared_code import netsafety
+from shared_code.alerts.intake import DELIVERY_ID
 from shared_code.bootstrap import Container, get_container
 from shared_code.domain.alert import Severity
-from shared_code.domain.connection import ConnectionBase, CorrelationMode, secret_name
+from shared_code.domain.connection import CONNECTION_NAME, ConnectionBase, CorrelationMode, secret_name
 from shared_code.domain.delivery import Delivery, DeliveryStatus
 from shared_code.domain.mapsources import MapSourceDefinition, MapSourceKind
 from shared_code.domain.workitem import SeverityMapping, WorkItemType
-from shared_code.errors import AlreadyExistsError, ConnectorAppError, InvalidInputError, NotFoundError
+from shared_code.errors import AlreadyExistsError, ConnectorAppError, InvalidInputError, NotFoundError, shown
 from shared_code.maps.importer import ImportOutcome, ImportProgress
 from shared_code.maps.scom import render_management_pack, version_from_time
 from shared_code.maps.views import ViewFormat, render_view
@@ -93,8 +96,9 @@ class Cli:
             data["severity_map"] = parse_severity_map(args.severity_map)
         data |= product_options(args)
         connection = parse_connection(data, FLAG_OF_FIELD | product_flags())
-        secrets = self._read_secrets(connection, args)
         container = self.container
+        self._check_destination(connection, container)
+        secrets = self._read_secrets(connection, args)
         try:
             container.connections.get(connection.name)
         except ConnectorAppError:
@@ -119,9 +123,56 @@ class Cli:
         container.connections.add(connection)
         self.say(f"added connection {connection.name} ({connection.partner_type}, {connection.server_url})")
         self.say(f"secrets stored in Key Vault as: {', '.join(sorted(secrets))}")
-        if args.test:
-            return self._test(connection)
-        return EXIT_OK
+        if not args.test:
+            return EXIT_OK
+        code = self._test(connection)
+        if code == EXIT_OK:
+            return code
+        name = connection.name
+        if args.keep_on_failure:
+            self.say(
+                f"kept connection {name} and its secrets (--keep-on-failure): fix the credentials with "
+                f"'connections reauthorise {name}', or remove it with 'connections remove {name}'"
+            )
+        else:
+            self._roll_back(container, connection)
+        return code
+
+    def _check_destination(self, connection: ConnectionBase, container: Container) -> None:
+        """Refuse an instance whose name resolves to an address the app never calls
+        (UnsafeAddressError). A ServiceNow cloud instance's name is checked when the app connects."""
+        if not connection.model_dump().get("private_instance", True):
+            return
+        parts = urlsplit(connection.server_url)
+        host = parts.hostname or ""
+        try:
+            netsafety.check_destination(
+                host, parts.port or 443, allow_loopback=container.settings.allow_loopback_instances
+            )
+        except OSError as exc:  # a private name may resolve only where the app runs
+            self.say(
+                f"note: {host} does not resolve from here ({exc.strerror or type(exc).__name__}); "
+                "the app checks the address again on every connection"
+            )
+
+    def _roll_back(self, container: Container, connection: ConnectionBase) -> None:
+        """Undo an add whose test failed: the connection row and the secrets it stored."""
+        name = connection.name
+        try:
+            container.connections.remove(name)
+            container.forget_connector(name)
+            for secret in connection.secret_names:
+                container.secrets.delete(secret)
+        except ConnectorAppError as exc:
+            self.say(
+                f"the test failed and removing connection {name} again failed too ({exc}): "
+                f"remove it with 'connections remove {name}'"
+            )
+            return
+        self.say(
+            f"removed connection {name} and its secrets again because the test failed "
+            "(add --keep-on-failure to keep them for 'connections reauthorise')"
+        )
 
     def _read_secrets(self, connection: ConnectionBase, args: argparse.Namespace) -> dict[str, SecretStr]:
         wanted = [
@@ -243,9 +294,13 @@ class Cli:
         return EXIT_OK
 
     def alerts_show(self, args: argparse.Namespace) -> int:
-        found = self.container.deliveries.get(args.connection, args.delivery_id)
+        found = (
+            self.container.deliveries.get(args.connection, args.delivery_id)
+            if DELIVERY_ID.match(args.delivery_id) and CONNECTION_NAME.match(args.connection)
+            else None
+        )
         if found is None:
-            self.say(f"no delivery {args.delivery_id} on connection {args.connection}")
+            self.say(f"no delivery {shown(args.delivery_id)} on connection {shown(args.connection)}")
             return EXIT_FAILED
         self.say(json.dumps(delivery_summary(found), indent=2, default=str))
         return EXIT_OK
@@ -262,13 +317,25 @@ class Cli:
         if not results:
             self.say("nothing to redrive")
             return EXIT_OK
-        failed = 0
-        for d in results:
+        failed = unreachable = 0
+        for redriven in results:
+            d = redriven.delivery
+            if redriven.storage_error:
+                unreachable += 1
+                self.say(f"{d.delivery_id} not redriven: {redriven.storage_error[:300]}")
+                continue
             failed += d.status is DeliveryStatus.FAILED
             detail = d.work_item_number or d.last_error[:200]
             self.say(f"{d.delivery_id} {d.status.value}: {d.outcome or ''} {detail}".rstrip())
-        self.say(f"redrove {len(results)}: {len(results) - failed} delivered, {failed} failed")
-        return EXIT_FAILED if failed else EXIT_OK
+        delivered = len(results) - failed - unreachable
+        summary = f"redrove {len(results)}: {delivered} delivered, {failed} failed"
+        if unreachable:
+            summary += (
+                f", {unreachable} not redriven (storage failed for them: run the redrive again "
+                "once the storage account answers)"
+            )
+        self.say(summary)
+        return EXIT_FAILED if failed or unreachable else EXIT_OK
 
     # -- sync ----------------------------------------------------------------------------------
 
@@ -672,6 +739,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--secure-webhook-app-id-uri", metavar="URI", help="its Application ID URI (v1 tokens)")
     add_secret_options(add)
     add.add_argument("--test", action="store_true", help="test the connection after adding it")
+    add.add_argument(
+        "--keep-on-failure",
+        action="store_true",
+        help="with --test: keep the connection and its secrets when the test fails (default: remove them)",
+    )
     lst = conn.add_parser("list", help="list connections")
     lst.add_argument("--json", action="store_true")
     for verb, text in (("show", "show one connection"), ("test", "make an authenticated call")):

@@ -7,7 +7,8 @@
     │   │   └── NotCommonSchemaError  the payload is not the Common Alert Schema at all
     │   ├── MalformedPayloadError     the body is not parseable JSON
     │   ├── UnsupportedPayloadError   the body is not JSON at all (content type)
-    │   └── PayloadTooLargeError      the body is over the size limit
+    │   ├── PayloadTooLargeError      the body is over the size limit
+    │   └── UnsafeAddressError        a URL names (or resolves to) an address the app never calls
     ├── UnauthorizedError             the caller did not prove who it is (secure webhook token)
     ├── IdentityProviderError         Entra ID metadata or signing keys could not be fetched
     ├── NotFoundError                 a named connection, delivery or row does not exist
@@ -94,6 +95,11 @@ class UnauthorizedError(ConnectorAppError):
 class IdentityProviderError(ConnectorAppError):
     """Entra ID's OpenID metadata or signing keys could not be fetched: the app cannot judge a
     token now (not the caller's fault, so the answer asks it to retry)."""
+
+
+class UnsafeAddressError(InvalidInputError):
+    """A URL names, or its host resolves to, an address the app never connects to (a metadata
+    service, link-local, loopback unless allowed): see ``shared_code.netsafety``."""
 
 
 class NotFoundError(ConnectorAppError):

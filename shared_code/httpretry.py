@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 
 import httpx
 
+from shared_code.diagnose import describe
 from shared_code.errors import ItsmUnavailableError
 
 log = logging.getLogger(__name__)
@@ -162,8 +163,9 @@ def send_with_retries(
 
         if attempt >= policy.max_attempts or not (idempotent or safe):
             tried = f"{attempt} attempt{'s' if attempt != 1 else ''}"
+            why = f"{what}: {describe(error, target=str(request.url))}" if error is not None else what
             raise ItsmUnavailableError(
-                f"{method} {path} failed after {tried}: {what}", status=status
+                f"{method} {path} failed after {tried}: {why}", status=status
             ) from error
 
         if retry_after is not None:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr, ValidationError
 
+from shared_code import netsafety
 from shared_code.domain.connection import ConnectionBase, describe_validation_error
 from shared_code.errors import InvalidInputError, SecretStoreError
 from shared_code.itsm.cherwell.auth import CherwellAuth
@@ -222,9 +223,16 @@ def parse_connection(data: dict[str, object], labels: dict[str, str] | None = No
     is named as such instead of as a mismatch with every product's model)."""
     product = product_of(str(data.get("partner_type", "")))
     try:
-        return product.settings.model_validate(data)
+        connection = product.settings.model_validate(data)
     except ValidationError as exc:
         raise InvalidInputError(describe_validation_error(exc, "connection", labels)) from None
+    if not isinstance(connection, ServiceNowConnection):  # ServiceNow judges its own (cloud hosts)
+        # on-premises products: any host, but never a metadata, link-local or disguised address
+        problem = netsafety.url_problem(connection.server_url, private_instance=True)
+        if problem is not None:
+            label = (labels or {}).get("server_url", "server_url")
+            raise InvalidInputError(f"invalid connection:\n- {label}: {problem}")
+    return connection
 
 
 def build_connector(connection: ConnectionBase, secrets: SecretStore, client: httpx.Client) -> ConnectorPorts:

@@ -16,6 +16,7 @@ from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFo
 from azure.keyvault.secrets import SecretClient
 from pydantic import SecretStr
 
+from shared_code.diagnose import KEY_VAULT_ROLE, describe
 from shared_code.errors import SecretStoreError
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ class KeyVaultSecretStore:
                 self._client = SecretClient(self._vault_url, self._credential, **kwargs)
             return self._client
 
+    def _why(self, exc: BaseException) -> str:
+        return describe(exc, target=self._vault_url, role=KEY_VAULT_ROLE)
+
     def get(self, name: str) -> SecretStr | None:
         try:
             value = self._secrets().get_secret(name).value
@@ -76,7 +80,7 @@ class KeyVaultSecretStore:
             return None
         except AzureError as exc:
             raise SecretStoreError(
-                f"reading secret {name!r} from Key Vault failed: {type(exc).__name__}"
+                f"reading secret {name!r} from Key Vault failed: {self._why(exc)}"
             ) from exc
         return SecretStr(value) if value is not None else None
 
@@ -88,7 +92,7 @@ class KeyVaultSecretStore:
         except ResourceExistsError as exc:
             if not _deleted_but_recoverable(exc):
                 raise SecretStoreError(
-                    f"writing secret {name!r} to Key Vault failed: {type(exc).__name__}"
+                    f"writing secret {name!r} to Key Vault failed: {self._why(exc)}"
                 ) from exc
             log.info("secret %s is deleted but recoverable: recovering it to write a new version", name)
             try:
@@ -109,9 +113,7 @@ class KeyVaultSecretStore:
         except ResourceExistsError:
             raise
         except AzureError as exc:
-            raise SecretStoreError(
-                f"writing secret {name!r} to Key Vault failed: {type(exc).__name__}"
-            ) from exc
+            raise SecretStoreError(f"writing secret {name!r} to Key Vault failed: {self._why(exc)}") from exc
 
     def delete(self, name: str) -> None:
         try:
@@ -120,7 +122,7 @@ class KeyVaultSecretStore:
             return
         except AzureError as exc:
             raise SecretStoreError(
-                f"deleting secret {name!r} from Key Vault failed: {type(exc).__name__}"
+                f"deleting secret {name!r} from Key Vault failed: {self._why(exc)}"
             ) from exc
 
 

@@ -15,6 +15,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from shared_code.errors import ConfigurationError
 
 DEVELOPMENT_STORAGE = "UseDevelopmentStorage=true"
+MAX_DEQUEUE_COUNT = 5
+"""host.json's ``extensions.queues.maxDequeueCount``: after that many deliveries of a queue message the
+Functions host moves it to the poison queue, so ALERT_MAX_ATTEMPTS above it would never be reached (the
+delivery would stay 'pending' until the redrive timer). Change both together."""
 DEFAULT_SYNC_SCHEDULE = "0 */15 * * * *"
 DEFAULT_REDRIVE_SCHEDULE = "0 */10 * * * *"
 """The timer schedules' defaults. The trigger decorators in ``functions/`` read the variables
@@ -41,6 +45,65 @@ def _ncrontab(value: str) -> str:
     return value
 
 
+_STORAGE_KEYS = frozenset(
+    {
+        "defaultendpointsprotocol",
+        "accountname",
+        "accountkey",
+        "endpointsuffix",
+        "blobendpoint",
+        "queueendpoint",
+        "tableendpoint",
+        "fileendpoint",
+        "sharedaccesssignature",
+        "usedevelopmentstorage",
+        "developmentstorageproxyuri",
+    }
+)
+
+
+def _storage_connection(value: str) -> str:
+    """The shape of a storage connection string (checked here, so a typo is a settings error that
+    names the setting, not a traceback from the SDK on the first alert)."""
+    text = value.strip()
+    if not text or text.lower() == DEVELOPMENT_STORAGE.lower():
+        return value
+    pairs: dict[str, str] = {}
+    for part in (part.strip() for part in text.split(";")):
+        if not part:
+            continue
+        key, sep, item = part.partition("=")
+        if not sep or not key.strip() or not item.strip():
+            raise ValueError(
+                "is not a storage connection string: expected Key=Value pairs separated by ';' "
+                "(copy it from the storage account's Access keys blade), or UseDevelopmentStorage=true"
+            )
+        pairs[key.strip().lower()] = item.strip()
+    unknown = sorted(set(pairs) - _STORAGE_KEYS)
+    if unknown:
+        raise ValueError(f"has unknown keys ({', '.join(unknown)[:80]}): is it a storage connection string?")
+    if "usedevelopmentstorage" in pairs:
+        return value
+    if "accountname" not in pairs and "tableendpoint" not in pairs:
+        raise ValueError("names no account: AccountName (or TableEndpoint) is missing")
+    if "accountkey" not in pairs and "sharedaccesssignature" not in pairs:
+        raise ValueError("has no credential: AccountKey (or SharedAccessSignature) is missing")
+    for name in ("tableendpoint", "queueendpoint", "blobendpoint"):
+        if name in pairs and not pairs[name].lower().startswith(("https://", "http://")):
+            raise ValueError(f"{name}: must be an http(s):// URL")
+    return value
+
+
+def _max_attempts(value: int) -> int:
+    if not 1 <= value <= MAX_DEQUEUE_COUNT:
+        raise ValueError(
+            f"must be 1 to {MAX_DEQUEUE_COUNT}: host.json moves a queue message to the poison queue after "
+            f"maxDequeueCount ({MAX_DEQUEUE_COUNT}) deliveries, so more attempts would never happen "
+            "(raise both together)"
+        )
+    return value
+
+
 HttpsUrl = Annotated[str, AfterValidator(_https_url)]
 Schedule = Annotated[str, AfterValidator(_ncrontab)]
 
@@ -50,7 +113,7 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
 
-    storage_connection: str = Field(
+    storage_connection: Annotated[str, AfterValidator(_storage_connection)] = Field(
         default="",
         alias="AzureWebJobsStorage",
         description="Functions host storage; also the state tables unless STATE_TABLE_ENDPOINT is set",
@@ -62,11 +125,18 @@ class Settings(BaseModel):
     )
     table_prefix: str = Field(default="", alias="TABLE_PREFIX", pattern=r"^([A-Za-z][A-Za-z0-9]{0,19})?$")
     key_vault_url: HttpsUrl = Field(alias="KEY_VAULT_URL", min_length=1)
-    alert_max_attempts: int = Field(default=5, alias="ALERT_MAX_ATTEMPTS", ge=1, le=50)
+    alert_max_attempts: Annotated[int, AfterValidator(_max_attempts)] = Field(
+        default=MAX_DEQUEUE_COUNT, alias="ALERT_MAX_ATTEMPTS"
+    )
     alert_lease_seconds: int = Field(default=60, alias="ALERT_LEASE_SECONDS", ge=5, le=600)
     http_timeout_seconds: float = Field(default=20.0, alias="HTTP_TIMEOUT_SECONDS", gt=0, le=230)
     tls_ca_bundle: str = Field(
         default="", alias="TLS_CA_BUNDLE", description="extra CA bundle for outbound TLS (private CAs)"
+    )
+    allow_loopback_instances: bool = Field(
+        default=False,
+        alias="ALLOW_LOOPBACK_INSTANCES",
+        description="let connections reach loopback addresses: local testing only (see netsafety)",
     )
     sync_page_size: int = Field(default=1000, alias="SYNC_PAGE_SIZE", ge=10, le=10000)
     sync_overlap_seconds: int = Field(default=120, alias="SYNC_OVERLAP_SECONDS", ge=0, le=3600)

@@ -84,6 +84,15 @@ class DeliveryMessage(BaseModel):
             raise InvalidInputError("not a delivery message: " + "; ".join(problems)) from None
 
 
+@dataclass(frozen=True)
+class Redriven:
+    """One delivery an ``alerts redrive`` handled: as it ended, or as it was (``storage_error``: the
+    state tables failed for it; it is unchanged, and a later redrive tries again)."""
+
+    delivery: Delivery
+    storage_error: str = ""
+
+
 @dataclass
 class AlertDelivery:
     connections: ConnectionStore
@@ -249,15 +258,24 @@ class AlertDelivery:
         older_than: timedelta | None = None,
         delivery_ids: list[str] | None = None,
         limit: int = 500,
-    ) -> Iterator[Delivery]:
-        """Deliver again, in this process, the deliveries that ended ``status`` (or the ids given)."""
+    ) -> Iterator[Redriven]:
+        """Deliver again, in this process, the deliveries that ended ``status`` (or the ids given).
+
+        A storage failure on one delivery is reported with it and the redrive goes on with the next:
+        one unreadable or unwritable row must not keep the others from being delivered.
+        """
         if delivery_ids:
             if not connection:
                 raise NotFoundError("redriving by id needs the connection name")
+            malformed = [d for d in delivery_ids if not DELIVERY_ID.match(d)]
+            if malformed:
+                raise NotFoundError(
+                    f"no delivery {shown(malformed[0])}: a delivery id is 32 lower-case hex digits"
+                )
             found = [self.deliveries.get(connection, delivery_id) for delivery_id in delivery_ids]
             missing = [d for d, row in zip(delivery_ids, found, strict=True) if row is None]
             if missing:
-                raise NotFoundError(f"no delivery {', '.join(missing)} on connection {connection!r}")
+                raise NotFoundError(f"no delivery {', '.join(missing)} on connection {shown(connection)}")
             candidates = [row for row in found if row is not None]
         else:
             candidates = list(self.deliveries.list(connection=connection, status=status, limit=limit))
@@ -271,9 +289,14 @@ class AlertDelivery:
                 connection=row.connection, delivery_id=row.delivery_id, signal=row.signal
             )
             # a redrive is one more attempt, in this process: if it fails it ends failed again
-            result = self.deliver(message, attempt=row.attempts + 1, final=True)
+            try:
+                result = self.deliver(message, attempt=row.attempts + 1, final=True)
+            except StateError as exc:
+                log.error("redrive of delivery %s on %s: %s", row.delivery_id, row.connection, exc)
+                yield Redriven(row, storage_error=str(exc))
+                continue
             if result is not None:
-                yield result
+                yield Redriven(result)
 
     def requeue_stale(self, *, older_than: timedelta, limit: int = 500) -> list[DeliveryMessage]:
         """Pending deliveries received long ago (their queue message was lost): messages to queue

@@ -101,8 +101,8 @@ def _check_text(text: str, path: tuple[int | str, ...]) -> None:
     found = None if text.isascii() else _SURROGATE.search(text)
     if found is None:
         return
-    shown = [_escaped(part) if isinstance(part, str) else part for part in path]
-    where = error_path(shown) or "the body"
+    parts = [_escaped(part)[:80] if isinstance(part, str) else part for part in path[:10]]
+    where = (error_path(parts) + (".…" if len(path) > 10 else "")) or "the body"
     raise MalformedPayloadError(
         f"the body is not valid JSON text: {where} holds an unpaired UTF-16 surrogate "
         f"(\\u{ord(found.group()):04x}), which is not a Unicode character"

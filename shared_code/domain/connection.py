@@ -116,6 +116,10 @@ class ConnectionBase(BaseModel):
             raise ValueError("must not contain credentials; they go to Key Vault")
         if parts.query or parts.fragment:
             raise ValueError("must be the instance's base URL without query or fragment")
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not one
+        except ValueError:
+            raise ValueError("has an invalid port (use a number from 1 to 65535, or none for 443)") from None
         return f"https://{parts.netloc}{parts.path.rstrip('/')}"
 
     @field_validator("close_alerts_in")

@@ -14,6 +14,7 @@ from azure.core.credentials import TokenCredential
 from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
 from azure.monitor.ingestion import LogsIngestionClient
 
+from shared_code.diagnose import LOGS_ROLE, describe
 from shared_code.errors import SinkError
 
 
@@ -66,7 +67,8 @@ class LogsUploader:
                 f"Logs Ingestion upload to stream {stream} failed: HTTP {exc.status_code} {reason}"
             ) from exc
         except AzureError as exc:
-            raise SinkError(f"Logs Ingestion upload to stream {stream} failed: {type(exc).__name__}") from exc
+            reason = describe(exc, target=self.endpoint, role=LOGS_ROLE)
+            raise SinkError(f"Logs Ingestion upload to stream {stream} failed: {reason}") from exc
 
     def close(self) -> None:
         with self._lock:

@@ -28,13 +28,14 @@ def queue_client(
     settings: Settings, credential: TokenCredential | None, name: str, *, timeout: float = 5.0
 ) -> QueueClient:
     """A client for queue ``name`` with short timeouts (nothing is contacted here)."""
-    timeouts = {"connect_timeout": min(timeout, 5.0), "read_timeout": timeout}
     if settings.storage_connection:
         conn = settings.storage_connection
         if conn.strip() == DEVELOPMENT_STORAGE:
             conn = AZURITE_QUEUE_CONNECTION
         endpoint = QueueServiceClient.from_connection_string(conn).url
-        service = QueueServiceClient.from_connection_string(conn, **transport_options(endpoint, **timeouts))
+        service = QueueServiceClient.from_connection_string(
+            conn, **transport_options(endpoint, connect_timeout=min(timeout, 5.0), read_timeout=timeout)
+        )
     else:
         endpoint = settings.queue_service_uri or (
             f"https://{settings.storage_account_name}.queue.core.windows.net"
@@ -47,6 +48,8 @@ def queue_client(
                 "(identity-based, with AzureWebJobsStorage__credential=managedidentity)"
             )
         service = QueueServiceClient(
-            endpoint, credential=credential, **transport_options(endpoint, **timeouts)
+            endpoint,
+            credential=credential,
+            **transport_options(endpoint, connect_timeout=min(timeout, 5.0), read_timeout=timeout),
         )
     return service.get_queue_client(name)

@@ -30,7 +30,7 @@ from azure.core.rest import HttpRequest
 from azure.data.tables import TableClient
 
 from shared_code.errors import StateError
-from shared_code.state.tables import Entity, translate_errors
+from shared_code.state.tables import NO_SDK_TRANSPORT_RETRIES, Entity, repeat_safe_write, translate_errors
 
 MAX_OPERATIONS = 100  # the service's limit per transaction
 MAX_BODY_BYTES = 3_500_000  # the service takes at most 4 MiB per transaction; room for the framing
@@ -186,14 +186,18 @@ def write_transaction(table: TableClient, operations: Sequence[Operation]) -> No
         content=_body(base, table.table_name, entities, batch, changeset),
     )
     action = f"writing a batch to {table.table_name}"
-    with translate_errors(action):
-        response = client.send_request(request, stream=True)
+
+    def send() -> tuple[int, bytes]:
+        response = client.send_request(request, stream=True, **NO_SDK_TRANSPORT_RETRIES)
         try:
-            content = response.read()
+            return response.status_code, response.read()
         finally:
             response.close()
-    if response.status_code != 202:
-        raise StateError(f"{action} failed: HTTP {response.status_code} {_failure(content)}")
+
+    with translate_errors(action, table.url):  # upserts: the same rows whether the batch ran once or twice
+        status, content = repeat_safe_write(action, send)
+    if status != 202:
+        raise StateError(f"{action} failed: HTTP {status} {_failure(content)}")
     statuses = [int(match) for match in _STATUS_LINE.findall(content)]
     failed = [status for status in statuses if not 200 <= status < 300]
     if failed or len(statuses) != len(entities):

@@ -1000,6 +1000,9 @@ def test_long_client_values_are_cut_in_error_messages(flow: Flow) -> None:
     assert "…" in unknown.json()["error"]["message"]
     assert huge_id.status == 404  # not 503: an id that is not one never reaches storage
     assert len(huge_id.json()["error"]["message"]) < 250
+    surrogate_key = flow.post(b'{"' + b"k" * 100_000 + b'": "\\ud800"}')
+    assert surrogate_key.status == 400
+    assert len(surrogate_key.json()["error"]["message"]) < 300
     wrong_type = flow.post(load("metric_fired"), headers={"Content-Type": "text/" + "x" * 50_000})
     assert wrong_type.status == 415
     assert len(wrong_type.json()["error"]["message"]) < 200

@@ -53,9 +53,10 @@ def test_add_stores_secrets_in_key_vault_only_and_test_gives_a_verdict(
 def test_refused_credentials_are_reported_then_fixed_with_reauthorise(
     app: Container, stack: LoopbackStack
 ) -> None:
-    code, output = add(stack, "cli-bad", "--test", password="not-the-password")
+    code, output = add(stack, "cli-bad", "--test", "--keep-on-failure", password="not-the-password")
     assert code == 1
     assert "FAILED: cli-bad" in output
+    assert "kept connection cli-bad and its secrets (--keep-on-failure)" in output
     assert "re-authorise" in output
     assert "not-the-password" not in output
     snow = stack.servicenow

@@ -7,6 +7,9 @@ started, and leaves no files in the tree (its workspace is a temporary folder).
     with Azurite() as azurite:
         tables = TableServiceClient.from_connection_string(azurite.connection_string)
 
+``Azurite(tls=True)`` serves HTTPS with the loopback CA's certificate (``tests/loopback/tls.py``),
+as a storage account does: then only a client that trusts that CA can use it.
+
 Ports are picked by binding port 0 and releasing it; if another process takes one of them before
 Azurite binds it (a bind race), Azurite exits or the readiness probe finds a stranger on the port,
 and the launch is retried with fresh ports.
@@ -25,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import IO
+
+from tests.loopback.tls import loopback_tls
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AZURITE_BIN = REPO_ROOT / "node_modules" / ".bin" / "azurite"
@@ -62,9 +67,13 @@ def _accepts(port: int) -> bool:
     return True
 
 
-def _is_azurite(port: int) -> bool:
+def _is_azurite(port: int, *, tls: bool = False) -> bool:
     """The listener on ``port`` answers like Azurite (its ``Server`` header), not some stranger."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=2)
+    conn = (
+        http.client.HTTPSConnection(HOST, port, timeout=2, context=loopback_tls().client_context())
+        if tls
+        else http.client.HTTPConnection(HOST, port, timeout=2)
+    )
     try:
         conn.request("GET", f"/{ACCOUNT_NAME}?comp=list")
         response = conn.getresponse()
@@ -80,9 +89,15 @@ class Azurite:
     """Azurite on ``127.0.0.1`` with blob/queue/table on free ports; a context manager."""
 
     def __init__(
-        self, *, startup_timeout: float = 20.0, attempts: int = 3, binary: Path | None = None
+        self,
+        *,
+        startup_timeout: float = 20.0,
+        attempts: int = 3,
+        binary: Path | None = None,
+        tls: bool = False,
     ) -> None:
         self.binary = binary or AZURITE_BIN
+        self.tls = tls
         self.startup_timeout = startup_timeout
         self.attempts = attempts
         self.blob_port = self.queue_port = self.table_port = 0
@@ -92,21 +107,25 @@ class Azurite:
 
     # -- endpoints ---------------------------------------------------------------------------
     @property
+    def _scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def blob_endpoint(self) -> str:
-        return f"http://{HOST}:{self.blob_port}/{ACCOUNT_NAME}"
+        return f"{self._scheme}://{HOST}:{self.blob_port}/{ACCOUNT_NAME}"
 
     @property
     def queue_endpoint(self) -> str:
-        return f"http://{HOST}:{self.queue_port}/{ACCOUNT_NAME}"
+        return f"{self._scheme}://{HOST}:{self.queue_port}/{ACCOUNT_NAME}"
 
     @property
     def table_endpoint(self) -> str:
-        return f"http://{HOST}:{self.table_port}/{ACCOUNT_NAME}"
+        return f"{self._scheme}://{HOST}:{self.table_port}/{ACCOUNT_NAME}"
 
     @property
     def connection_string(self) -> str:
         return (
-            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
+            f"DefaultEndpointsProtocol={self._scheme};AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
             f"BlobEndpoint={self.blob_endpoint};QueueEndpoint={self.queue_endpoint};"
             f"TableEndpoint={self.table_endpoint};"
         )
@@ -158,6 +177,8 @@ class Azurite:
             "--tablePort",
             str(self.table_port),
         ]
+        if self.tls:
+            args += ["--cert", self._pem("cert"), "--key", self._pem("key")]
         if self._log is not None:
             self._log.close()
         self._log = open(os.path.join(self._workspace, "azurite.log"), "w+b")  # noqa: SIM115
@@ -176,11 +197,22 @@ class Azurite:
             if _accepts(self.table_port) and _accepts(self.queue_port) and _accepts(self.blob_port):
                 if self._proc.poll() is not None:
                     return f"exited with {self._proc.returncode}: {self._output()}"
-                if not (_is_azurite(self.table_port) and _is_azurite(self.queue_port)):
+                if not (
+                    _is_azurite(self.table_port, tls=self.tls) and _is_azurite(self.queue_port, tls=self.tls)
+                ):
                     return "another process answered on a chosen port (bind race)"
                 return None
             time.sleep(0.05)
         return f"no listener on ports {self.queue_port}/{self.table_port} after {self.startup_timeout:.0f}s"
+
+    def _pem(self, part: str) -> str:
+        """The loopback server certificate (or its key) alone in a file, as Azurite reads them."""
+        assert self._workspace is not None
+        pem = Path(loopback_tls().cert_chain_path).read_text()
+        first_cert = pem.index("-----BEGIN CERTIFICATE-----")
+        path = Path(self._workspace) / f"{part}.pem"
+        path.write_text(pem[first_cert:] if part == "cert" else pem[:first_cert])
+        return str(path)
 
     def _output(self) -> str:
         if self._log is None:

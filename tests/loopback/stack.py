@@ -136,6 +136,8 @@ class LoopbackStack:
             "ARM_ENDPOINT": self.alerts.url,
             **({"LOGS_QUERY_ENDPOINT": self.loganalytics.url} if self.loganalytics is not None else {}),
             "HTTP_TIMEOUT_SECONDS": "10",
+            # every server here is on 127.0.0.1, which the app refuses to call unless told it is a test
+            "ALLOW_LOOPBACK_INSTANCES": "true",
             **self.entra.environment(),
         }
         env.update(overrides)

@@ -465,7 +465,10 @@ def test_alert_lease_seconds_must_exceed_two_http_timeouts():
     from shared_code.errors import ConfigurationError
     from shared_code.settings import Settings
 
-    base = {"AzureWebJobsStorage": "x", "KEY_VAULT_URL": "https://kv.vault.azure.net"}
+    base = {
+        "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+        "KEY_VAULT_URL": "https://kv.vault.azure.net",
+    }
     assert Settings.from_environ(base).alert_lease_seconds == 60  # 60 > 2 x 20: the defaults fit
     assert Settings.from_environ(base | {"ALERT_LEASE_SECONDS": "21", "HTTP_TIMEOUT_SECONDS": "10"})
     with pytest.raises(ConfigurationError) as raised:

@@ -20,7 +20,11 @@ BASE: dict[str, object] = {
 def test_settings_list_every_problem_by_name():
     with pytest.raises(ConfigurationError) as info:
         Settings.from_environ(
-            {"AzureWebJobsStorage": "x", "ALERT_MAX_ATTEMPTS": "zero", "HTTP_TIMEOUT_SECONDS": "-1"}
+            {
+                "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+                "ALERT_MAX_ATTEMPTS": "zero",
+                "HTTP_TIMEOUT_SECONDS": "-1",
+            }
         )
     text = str(info.value)
     assert "KEY_VAULT_URL: is required" in text
@@ -30,11 +34,13 @@ def test_settings_list_every_problem_by_name():
 
 def test_settings_need_https_vault_and_paired_ingestion_settings():
     with pytest.raises(ConfigurationError, match=r"KEY_VAULT_URL: .*https"):
-        Settings.from_environ({"AzureWebJobsStorage": "x", "KEY_VAULT_URL": "http://vault"})
+        Settings.from_environ(
+            {"AzureWebJobsStorage": "UseDevelopmentStorage=true", "KEY_VAULT_URL": "http://vault"}
+        )
     with pytest.raises(ConfigurationError, match="LOGS_INGESTION_RULE_ID"):
         Settings.from_environ(
             {
-                "AzureWebJobsStorage": "x",
+                "AzureWebJobsStorage": "UseDevelopmentStorage=true",
                 "KEY_VAULT_URL": "https://v",
                 "LOGS_INGESTION_ENDPOINT": "https://dce",
             }
@@ -72,7 +78,11 @@ def test_field_and_cross_field_problems_are_listed_together_in_one_message():
 )
 def test_six_field_schedules_are_accepted(schedule):
     settings = Settings.from_environ(
-        {"AzureWebJobsStorage": "x", "KEY_VAULT_URL": "https://v", "SYNC_SCHEDULE": schedule}
+        {
+            "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+            "KEY_VAULT_URL": "https://v",
+            "SYNC_SCHEDULE": schedule,
+        }
     )
     assert settings.sync_schedule == schedule
 
@@ -81,7 +91,11 @@ def test_six_field_schedules_are_accepted(schedule):
 def test_other_schedules_are_refused(schedule):
     with pytest.raises(ConfigurationError, match="ALERT_REDRIVE_SCHEDULE: must be an NCRONTAB"):
         Settings.from_environ(
-            {"AzureWebJobsStorage": "x", "KEY_VAULT_URL": "https://v", "ALERT_REDRIVE_SCHEDULE": schedule}
+            {
+                "AzureWebJobsStorage": "UseDevelopmentStorage=true",
+                "KEY_VAULT_URL": "https://v",
+                "ALERT_REDRIVE_SCHEDULE": schedule,
+            }
         )
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import Literal, Self
-from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
+from shared_code import netsafety
 from shared_code.domain.connection import ConnectionBase, SecretSpec, secret_name
 
-SERVICENOW_HOST_SUFFIXES = (".service-now.com", ".servicenow.com")
+SERVICENOW_HOST_SUFFIXES = netsafety.SAAS_HOST_SUFFIXES
 
 
 class AuthMethod(StrEnum):
@@ -68,13 +68,9 @@ class ServiceNowConnection(ConnectionBase):
     def _rules(self) -> Self:
         if self.auth_method is AuthMethod.OAUTH and not self.client_id:
             raise ValueError("client_id is required for OAuth connections")
-        if not self.private_instance:
-            host = urlsplit(self.server_url).hostname or ""
-            if not host.endswith(SERVICENOW_HOST_SUFFIXES):
-                raise ValueError(
-                    f"server_url host {host[:80]!r} is not a *.service-now.com or *.servicenow.com instance; "
-                    "mark the connection as a private instance to allow it"
-                )
+        problem = netsafety.url_problem(self.server_url, private_instance=self.private_instance)
+        if problem is not None:
+            raise ValueError(f"server_url: {problem}")
         return self
 
     def secret_specs(self) -> tuple[SecretSpec, ...]:
