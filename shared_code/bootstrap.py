@@ -24,6 +24,7 @@ from shared_code.alerts.intake import AlertIntake
 from shared_code.alerts.processor import AlertProcessor
 from shared_code.domain.connection import ConnectionBase
 from shared_code.health import HealthMonitor, build_health_monitor
+from shared_code.jobs.retention import RetentionJob, RetentionRule
 from shared_code.ports.itsm import ConnectorPorts
 from shared_code.products import build_connector, parse_connection
 from shared_code.secrets import KeyVaultSecretStore, SecretStore
@@ -39,6 +40,7 @@ from shared_code.state import workitems as workitems_table
 from shared_code.state.connections import ConnectionRepository
 from shared_code.state.correlations import CorrelationRepository
 from shared_code.state.deliveries import DeliveryRepository
+from shared_code.state.retention import ExpiredRows, deliveries_expired, newest_first_expired
 from shared_code.state.runs import RunRepository
 from shared_code.state.syncerrors import SyncErrorRepository
 from shared_code.state.syncstate import SyncStateRepository
@@ -195,6 +197,30 @@ class Container:
     @cached_property
     def sync_engine(self) -> SyncEngine:
         return build_sync_engine(self)
+
+    @cached_property
+    def retention(self) -> RetentionJob:
+        settings, tables = self.settings, self.tables
+        rules = {
+            deliveries_table.TABLE: RetentionRule(
+                ExpiredRows(tables.table(deliveries_table.TABLE), deliveries_expired),
+                timedelta(days=settings.retention_deliveries_days),
+            ),
+            runs_table.TABLE: RetentionRule(
+                ExpiredRows(tables.table(runs_table.TABLE), newest_first_expired),
+                timedelta(days=settings.retention_runs_days),
+            ),
+            syncerrors_table.TABLE: RetentionRule(
+                ExpiredRows(tables.table(syncerrors_table.TABLE), newest_first_expired),
+                timedelta(days=settings.retention_sync_errors_days),
+            ),
+        }
+        return RetentionJob(
+            rules,
+            RunRepository(tables.table(runs_table.TABLE)),
+            self.clock,
+            max_rows_per_table=settings.retention_max_rows,
+        )
 
     def close(self) -> None:
         with self._lock:

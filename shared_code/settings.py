@@ -17,6 +17,7 @@ from shared_code.errors import ConfigurationError
 DEVELOPMENT_STORAGE = "UseDevelopmentStorage=true"
 DEFAULT_SYNC_SCHEDULE = "0 */15 * * * *"
 DEFAULT_REDRIVE_SCHEDULE = "0 */10 * * * *"
+DEFAULT_RETENTION_SCHEDULE = "0 30 3 * * *"
 """The timer schedules' defaults. The trigger decorators in ``functions/`` read the variables
 themselves at import (before any settings are validated); ``Settings`` checks the same values."""
 
@@ -97,6 +98,23 @@ class Settings(BaseModel):
     queue_service_uri: HttpsUrl = Field(default="", alias="AzureWebJobsStorage__queueServiceUri")
     sync_schedule: Schedule = Field(default=DEFAULT_SYNC_SCHEDULE, alias="SYNC_SCHEDULE")
     alert_redrive_schedule: Schedule = Field(default=DEFAULT_REDRIVE_SCHEDULE, alias="ALERT_REDRIVE_SCHEDULE")
+    retention_schedule: Schedule = Field(default=DEFAULT_RETENTION_SCHEDULE, alias="RETENTION_SCHEDULE")
+    retention_deliveries_days: int = Field(
+        default=30,
+        alias="RETENTION_DELIVERIES_DAYS",
+        ge=1,
+        le=3650,
+        description="delivered and failed alert deliveries older than this are deleted (pending: never)",
+    )
+    retention_runs_days: int = Field(default=90, alias="RETENTION_RUNS_DAYS", ge=1, le=3650)
+    retention_sync_errors_days: int = Field(default=30, alias="RETENTION_SYNC_ERRORS_DAYS", ge=1, le=3650)
+    retention_max_rows: int = Field(
+        default=5000,
+        alias="RETENTION_MAX_ROWS",
+        ge=100,
+        le=100_000,
+        description="rows deleted per table per run at most (the next run continues)",
+    )
 
     @property
     def logs_ingestion_enabled(self) -> bool:

@@ -281,11 +281,9 @@ class AlertDelivery:
         next sweep leaves it alone while it is in flight."""
         now = self.clock()
         messages: list[DeliveryMessage] = []
-        for row in self.deliveries.list(status=DeliveryStatus.PENDING, limit=limit):
-            if now - row.updated_at < older_than:
-                continue
-            self.deliveries.touch(row, now)
-            messages.append(DeliveryMessage(connection=row.connection, delivery_id=row.delivery_id))
+        for key in self.deliveries.stale_pending(now - older_than, limit=limit):
+            self.deliveries.touch(key.connection, key.delivery_id, now)
+            messages.append(DeliveryMessage(connection=key.connection, delivery_id=key.delivery_id))
         return messages
 
 

@@ -223,10 +223,21 @@ def delete_entity(table: TableClient, partition: str, row: str) -> None:
 
 
 def query_entities(
-    table: TableClient, query: str, parameters: dict[str, Any] | None = None
+    table: TableClient,
+    query: str,
+    parameters: dict[str, Any] | None = None,
+    *,
+    select: list[str] | None = None,
+    page_size: int | None = None,
 ) -> Iterator[Entity]:
+    """Rows matching ``query``; ``select`` names the only columns wanted (keys and ETag come too)."""
+    extra: dict[str, Any] = {}
+    if select is not None:
+        extra["select"] = select
+    if page_size is not None:
+        extra["results_per_page"] = page_size
     with translate_errors(f"querying {table.table_name}"):
-        for entity in table.query_entities(query, parameters=parameters or {}):
+        for entity in table.query_entities(query, parameters=parameters or {}, **extra):
             yield _with_etag(entity)
 
 
