@@ -73,14 +73,18 @@ def _delivery_message(stored: Delivery) -> str:
 
 
 @bp.function_name("alert_status")
-@bp.route(route="alerts/{connection}/{delivery_id}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+@bp.route(route="alerts/{connection}/{delivery_id}", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
 def alert_status(req: func.HttpRequest) -> func.HttpResponse:
-    """Status, attempts, last error and work item of one delivery."""
+    """Status, attempts, last error and work item of one delivery.
+
+    A management route (ADMIN): the function key the action groups hold only lets them post alerts.
+    A delivery of another connection is answered exactly like one that does not exist.
+    """
     try:
         name = _connection_name(req)
         delivery_id = req.route_params.get("delivery_id", "")
         found = _stored_delivery(name, delivery_id) if DELIVERY_ID.match(delivery_id) else None
-        if found is None:
+        if found is None or found.connection != name:
             raise NotFoundError(f"no delivery {shown(delivery_id)} on connection {shown(name)}")
     except Exception as exc:  # noqa: BLE001
         return error_response(exc)
