@@ -19,6 +19,7 @@ import certifi
 import httpx
 from azure.core.credentials import TokenCredential
 
+from shared_code import telemetry
 from shared_code.alerts.delivery import AlertDelivery
 from shared_code.alerts.intake import AlertIntake
 from shared_code.alerts.processor import AlertProcessor
@@ -279,6 +280,7 @@ def get_container(environ: Mapping[str, str] | None = None) -> Container:
     global _container
     with _container_lock:
         if _container is None:
+            telemetry.configure(os.environ if environ is None else environ)
             _container = Container(Settings.from_environ(os.environ if environ is None else environ))
         return _container
 
