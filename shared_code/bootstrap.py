@@ -114,7 +114,7 @@ class Container:
 
     @cached_property
     def tables(self) -> TableStore:
-        needs_credential = bool(self.settings.state_table_endpoint)
+        needs_credential = bool(self.settings.identity_table_endpoint)
         return TableStore.from_settings(self.settings, self.credential if needs_credential else None)
 
     @cached_property

@@ -32,6 +32,9 @@ from opentelemetry.metrics import Counter, MeterProvider
 log = logging.getLogger(__name__)
 
 CONNECTION_STRING = "APPLICATIONINSIGHTS_CONNECTION_STRING"
+AUTHENTICATION_STRING = "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"
+"""``Authorization=AAD`` (and ``ClientId=<user-assigned identity>``): the setting the Functions host
+reads for Entra ID export; the app reads the same one for its own exporter."""
 METER_NAME = "azure_monitor_itsm_connector"
 CORRELATION_ATTRIBUTE = "correlation_id"
 
@@ -150,17 +153,37 @@ def configure(environ: Mapping[str, str] | None = None) -> bool:
     with _configure_lock:
         if _configured is not None:
             return _configured
-        connection_string = (os.environ if environ is None else environ).get(CONNECTION_STRING, "")
+        env = os.environ if environ is None else environ
+        connection_string = env.get(CONNECTION_STRING, "")
         _configured = False
         if not connection_string.strip():
             return False
         try:
             from azure.monitor.opentelemetry import configure_azure_monitor  # noqa: PLC0415 - heavy, opt-in
 
-            configure_azure_monitor(connection_string=connection_string)
+            options: dict[str, Any] = {"connection_string": connection_string}
+            client_id = entra_client_id(env.get(AUTHENTICATION_STRING, ""))
+            if client_id is not None:  # Application Insights with local auth off: export with Entra ID
+                from azure.identity import ManagedIdentityCredential  # noqa: PLC0415
+
+                options["credential"] = ManagedIdentityCredential(client_id=client_id or None)
+            configure_azure_monitor(**options)
         except Exception as exc:  # noqa: BLE001 - telemetry must never stop the app
             log.error("Application Insights export could not be configured: %s", type(exc).__name__)
             return False
         _configured = True
         bind_meter_provider(None)  # counters made before now move to the configured provider
         return True
+
+
+def entra_client_id(authentication: str) -> str | None:
+    """From ``Authorization=AAD;ClientId=...``: the identity's client id ("" for the system-assigned
+    identity), or None when export is not Entra-authenticated."""
+    parts = {
+        key.strip().lower(): value.strip()
+        for key, _, value in (part.partition("=") for part in authentication.split(";"))
+        if key.strip()
+    }
+    if parts.get("authorization", "").upper() != "AAD":
+        return None
+    return parts.get("clientid", "")

@@ -111,10 +111,10 @@ class TableStore:
             "connect_timeout": min(CONNECT_TIMEOUT, settings.http_timeout_seconds),
             "read_timeout": min(READ_TIMEOUT, settings.http_timeout_seconds),
         }
-        if settings.state_table_endpoint:
+        if settings.identity_table_endpoint:
             if credential is None:
-                raise StateError("STATE_TABLE_ENDPOINT needs an Azure credential")
-            endpoint = settings.state_table_endpoint
+                raise StateError("identity-based table storage needs an Azure credential")
+            endpoint = settings.identity_table_endpoint
             service = TableServiceClient(
                 endpoint=endpoint, credential=credential, **transport_options(endpoint, **timeouts)
             )

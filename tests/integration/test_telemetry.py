@@ -151,3 +151,11 @@ def test_without_a_connection_string_nothing_is_exported() -> None:
     assert telemetry.configure({}) is False
     # the counters still work (the API's no-op provider takes them)
     telemetry.metrics().deliveries.add(1, {"outcome": "created"})
+
+
+def test_entra_export_takes_the_client_id_from_the_hosts_authentication_string() -> None:
+    assert telemetry.entra_client_id("Authorization=AAD;ClientId=1234") == "1234"
+    assert telemetry.entra_client_id("ClientId=1234; Authorization=aad") == "1234"
+    assert telemetry.entra_client_id("Authorization=AAD") == ""  # the system-assigned identity
+    assert telemetry.entra_client_id("") is None
+    assert telemetry.entra_client_id("ClientId=1234") is None
