@@ -19,6 +19,7 @@ from shared_code.domain.delivery import Delivery
 from shared_code.errors import InvalidInputError, NotFoundError, StateError, shown
 from shared_code.settings import DEFAULT_REDRIVE_SCHEDULE
 from shared_code.state.queues import ALERT_QUEUE
+from shared_code.telemetry import correlation_scope
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,13 @@ def _connection_name(req: func.HttpRequest) -> str:
 @bp.route(route="alerts/{connection}", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 @bp.queue_output(arg_name="delivery", queue_name=ALERT_QUEUE, connection="AzureWebJobsStorage")
 def receive_alert(req: func.HttpRequest, delivery: func.Out[str]) -> func.HttpResponse:
-    """Store the alert, queue its delivery, answer 202 with the delivery id."""
+    """Store the alert, queue its delivery, answer 202 with the delivery id (also the correlation id
+    of every log record from here to the ITSM call)."""
+    with correlation_scope():
+        return _receive_alert(req, delivery)
+
+
+def _receive_alert(req: func.HttpRequest, delivery: func.Out[str]) -> func.HttpResponse:
     try:
         name = _connection_name(req)
         require_secure_webhook(name, req.headers.get("Authorization"))
@@ -52,6 +59,14 @@ def receive_alert(req: func.HttpRequest, delivery: func.Out[str]) -> func.HttpRe
     stored = receipt.delivery
     if receipt.enqueue:
         delivery.set(_delivery_message(stored))
+    log.info(
+        "alert %s on connection %s: delivery %s %s%s",
+        shown(stored.signal.alert_id, 80),
+        stored.connection,
+        stored.delivery_id,
+        "stored" if receipt.is_new else "already stored",
+        ", queued" if receipt.enqueue else "",
+    )
     return json_response(
         202,
         {
@@ -73,14 +88,18 @@ def _delivery_message(stored: Delivery) -> str:
 
 
 @bp.function_name("alert_status")
-@bp.route(route="alerts/{connection}/{delivery_id}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+@bp.route(route="alerts/{connection}/{delivery_id}", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
 def alert_status(req: func.HttpRequest) -> func.HttpResponse:
-    """Status, attempts, last error and work item of one delivery."""
+    """Status, attempts, last error and work item of one delivery.
+
+    A management route (ADMIN): the function key the action groups hold only lets them post alerts.
+    A delivery of another connection is answered exactly like one that does not exist.
+    """
     try:
         name = _connection_name(req)
         delivery_id = req.route_params.get("delivery_id", "")
         found = _stored_delivery(name, delivery_id) if DELIVERY_ID.match(delivery_id) else None
-        if found is None:
+        if found is None or found.connection != name:
             raise NotFoundError(f"no delivery {shown(delivery_id)} on connection {shown(name)}")
     except Exception as exc:  # noqa: BLE001
         return error_response(exc)
@@ -134,7 +153,11 @@ def deliver_alert(msg: func.QueueMessage) -> None:
     except InvalidInputError as exc:  # retrying cannot fix it: dropped, and said why
         log.error("dropping queue message %s: %s", shown(msg.id), exc)
         return
-    get_container().alert_delivery.deliver(message, attempt=msg.dequeue_count or 1)
+    with correlation_scope(message.delivery_id):  # the id the webhook logged under
+        log.info(
+            "delivering %s on %s, attempt %d", message.delivery_id, message.connection, msg.dequeue_count or 1
+        )
+        get_container().alert_delivery.deliver(message, attempt=msg.dequeue_count or 1)
 
 
 @bp.function_name("redrive_stale_alerts")
@@ -145,4 +168,6 @@ def redrive_stale_alerts(timer: func.TimerRequest, deliveries: func.Out[list[str
     messages = get_container().alert_delivery.requeue_stale(older_than=STALE_AFTER)
     if messages:
         deliveries.set([message.to_json() for message in messages])
-        log.warning("queued %d stale pending alert deliveries again", len(messages))
+        for message in messages:
+            with correlation_scope(message.delivery_id):
+                log.warning("queued stale pending delivery %s again", message.delivery_id)

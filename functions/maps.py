@@ -119,7 +119,7 @@ def _wants_json(req: func.HttpRequest) -> bool:
 
 
 @bp.function_name("maps_index")
-@bp.route(route="maps", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+@bp.route(route="maps", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
 def maps_index(req: func.HttpRequest) -> func.HttpResponse:
     """The mapped servers: last import, status and dependency counts (HTML, or JSON)."""
     try:
@@ -143,7 +143,7 @@ def maps_index(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @bp.function_name("maps_server")
-@bp.route(route="maps/{server}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+@bp.route(route="maps/{server}", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
 def maps_server(req: func.HttpRequest) -> func.HttpResponse:
     """One server's map: ``?format=html|svg|json|mermaid|drawio|csv|scom-mp`` (HTML by default)."""
     try:

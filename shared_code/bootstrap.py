@@ -19,13 +19,14 @@ import certifi
 import httpx
 from azure.core.credentials import TokenCredential
 
-from shared_code import netsafety, tlstrust
+from shared_code import netsafety, telemetry, tlstrust
 from shared_code.alerts.delivery import AlertDelivery
 from shared_code.alerts.intake import AlertIntake
 from shared_code.alerts.processor import AlertProcessor
 from shared_code.domain.connection import ConnectionBase
 from shared_code.health import HealthMonitor, build_health_monitor
 from shared_code.jobs.lease import JobLease
+from shared_code.jobs.retention import RetentionJob, RetentionRule
 from shared_code.maps.importer import MapImporter
 from shared_code.mapsources.registry import MapSourceDeps, build_map_source
 from shared_code.monitor.alerts_management import AlertsManagementClient
@@ -49,6 +50,7 @@ from shared_code.state.correlations import CorrelationRepository
 from shared_code.state.deliveries import DeliveryRepository
 from shared_code.state.maps import MapRepository
 from shared_code.state.mapsources import MapSourceRepository
+from shared_code.state.retention import ExpiredRows, deliveries_expired, newest_first_expired
 from shared_code.state.runs import RunRepository
 from shared_code.state.syncerrors import SyncErrorRepository
 from shared_code.state.syncstate import SyncStateRepository
@@ -174,7 +176,7 @@ class Container:
 
     @lazy
     def tables(self) -> TableStore:
-        needs_credential = bool(self.settings.state_table_endpoint)
+        needs_credential = bool(self.settings.identity_table_endpoint)
         return TableStore.from_settings(
             self.settings, self.credential if needs_credential else None, ca_file=self.ca_file
         )
@@ -306,6 +308,30 @@ class Container:
             clock=self.clock,
         )
 
+    @lazy
+    def retention(self) -> RetentionJob:
+        settings, tables = self.settings, self.tables
+        rules = {
+            deliveries_table.TABLE: RetentionRule(
+                ExpiredRows(tables.table(deliveries_table.TABLE), deliveries_expired),
+                timedelta(days=settings.retention_deliveries_days),
+            ),
+            runs_table.TABLE: RetentionRule(
+                ExpiredRows(tables.table(runs_table.TABLE), newest_first_expired),
+                timedelta(days=settings.retention_runs_days),
+            ),
+            syncerrors_table.TABLE: RetentionRule(
+                ExpiredRows(tables.table(syncerrors_table.TABLE), newest_first_expired),
+                timedelta(days=settings.retention_sync_errors_days),
+            ),
+        }
+        return RetentionJob(
+            rules,
+            RunRepository(tables.table(runs_table.TABLE)),
+            self.clock,
+            max_rows_per_table=settings.retention_max_rows,
+        )
+
     def close(self) -> None:
         with self._lock:
             for _, connector in self._connectors.values():
@@ -368,6 +394,7 @@ def get_container(environ: Mapping[str, str] | None = None) -> Container:
     global _container
     with _container_lock:
         if _container is None:
+            telemetry.configure(os.environ if environ is None else environ)
             _container = Container(Settings.from_environ(os.environ if environ is None else environ))
         return _container
 

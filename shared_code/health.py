@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 PROBE_SECRET = "itsm-health-probe"  # noqa: S105 - a name that no connection's secret can have
 """Secret names of connections are ``itsm-<connection>-<purpose>``; this one is read and may be absent."""
-TIMER_JOBS: dict[str, str] = {"sync_work_items": "sync"}
+TIMER_JOBS: dict[str, str] = {"sync_work_items": "sync", "prune_state": "retention"}
 """Timer function -> the job name its runs are recorded under in the Runs table."""
 ONE_INVOCATION = timedelta(minutes=10)
 """Rows of one timer invocation (one per connection and type) start within the function timeout."""

@@ -21,6 +21,7 @@ Functions host moves it to the poison queue, so ALERT_MAX_ATTEMPTS above it woul
 delivery would stay 'pending' until the redrive timer). Change both together."""
 DEFAULT_SYNC_SCHEDULE = "0 */15 * * * *"
 DEFAULT_REDRIVE_SCHEDULE = "0 */10 * * * *"
+DEFAULT_RETENTION_SCHEDULE = "0 30 3 * * *"
 """The timer schedules' defaults. The trigger decorators in ``functions/`` read the variables
 themselves at import (before any settings are validated); ``Settings`` checks the same values."""
 
@@ -105,6 +106,11 @@ def _max_attempts(value: int) -> int:
 
 
 HttpsUrl = Annotated[str, AfterValidator(_https_url)]
+IDENTITY_STORAGE = (
+    "AzureWebJobsStorage__accountName",
+    "AzureWebJobsStorage__tableServiceUri",
+)
+"""The host's identity-based storage settings (no keys) that name the tables' account."""
 Schedule = Annotated[str, AfterValidator(_ncrontab)]
 
 
@@ -163,10 +169,47 @@ class Settings(BaseModel):
         description="Entra ID authority: OpenID metadata and signing keys for secure webhook tokens",
     )
     health_timeout_seconds: float = Field(default=3.0, alias="HEALTH_TIMEOUT_SECONDS", ge=0.2, le=10)
-    storage_account_name: str = Field(default="", alias="AzureWebJobsStorage__accountName")
+    storage_account_name: str = Field(
+        default="", alias="AzureWebJobsStorage__accountName", pattern=r"^([a-z0-9]{3,24})?$"
+    )
     queue_service_uri: HttpsUrl = Field(default="", alias="AzureWebJobsStorage__queueServiceUri")
+    table_service_uri: HttpsUrl = Field(default="", alias="AzureWebJobsStorage__tableServiceUri")
     sync_schedule: Schedule = Field(default=DEFAULT_SYNC_SCHEDULE, alias="SYNC_SCHEDULE")
     alert_redrive_schedule: Schedule = Field(default=DEFAULT_REDRIVE_SCHEDULE, alias="ALERT_REDRIVE_SCHEDULE")
+    retention_schedule: Schedule = Field(default=DEFAULT_RETENTION_SCHEDULE, alias="RETENTION_SCHEDULE")
+    retention_deliveries_days: int = Field(
+        default=30,
+        alias="RETENTION_DELIVERIES_DAYS",
+        ge=1,
+        le=3650,
+        description="delivered and failed alert deliveries older than this are deleted (pending: never)",
+    )
+    retention_runs_days: int = Field(default=90, alias="RETENTION_RUNS_DAYS", ge=1, le=3650)
+    retention_sync_errors_days: int = Field(default=30, alias="RETENTION_SYNC_ERRORS_DAYS", ge=1, le=3650)
+    retention_max_rows: int = Field(
+        default=5000,
+        alias="RETENTION_MAX_ROWS",
+        ge=100,
+        le=100_000,
+        description="rows deleted per table per run at most (the next run continues)",
+    )
+
+    @property
+    def identity_table_endpoint(self) -> str:
+        """The state tables' endpoint reached with the app's identity; "" when a connection string is used.
+
+        ``STATE_TABLE_ENDPOINT`` wins; else, with no ``AzureWebJobsStorage`` connection string, the
+        host's own identity-based storage settings name the account (as the host reads them).
+        """
+        if self.state_table_endpoint:
+            return self.state_table_endpoint
+        if self.storage_connection:
+            return ""
+        if self.table_service_uri:
+            return self.table_service_uri
+        if self.storage_account_name:
+            return f"https://{self.storage_account_name}.table.core.windows.net"
+        return ""
 
     @property
     def logs_ingestion_enabled(self) -> bool:
@@ -188,8 +231,12 @@ class Settings(BaseModel):
                 message = "is required" if error["type"] == "missing" else error["msg"]
                 problems.append(f"- {name}: {message.removeprefix('Value error, ')}")
         # the cross-field rules read the raw values, so they are checked even when a field failed
-        if not values.get("AzureWebJobsStorage") and not values.get("STATE_TABLE_ENDPOINT"):
-            problems.append("- AzureWebJobsStorage: is required (or set STATE_TABLE_ENDPOINT)")
+        storage = ("AzureWebJobsStorage", "STATE_TABLE_ENDPOINT", *IDENTITY_STORAGE)
+        if not any(values.get(name) for name in storage):
+            problems.append(
+                "- AzureWebJobsStorage: is required (or, without keys, set AzureWebJobsStorage__accountName "
+                "or STATE_TABLE_ENDPOINT)"
+            )
         if bool(values.get("LOGS_INGESTION_ENDPOINT")) != bool(values.get("LOGS_INGESTION_RULE_ID")):
             problems.append(
                 "- LOGS_INGESTION_ENDPOINT and LOGS_INGESTION_RULE_ID: "

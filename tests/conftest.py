@@ -7,12 +7,14 @@ outside 127.0.0.1 / ::1, so "tests talk only to loopback" is checked, not hoped 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Iterator
 
 import pytest
 
 from shared_code.bootstrap import Container
+from tests import canary
 from tests.loopback import netguard
 from tests.loopback.azurite import Azurite
 from tests.loopback.stack import LoopbackStack
@@ -28,12 +30,42 @@ def loopback_only() -> Iterator[None]:
     assert not netguard.foreign, f"non-loopback network access: {netguard.foreign[:5]}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def canary_secret() -> Iterator[canary.CanaryDetector]:
+    """Fail the session if the canary secret (the stack's ServiceNow client secret and password)
+    showed up in a log record, response, CLI output, queue message, table row or exception.
+
+    INFO records are created for the check (the root logger's default, WARNING, would not even
+    make them); the SDK's per-request dumps stay off (headers only, redacted; no bodies).
+    """
+    root = logging.getLogger()
+    sdk = logging.getLogger("azure.core.pipeline.policies.http_logging_policy")
+    levels = root.level, sdk.level
+    root.setLevel(min(root.level or logging.WARNING, logging.INFO))
+    sdk.setLevel(logging.WARNING)
+    with canary.detecting(canary.CanaryDetector()) as detector:
+        yield detector
+    root.setLevel(levels[0])
+    sdk.setLevel(levels[1])
+    assert not detector.sightings, "the canary secret leaked:\n" + detector.report()
+
+
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
+    """The exception a test ended with is output too: it must not carry the canary either."""
+    if call.excinfo is not None:
+        canary.observe_exception(call.excinfo.value, f"exception ending {item.nodeid}")
+
+
 @pytest.fixture(scope="session")
-def azurite() -> Iterator[Azurite]:
-    """One in-memory Azurite per test process (xdist worker), on free ports."""
+def azurite(canary_secret: canary.CanaryDetector) -> Iterator[Azurite]:
+    """One in-memory Azurite per test process (xdist worker), on free ports; at the end of the
+    session every row and queued message is scanned for the canary secret."""
     server = Azurite().start()
     yield server
-    server.stop()
+    try:
+        canary_secret.scan_storage(server.connection_string)
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,8 @@ from azure.functions.queue import QueueMessage
 from azure.functions.timer import TimerRequest
 from azure.storage.queue import QueueServiceClient
 
+from tests import canary
+
 _indexed: dict[int, tuple[func.FunctionApp, list[Function]]] = {}
 _index_lock = threading.Lock()
 
@@ -117,11 +119,14 @@ class FunctionHost:
         )
         outs = {arg: OutValue() for arg in self._queue_outputs(name)}
         response = self.user_function(name)(request, **outs)
+        canary.observe(response.get_body(), f"HTTP response of {name}")
         return HttpCall(response, self._produced(name, outs, send=send_outputs))
 
     def _produced(self, name: str, outs: dict[str, OutValue], *, send: bool) -> dict[str, Any]:
         """What the output bindings were set to; sent to their queues as the host would."""
         produced = {arg: out.value for arg, out in outs.items() if out.value is not None}
+        for arg, value in produced.items():
+            canary.observe(str(value), f"output {arg} of {name}")
         if send and self.queues is not None:
             queue_names = self._queue_outputs(name)
             for arg, value in produced.items():

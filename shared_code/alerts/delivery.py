@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared_code.alerts.intake import DELIVERY_ID
-from shared_code.alerts.processor import AlertProcessor
+from shared_code.alerts.processor import AlertProcessor, Outcome
 from shared_code.domain.alert import AlertSignal
 from shared_code.domain.connection import CONNECTION_NAME, ConnectionBase
 from shared_code.domain.delivery import Delivery, DeliveryStatus
@@ -33,6 +33,7 @@ from shared_code.errors import (
 )
 from shared_code.ports.itsm import ConnectorPorts
 from shared_code.ports.state import ConnectionStore, DeliveryStore
+from shared_code.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,10 @@ class AlertDelivery:
             signal=signal,
         )
         self.deliveries.save_result(done)
+        counters = metrics()
+        counters.deliveries.add(1, {"outcome": result.outcome.value})
+        if result.outcome is Outcome.COALESCED:
+            counters.coalesced_firings.add(1)
         log.info(
             "delivery %s on %s: %s %s",
             message.delivery_id,
@@ -238,6 +243,7 @@ class AlertDelivery:
             signal=signal,
         )
         self.deliveries.save(updated)
+        metrics().delivery_failures.add(1, {"final": give_up, "error": type(exc).__name__})
         if give_up:
             log.error(
                 "delivery %s on %s failed after %d attempt(s): %s",
@@ -304,11 +310,9 @@ class AlertDelivery:
         next sweep leaves it alone while it is in flight."""
         now = self.clock()
         messages: list[DeliveryMessage] = []
-        for row in self.deliveries.list(status=DeliveryStatus.PENDING, limit=limit):
-            if now - row.updated_at < older_than:
-                continue
-            self.deliveries.touch(row, now)
-            messages.append(DeliveryMessage(connection=row.connection, delivery_id=row.delivery_id))
+        for key in self.deliveries.stale_pending(now - older_than, limit=limit):
+            self.deliveries.touch(key.connection, key.delivery_id, now)
+            messages.append(DeliveryMessage(connection=key.connection, delivery_id=key.delivery_id))
         return messages
 
 

@@ -25,6 +25,7 @@ from shared_code.errors import (
     shown,
 )
 from shared_code.ports.state import ConnectionStore, DeliveryStore
+from shared_code.telemetry import bind_correlation_id
 
 MAX_BODY_BYTES = 256 * 1024
 STALE_PENDING = timedelta(seconds=60)
@@ -125,9 +126,11 @@ class AlertIntake:
         connection = self.connections.get(connection_name)
         signal = parse_alert(payload, default_severity=connection.default_severity)
         now = self.clock()
+        delivery_id = delivery_id_for(connection.name, signal)
+        bind_correlation_id(delivery_id)
         delivery = Delivery(
             connection=connection.name,
-            delivery_id=delivery_id_for(connection.name, signal),
+            delivery_id=delivery_id,
             received_at=now,
             updated_at=now,
             signal=signal,

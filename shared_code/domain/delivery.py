@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import NamedTuple
 
 from shared_code.domain.alert import AlertSignal
 from shared_code.domain.record import Record
@@ -30,3 +31,10 @@ class Delivery(Record):
     received_at: datetime
     updated_at: datetime
     signal: AlertSignal
+
+
+class DeliveryKey(NamedTuple):
+    """What finds one delivery: its connection and id."""
+
+    connection: str
+    delivery_id: str

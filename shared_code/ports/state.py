@@ -14,7 +14,7 @@ from typing import Protocol
 
 from shared_code.domain.connection import ConnectionBase
 from shared_code.domain.correlation import Correlation, CorrelationState
-from shared_code.domain.delivery import Delivery, DeliveryStatus
+from shared_code.domain.delivery import Delivery, DeliveryKey, DeliveryStatus
 from shared_code.domain.runs import RunRecord, SyncStateRow
 from shared_code.domain.sync import SyncErrorRecord
 from shared_code.domain.workitem import WorkItem
@@ -41,8 +41,12 @@ class DeliveryStore(Protocol):
         """Record the outcome columns; the receipt time stays as stored."""
         ...
 
-    def touch(self, delivery: Delivery, now: datetime) -> None:
+    def touch(self, connection: str, delivery_id: str, now: datetime) -> None:
         """Stamp the delivery as just queued again."""
+        ...
+
+    def stale_pending(self, before: datetime, *, limit: int = 500) -> list[DeliveryKey]:
+        """Keys of the pending deliveries not updated since ``before`` (at most ``limit``)."""
         ...
 
     def list(
@@ -90,3 +94,11 @@ class SyncStateStore(Protocol):
 
 class RunLog(Protocol):
     def record(self, run: RunRecord) -> None: ...
+
+
+class ExpiringRows(Protocol):
+    """One table's rows that expire with age (the retention job deletes them)."""
+
+    def delete_older_than(self, before: datetime, *, limit: int) -> int:
+        """Delete at most ``limit`` rows that expired before ``before``; how many were deleted."""
+        ...

@@ -13,10 +13,11 @@ from datetime import UTC, datetime
 from azure.data.tables import TableClient
 
 from shared_code.domain.alert import AlertSignal
-from shared_code.domain.delivery import Delivery, DeliveryStatus
+from shared_code.domain.delivery import Delivery, DeliveryKey, DeliveryStatus
 from shared_code.state.tables import bucket_of, get_entity, insert_entity, merge_entity, query_entities
 
 log = logging.getLogger(__name__)
+
 
 TABLE = "AlertDeliveries"
 BUCKETS = 16
@@ -92,16 +93,36 @@ class DeliveryRepository:
         entity = _to_entity(delivery)
         merge_entity(self._table, {name: value for name, value in entity.items() if name != "ReceivedAt"})
 
-    def touch(self, delivery: Delivery, now: datetime) -> None:
+    def touch(self, connection: str, delivery_id: str, now: datetime) -> None:
         """Stamp ``UpdatedAt`` (a pending delivery was queued again: not stale for a while)."""
         merge_entity(
             self._table,
-            {
-                "PartitionKey": partition_of(delivery.connection, delivery.delivery_id),
-                "RowKey": delivery.delivery_id,
-                "UpdatedAt": now,
-            },
+            {"PartitionKey": partition_of(connection, delivery_id), "RowKey": delivery_id, "UpdatedAt": now},
         )
+
+    def stale_pending(self, before: datetime, *, limit: int = 500) -> list[DeliveryKey]:
+        """Pending deliveries not updated since ``before``: only their keys, at most ``limit``.
+
+        The filter runs in the service and only three short columns come back, so the sweep costs
+        what it finds, not the size of the table (delivered rows, with their alerts, stay put).
+        """
+        found: list[DeliveryKey] = []
+        if limit <= 0:
+            return found
+        rows = query_entities(
+            self._table,
+            "Status eq @status and UpdatedAt lt @before",
+            {"status": DeliveryStatus.PENDING.value, "before": before},
+            select=["RowKey", "Connection"],
+            page_size=min(limit, 1000),
+        )
+        for entity in rows:
+            if len(found) >= limit:
+                break
+            connection, delivery_id = str(entity.get("Connection", "")), str(entity.get("RowKey", ""))
+            if connection and delivery_id:
+                found.append(DeliveryKey(connection=connection, delivery_id=delivery_id))
+        return found
 
     def list(
         self, *, connection: str | None = None, status: DeliveryStatus | None = None, limit: int = 1000

@@ -28,6 +28,12 @@ def inverted_key(moment: datetime, suffix: str | None = None) -> str:
     return f"{_MAX_MICROS - micros:017d}-{suffix or uuid.uuid4().hex[:8]}"
 
 
+def inverted_prefix(moment: datetime) -> str:
+    """The smallest ``inverted_key`` of a row older than ``moment``: older rows sort at or after it."""
+    micros = int(moment.timestamp() * 1_000_000)
+    return f"{_MAX_MICROS - micros + 1:017d}"
+
+
 def _to_entity(run: RunRecord) -> dict[str, object]:
     return {
         "PartitionKey": run.job,

@@ -219,10 +219,10 @@ class TableStore:
             "read_timeout": min(READ_TIMEOUT, settings.http_timeout_seconds),
             "ca_bundle": ca_file or None,
         }
-        if settings.state_table_endpoint:
+        if settings.identity_table_endpoint:
             if credential is None:
-                raise StateError("STATE_TABLE_ENDPOINT needs an Azure credential")
-            endpoint = settings.state_table_endpoint
+                raise StateError("identity-based table storage needs an Azure credential")
+            endpoint = settings.identity_table_endpoint
             service = TableServiceClient(
                 endpoint=endpoint, credential=credential, **transport_options(endpoint, **options)
             )
@@ -409,8 +409,19 @@ def delete_entity(table: TableClient, partition: str, row: str) -> None:
 
 
 def query_entities(
-    table: TableClient, query: str, parameters: dict[str, Any] | None = None
+    table: TableClient,
+    query: str,
+    parameters: dict[str, Any] | None = None,
+    *,
+    select: list[str] | None = None,
+    page_size: int | None = None,
 ) -> Iterator[Entity]:
+    """Rows matching ``query``; ``select`` names the only columns wanted (keys and ETag come too)."""
+    extra: dict[str, Any] = {}
+    if select is not None:
+        extra["select"] = select
+    if page_size is not None:
+        extra["results_per_page"] = page_size
     with translate_errors(f"querying {table.table_name}", table.url):
-        for entity in table.query_entities(query, parameters=parameters or {}):
+        for entity in table.query_entities(query, parameters=parameters or {}, **extra):
             yield _with_etag(entity)

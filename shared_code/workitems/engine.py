@@ -54,6 +54,7 @@ from shared_code.errors import (
 from shared_code.jobs.lease import FairBudget, JobLease, RunTally
 from shared_code.ports.itsm import ConnectorPorts
 from shared_code.ports.state import ConnectionStore, RunLog, SyncStateStore
+from shared_code.telemetry import metrics
 from shared_code.workitems.backsync import BackSync
 from shared_code.workitems.sinks import ErrorLog, WorkItemSink
 
@@ -374,6 +375,8 @@ class SyncEngine:
         self._errors.record(records)
         run.synced += len(items)
         run.rejected += len(page.rejected)
+        if items:
+            metrics().sync_rows.add(len(items), {"type": item_type.sync_name})
 
     # -- SyncState lease and watermark -----------------------------------------------------------
 

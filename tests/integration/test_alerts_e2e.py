@@ -1170,6 +1170,21 @@ def test_alert_status_reports_the_delivery_and_404_for_an_unknown_id(flow: Flow)
     assert flow.status(delivery_id, connection="sn-nobody").status == 404
 
 
+def test_alert_status_reveals_nothing_of_another_connections_delivery(flow: Flow) -> None:
+    flow.connect()
+    other = flow.connect(name=f"{flow.name}-x")  # a name that shares this one's prefix
+    delivery_id = flow.accepted(alert(alert_id="theirs", fired_at=T0)).json()["deliveryId"]
+
+    asked_elsewhere = flow.status(delivery_id, connection=other)
+    never_existed = flow.status("f" * 32, connection=other)
+
+    assert asked_elsewhere.status == never_existed.status == 404
+    body = asked_elsewhere.response.get_body().decode()
+    assert body == never_existed.response.get_body().decode().replace("f" * 32, delivery_id)
+    assert f'"{flow.name}"' not in body
+    assert flow.status(delivery_id).status == 200
+
+
 # -- 9. OAuth ----------------------------------------------------------------------------------------
 
 

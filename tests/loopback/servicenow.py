@@ -65,13 +65,14 @@ from operator import itemgetter
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
+from tests import canary
 from tests.loopback.base import LoopbackHandler, LoopbackServer
 
 TS = "%Y-%m-%d %H:%M:%S"
 DEFAULT_CLIENT_ID = "loopback-servicenow-client"
-DEFAULT_CLIENT_SECRET = "loopback-servicenow-secret"
+DEFAULT_CLIENT_SECRET = canary.CLIENT_SECRET  # the suite's canary: tests/canary.py
 DEFAULT_USERNAME = "itsm.connector"
-DEFAULT_PASSWORD = "loopback-servicenow-password"
+DEFAULT_PASSWORD = canary.PASSWORD
 ADMIN_USERNAME = "admin"
 ACCESS_TOKEN_LIFESPAN = 1799
 REFRESH_TOKEN_LIFESPAN = 8_640_000  # 100 days, the instance default

@@ -31,6 +31,7 @@ from azure.storage.queue import QueueServiceClient
 
 from shared_code.bootstrap import Container, get_container, reset_container
 from shared_code.cli import Cli, main
+from tests import canary
 from tests.loopback.alerts_management import AlertsManagementLoopback
 from tests.loopback.azurite import Azurite
 from tests.loopback.entra import EntraLoopback
@@ -76,7 +77,9 @@ class LoopbackStack:
         self.entra = EntraLoopback()
         self.keyvault = KeyVaultLoopback(self.entra)
         self._own_servicenow = servicenow is None
-        self.servicenow = servicenow or ServiceNowLoopback(rotate_refresh_tokens=True)
+        self.servicenow = servicenow or ServiceNowLoopback(
+            rotate_refresh_tokens=True, client_secret=canary.CLIENT_SECRET, password=canary.PASSWORD
+        )
         self.logs = LogsIngestionLoopback(self.entra, rules={LOGS_RULE_ID: (LOGS_STREAM, LOGS_ERROR_STREAM)})
         self.alerts = AlertsManagementLoopback(self.entra)
         self.loganalytics: LogAnalyticsLoopback | None = LogAnalyticsLoopback(self.entra) if maps else None
@@ -166,6 +169,7 @@ class LoopbackStack:
         out = io.StringIO()
         cli = Cli(out=out, err=out, stdin=io.StringIO(stdin), environ=dict(os.environ))
         code = main(list(argv), cli)
+        canary.observe(out.getvalue(), f"CLI output of {' '.join(argv[:2])}")
         return code, out.getvalue()
 
     def add_servicenow_connection(self, name: str, *options: str) -> str:

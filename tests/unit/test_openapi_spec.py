@@ -72,3 +72,14 @@ def test_path_parameters_are_declared_and_every_reference_resolves() -> None:
             body = resolve(spec, response)
             for media in body.get("content", {}).values():
                 assert isinstance(resolve(spec, media["schema"]), dict)
+
+
+def test_only_the_webhook_takes_the_function_key_and_every_management_route_the_admin_key() -> None:
+    """Action groups hold the function key: it must open nothing but the alert webhook (and the
+    anonymous health probe); reading deliveries or starting a sync needs the admin key."""
+    levels = dict(registered_routes().values())
+
+    assert levels.pop("receive_alert") == "function"
+    assert levels.pop("health") == "anonymous"
+    assert levels
+    assert set(levels.values()) == {"admin"}, levels

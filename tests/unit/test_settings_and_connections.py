@@ -63,7 +63,7 @@ def test_field_and_cross_field_problems_are_listed_together_in_one_message():
     for name in (
         "KEY_VAULT_URL: is required",
         "ALERT_MAX_ATTEMPTS",
-        "AzureWebJobsStorage: is required (or set STATE_TABLE_ENDPOINT)",
+        "AzureWebJobsStorage: is required (or, without keys, set AzureWebJobsStorage__accountName",
         "LOGS_INGESTION_ENDPOINT and LOGS_INGESTION_RULE_ID",
         "SYNC_SCHEDULE: must be an NCRONTAB expression of six fields",
         "ALERT_REDRIVE_SCHEDULE: must be an NCRONTAB expression of six fields",

@@ -355,6 +355,7 @@ class ServiceNowConnector:
         response = send_with_retries(self._client, build, self._retry, auth=self._auth, idempotent=idempotent)
         what = f"{method} {table}"
         status = response.status_code
+        log.info("ServiceNow %s%s: HTTP %d", what, "/<sys_id>" if sys_id is not None else "", status)
         if status == 401:
             raise ItsmAuthError(
                 f"ServiceNow refused the credentials of connection {self.connection_name!r} "
