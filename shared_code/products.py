@@ -91,6 +91,7 @@ def build_servicenow(
         incidents=connector,
         changes=connector,
         configuration_items=connector,
+        notes=connector,
     )
 
 
