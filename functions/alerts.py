@@ -28,6 +28,8 @@ MAX_MESSAGE_BYTES = 40_000
 # read at import, before settings are validated (Settings checks the same variable's shape)
 REDRIVE_SCHEDULE = os.environ.get("ALERT_REDRIVE_SCHEDULE", DEFAULT_REDRIVE_SCHEDULE)
 STALE_AFTER = timedelta(minutes=10)
+PENDING_NOTES_PER_RUN = 100
+"""Bounded work per timer run: the rest waits for the next run."""
 
 bp = func.Blueprint()  # type: ignore[no-untyped-call]
 
@@ -164,10 +166,16 @@ def deliver_alert(msg: func.QueueMessage) -> None:
 @bp.timer_trigger(arg_name="timer", schedule=REDRIVE_SCHEDULE, run_on_startup=False)
 @bp.queue_output(arg_name="deliveries", queue_name=ALERT_QUEUE, connection="AzureWebJobsStorage")
 def redrive_stale_alerts(timer: func.TimerRequest, deliveries: func.Out[list[str]]) -> None:
-    """Queue again the alerts still pending long after receipt (their queue message was lost)."""
-    messages = get_container().alert_delivery.requeue_stale(older_than=STALE_AFTER)
+    """Queue again the alerts still pending long after receipt (their queue message was lost), and
+    write the notes of firings that were counted but never noted (no notification followed them)."""
+    service = get_container().alert_delivery
+    messages = service.requeue_stale(older_than=STALE_AFTER)
     if messages:
         deliveries.set([message.to_json() for message in messages])
         for message in messages:
             with correlation_scope(message.delivery_id):
                 log.warning("queued stale pending delivery %s again", message.delivery_id)
+    try:
+        service.flush_pending_notes(limit=PENDING_NOTES_PER_RUN)
+    except Exception:  # the requeued messages above must still go out (outputs need a clean return)
+        log.exception("writing pending notes failed; the next run tries again")

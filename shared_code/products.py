@@ -92,6 +92,7 @@ def build_servicenow(
         incidents=connector,
         changes=connector,
         configuration_items=connector,
+        notes=connector,
     )
 
 

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared_code.alerts.intake import DELIVERY_ID
+from shared_code.alerts.pending import PendingNotes
 from shared_code.alerts.processor import AlertProcessor, Outcome
 from shared_code.domain.alert import AlertSignal
 from shared_code.domain.connection import CONNECTION_NAME, ConnectionBase
@@ -303,6 +304,42 @@ class AlertDelivery:
                 continue
             if result is not None:
                 yield Redriven(result)
+
+    def flush_pending_notes(self, *, limit: int = 100) -> int:
+        """Write the notes that counted firings wait for once their interval has passed (see
+        ``alerts/pending.py``); at most ``limit`` rows per run. Returns the notes written."""
+        flusher = PendingNotes(
+            self.processor.correlations, self.clock, self.processor.lease_seconds, self.sleep
+        )
+        written = 0
+        for connection in self.connections.list():
+            if limit <= 0:
+                break
+            rows = flusher.due(connection, limit)
+            if not rows:
+                continue
+            limit -= len(rows)
+            try:
+                ports = self.connector_for(connection)
+            except Exception:  # one connection's trouble must not stop the others
+                log.warning(
+                    "pending notes of %s wait: its connector cannot be built", connection.name, exc_info=True
+                )
+                continue
+            for row in rows:
+                self.processor.remember_row(row.key, None)
+                try:
+                    written += flusher.flush(connection, ports, row)
+                except Exception:  # the next run tries again
+                    log.warning(
+                        "pending note of %s on %s not written; the next run tries again",
+                        row.key_text,
+                        connection.name,
+                        exc_info=True,
+                    )
+        if written:
+            log.info("wrote %d pending note(s) for firings counted while another instance wrote", written)
+        return written
 
     def requeue_stale(self, *, older_than: timedelta, limit: int = 500) -> list[DeliveryMessage]:
         """Pending deliveries received long ago (their queue message was lost): messages to queue

@@ -18,6 +18,11 @@ looks the work item up instead of creating another. A delivery id is added to th
 deliveries in the same write that completes its effect, so a redelivered notification is
 recognised and not counted twice.
 
+A note (a re-fire's, a resolution's, a reopening's) carries a marker naming its delivery. A
+delivery that finds its own expired lease on the row was tried before and may have written its
+note without recording it (the answer lost, or the instance gone); where the product can look a
+note up by marker (``ConnectorPorts.notes``), the retry asks before writing it again.
+
 One problem may hold several Azure alerts (a metric alert split by dimension, under the
 per-rule-and-CI key): the row keeps which alert ids still fire and which resolved. The work item is
 resolved when the last one resolves; a 'fired' delivered late is ignored only when its own alert
@@ -44,9 +49,9 @@ from shared_code.alerts import render
 from shared_code.domain.alert import AlertSignal, MonitorCondition
 from shared_code.domain.connection import ConnectionBase, CorrelationMode
 from shared_code.domain.correlation import ALERT_ID_LIMIT, CI_LIMIT, Correlation, CorrelationState, newest
-from shared_code.domain.workitem import IncidentDraft, WorkItemRef
+from shared_code.domain.workitem import IncidentDraft, WorkItemRef, note_marker
 from shared_code.errors import AlreadyExistsError, BusyError, EtagConflict, ItsmRejectedError
-from shared_code.ports.itsm import ConfigurationItems, ConnectorPorts, IncidentWriter
+from shared_code.ports.itsm import ConfigurationItems, ConnectorPorts, IncidentWriter, NoteLedger
 from shared_code.ports.state import CorrelationStore
 
 log = logging.getLogger(__name__)
@@ -123,6 +128,7 @@ class AlertProcessor:
             connection,
             ports.require_incidents(),
             ports.configuration_items,
+            ports.notes,
             delivery_id,
             signal,
             key,
@@ -216,6 +222,7 @@ class _Step:
         connection: ConnectionBase,
         connector: IncidentWriter,
         cmdb: ConfigurationItems | None,
+        notes: NoteLedger | None,
         delivery_id: str,
         signal: AlertSignal,
         key: str,
@@ -229,7 +236,12 @@ class _Step:
         self.connection = connection
         self.connector = connector
         self.cmdb = cmdb
+        self.notes = notes
         self.delivery_id = delivery_id
+        self.marker = note_marker(delivery_id)
+        self.in_doubt = False
+        """An earlier attempt of this delivery held the lease and did not finish: its note may be
+        written already (decided per row read, in ``run``)."""
         self.token = f"{delivery_id}:{uuid.uuid4().hex[:8]}"
         self.signal = signal
         self.alert_id = signal.alert_id
@@ -265,6 +277,7 @@ class _Step:
         if row.seen(self.delivery_id):
             detail = "this notification was handled already"
             return ProcessResult(Outcome.DUPLICATE, row.ref, self.key_text, detail, repeat=True)
+        self.in_doubt = row.lease_owner.startswith(f"{self.delivery_id}:") and row.lease_owner != self.token
         if row.leased_by_other(self.token, now):
             if row.lease_owner.startswith(f"{self.delivery_id}:"):
                 raise _LeaseHeld  # this very notification is in flight elsewhere: never count it twice
@@ -321,6 +334,24 @@ class _Step:
             change["firing_alerts"] = ()
         return change
 
+    def marked(self, text: str) -> str:
+        """A note with this delivery's marker, so that a write whose answer was lost can be found."""
+        return f"{text}\n\n{self.marker}"
+
+    def written_before(self, ref: WorkItemRef) -> bool:
+        """This delivery's note is on the work item already: an earlier attempt wrote it and lost
+        the answer (or died before recording it). Asked only on such a retry."""
+        if not self.in_doubt or self.notes is None:
+            return False
+        if self.notes.has_note(ref, self.marker):
+            log.warning(
+                "the note of delivery %s on %s was written by an earlier attempt: not writing it again",
+                self.delivery_id,
+                ref.number,
+            )
+            return True
+        return False
+
     def take_lease(self, row: Correlation, now: datetime, **changes: object) -> Correlation:
         return self.repo.replace(
             row.model_copy(update={"lease_owner": self.token, "lease_until": now + self.lease, **changes})
@@ -356,13 +387,15 @@ class _Step:
         raise BusyError(f"could not renew the lease on {self.key_text!r}: too much contention")
 
     def itsm_write(
-        self, held: Correlation, write: Callable[[], None]
+        self, held: Correlation, ref: WorkItemRef, write: Callable[[], None]
     ) -> tuple[Correlation, ItsmRejectedError | None]:
         """One ITSM write under the lease: the held row (renewed if it had to be), and the product's
-        refusal when it says the work item is gone (403/404), for the caller to carry on without it."""
+        refusal when it says the work item is gone (403/404), for the caller to carry on without it.
+        A retry whose note an earlier attempt wrote already writes nothing."""
         try:
             held = self.keep_lease(held)
-            write()
+            if not self.written_before(ref):
+                write()
         except _LeaseLost:
             raise
         except ItsmRejectedError as exc:
@@ -638,12 +671,12 @@ class _Step:
         assert ref is not None
         taken = self.take_lease(row, now)
         firings = taken.unnoted_fires + 1
-        text = (
+        text = self.marked(
             render.update_note(self.signal)
             if self.whole_problem
             else render.refire_note(self.signal, firings, taken.last_note_at, new_cis)
         )
-        held, gone = self.itsm_write(taken, lambda: self.connector.add_note(ref, text))
+        held, gone = self.itsm_write(taken, ref, lambda: self.connector.add_note(ref, text))
         if gone is not None:
             log.warning(
                 "work item %s of %s cannot be written any more (HTTP %s: deleted, or read-only to the "
@@ -678,10 +711,11 @@ class _Step:
         ref = row.ref
         if ref is not None and row.resolved_at is not None and now - row.resolved_at <= window:
             held = self.take_lease(row, now)
-            note = render.reopen_note(self.signal, row.resolved_at)
+            note = self.marked(render.reopen_note(self.signal, row.resolved_at))
             try:
                 held = self.keep_lease(held)
-                self.connector.reopen(ref, note)
+                if not self.written_before(ref):
+                    self.connector.reopen(ref, note)
             except _LeaseLost:
                 raise
             except ItsmRejectedError as exc:
@@ -788,9 +822,9 @@ class _Step:
         closes = auto and not still
         firings = taken.fire_count + (1 if recovered else 0)
         if still:
-            text = render.partial_resolution_note(self.signal, still)
+            text = self.marked(render.partial_resolution_note(self.signal, still))
         else:
-            text = render.resolved_note(self.signal, firings, taken.unnoted_fires, auto)
+            text = self.marked(render.resolved_note(self.signal, firings, taken.unnoted_fires, auto))
 
         def write() -> None:
             if closes:
@@ -798,7 +832,7 @@ class _Step:
             else:
                 self.connector.add_note(ref, text)
 
-        held, gone = self.itsm_write(taken, write)
+        held, gone = self.itsm_write(taken, ref, write)
         if gone is not None:
             log.warning(
                 "work item %s of %s cannot be written any more (HTTP %s: deleted, or read-only to the "

@@ -181,6 +181,21 @@ def refire_note(signal: AlertSignal, firings: int, since: datetime | None, new_c
     return "\n".join(lines)
 
 
+def pending_note(
+    firings: int, since: datetime | None, last_fired_at: datetime | None, new_cis: tuple[str, ...]
+) -> str:
+    """Firings counted while another instance was writing, noted by the timer: no notification
+    followed them, so nothing else would."""
+    count = f"{firings} firing{'s' if firings != 1 else ''}"
+    since_text = f" since the last update at {_when(since)}" if since else ""
+    latest = f"; latest fired at {_when(last_fired_at)}" if last_fired_at else ""
+    lines = [f"Azure Monitor: the alert fired again ({count}{since_text}){latest}."]
+    if new_cis:
+        names = list(dict.fromkeys(ci_name(ci) for ci in new_cis))
+        lines.append(f"Also affecting: {listed(names, NOTE_CI_LIMIT)}")
+    return "\n".join(lines)
+
+
 def update_note(signal: AlertSignal) -> str:
     """A new notification of a problem its source names (a health event's next communication)."""
     lines = [f"Azure Monitor: update on this problem, notified at {_when(signal.fired_at)}."]

@@ -7,6 +7,8 @@ those names so they keep working against the table this app fills.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
@@ -168,6 +170,28 @@ class WorkItemRef(BaseModel):
     id: str = Field(min_length=1)
     number: str = Field(min_length=1)
     url: str | None = None
+
+
+NOTE_MARKER_PREFIX = "Azure Monitor delivery "
+_NOTE_MARKER = re.compile(r"\[" + re.escape(NOTE_MARKER_PREFIX) + r"([0-9a-f]{32})\]")
+
+
+def note_marker(delivery_id: str) -> str:
+    """The line that names the notification a note was written for.
+
+    Appending a journal entry is not idempotent: when its answer is lost, the product is searched
+    for this marker (the delivery id is unique, and the same for every attempt of one delivery)
+    before the note is sent again. It also lets an operator go from a note to ``alerts status``.
+    """
+    if not re.fullmatch(r"[0-9a-f]{32}", delivery_id):  # not the webhook's: a stable stand-in
+        delivery_id = hashlib.sha256(delivery_id.encode()).hexdigest()[:32]
+    return f"[{NOTE_MARKER_PREFIX}{delivery_id}]"
+
+
+def marker_in(text: str) -> str | None:
+    """The note marker ``text`` carries (its last one), or None."""
+    found = _NOTE_MARKER.findall(text)
+    return f"[{NOTE_MARKER_PREFIX}{found[-1]}]" if found else None
 
 
 class WorkItemState(StrEnum):

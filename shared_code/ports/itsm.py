@@ -46,6 +46,18 @@ class IncidentWriter(Protocol):
         ...
 
 
+class NoteLedger(Protocol):
+    """Finds a note by its marker (``domain.workitem.note_marker``) on a work item.
+
+    A note whose answer was lost may have landed; the alert path asks before it writes the note
+    of the same notification again (a queue retry), so an ambiguous write is never repeated blindly.
+    """
+
+    def has_note(self, ref: WorkItemRef, marker: str) -> bool:
+        """Whether a note carrying ``marker`` is on the work item."""
+        ...
+
+
 class ChangeFeed(Protocol):
     """Keyset pages of changed work items, for the sync."""
 
@@ -91,6 +103,8 @@ class ConnectorPorts:
     changes: ChangeFeed | None = None
     configuration_items: ConfigurationItems | None = None
     dependencies: DependencyCmdb | None = None
+    notes: NoteLedger | None = None
+    """Where written notes can be looked up by marker (then a retried note is confirmed first)."""
 
     def require_incidents(self) -> IncidentWriter:
         if self.incidents is None:

@@ -67,6 +67,11 @@ class CorrelationStore(Protocol):
 
     def list(self, connection: str, state: CorrelationState | None = None) -> Iterator[Correlation]: ...
 
+    def pending(self, connection: str, limit: int) -> tuple[Correlation, ...]:
+        """Open rows with firings counted but not noted yet (at most ``limit``): read by a filtered
+        query, never by reading every row of the connection."""
+        ...
+
 
 class WorkItemStore(Protocol):
     def upsert_many(self, items: Sequence[WorkItem]) -> int:

@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from enum import StrEnum
+from itertools import islice
 
 from azure.data.tables import TableClient
 
@@ -96,3 +97,19 @@ class CorrelationRepository:
             params["state"] = state.value
         for entity in query_entities(self._table, query, params):
             yield _from_entity(entity)
+
+    def pending(self, connection: str, limit: int) -> tuple[Correlation, ...]:
+        """Open rows with counted, unnoted firings: the service filters, only those come back."""
+        query = (
+            "PartitionKey ge @lo and PartitionKey lt @hi and Connection eq @c "
+            "and state eq @state and unnoted_fires gt 0"
+        )
+        params: dict[str, object] = {
+            "lo": f"{connection}-",
+            "hi": f"{connection}.",
+            "c": connection,
+            "state": CorrelationState.OPEN.value,
+        }
+        return tuple(
+            _from_entity(entity) for entity in islice(query_entities(self._table, query, params), limit)
+        )

@@ -25,6 +25,11 @@ Prints on stdout, one ``name: value`` line each (progress and context go to stde
   ``deliver_alert``, for an alert that creates an incident (the overhead alerts), and for a re-fire
   of one open problem that is only counted (``--iterations`` of them after the overhead run, each
   checked to have ended ``coalesced``). Targets: <= 12 and <= 5.
+* ``alerts.overhead_ratio_realistic``: the overhead ratio again (``--realistic-iterations`` pairs)
+  with a region's latency injected: 5 ms per Table Storage call (``tests/bench/latency.py``, a
+  delaying TCP proxy in front of Azurite, for the app and the raw path alike), 150 ms per
+  ServiceNow API call (the loopback's ``delay_seconds``), and a CI that is not in the CMDB (so a
+  connector that looked it up before every create would pay a ServiceNow round trip). Target: <= 1.15.
 * ``alerts.storm_alerts_per_s``: notifications (firings + resolutions) over the wall time from the
   first webhook call until the Azurite queue is empty after the resolutions.
 * ``alerts.storm_alerts_per_cpu_s``: notifications per CPU second of the app in all worker
@@ -93,6 +98,12 @@ FIXTURE = ROOT / "tests" / "fixtures" / "alerts" / "metric_fired.json"
 OVERHEAD_CONNECTION = "bench-overhead"
 STORM_CONNECTION = "bench-storm"
 OVERHEAD_CI = "vm-bench-01"
+MISSING_CI = "vm-not-in-cmdb-01"
+"""The realistic overhead run's CI: not in the CMDB, as for many alerts (a CI the connector may
+not create), so every create is asked whether it must look the CI up again."""
+REALISTIC_TABLE_DELAY = 0.005
+REALISTIC_SERVICENOW_DELAY = 0.150
+REALISTIC_RATIO_TARGET = 1.15
 STORM_TAG = "storm-rule-"
 OVERHEAD_TAG = "overhead-rule-"
 RAW_TAG = "raw-rule-"
@@ -233,7 +244,7 @@ class RawPath:
             "Accept": "application/json",
         }
 
-    def run(self, index: int, body: bytes) -> None:
+    def run(self, index: int, body: bytes, ci: str = OVERHEAD_CI) -> None:
         alert = json.loads(body)["data"]["essentials"]
         self.table.create_entity(
             {
@@ -249,11 +260,11 @@ class RawPath:
             params={"sysparm_fields": "sys_id,number", "sysparm_exclude_reference_link": "true"},
             headers=self.headers,
             json={
-                "short_description": f"[{alert['severity']}] {alert['alertRule']} on {OVERHEAD_CI}",
+                "short_description": f"[{alert['severity']}] {alert['alertRule']} on {ci}",
                 "description": f"{alert['description']}\n\n{json.dumps(alert, indent=1)}",
                 "impact": "2",
                 "urgency": "2",
-                "cmdb_ci": OVERHEAD_CI,
+                "cmdb_ci": ci,
                 "correlation_id": f"raw-{alert['alertId'][-36:]}",
                 "contact_type": "monitoring",
             },
@@ -318,7 +329,9 @@ def probe_races() -> Counter[str]:
     return counts
 
 
-def role_overhead(iterations: int, warmup: int) -> dict[str, Any]:
+def role_overhead(
+    iterations: int, warmup: int, ci: str = OVERHEAD_CI, coalesced: bool = True
+) -> dict[str, Any]:
     payloads = Payloads()
     app = AppHost()
     raw = RawPath()
@@ -332,7 +345,7 @@ def role_overhead(iterations: int, warmup: int) -> dict[str, Any]:
     def body(tag: str, index: int) -> bytes:
         return payloads.body(
             rule=f"{tag}{index:05d}",
-            ci=OVERHEAD_CI,
+            ci=ci,
             alert_id=str(uuid.uuid4()),
             fired_at=t0 + timedelta(milliseconds=index),
         )
@@ -341,7 +354,7 @@ def role_overhead(iterations: int, warmup: int) -> dict[str, Any]:
         for index in range(warmup + iterations):
             raw_body = body(RAW_TAG, index)
             start = time.perf_counter()
-            raw.run(index, raw_body)
+            raw.run(index, raw_body, ci)
             raw_elapsed = time.perf_counter() - start
 
             our_body = body(OVERHEAD_TAG, index)
@@ -363,7 +376,7 @@ def role_overhead(iterations: int, warmup: int) -> dict[str, Any]:
                 to_incident.append(created[-1] - start)
                 to_return.append(returned - start)
                 incident_cpu.append(cpu)
-        coalesced_cpu = coalesced_cpu_s(app, payloads, t0, iterations)
+        coalesced_cpu = coalesced_cpu_s(app, payloads, t0, iterations) if coalesced else [0.0]
     finally:
         raw.close()
     return {
@@ -658,7 +671,10 @@ def role_storm(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_role(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
-    result = role_overhead(args.iterations, args.warmup) if args.role == "overhead" else role_storm(args)
+    if args.role == "overhead":
+        result = role_overhead(args.iterations, args.warmup, args.ci, coalesced=not args.no_coalesced)
+    else:
+        result = role_storm(args)
     print(json.dumps(result), flush=True)
     return 0
 
@@ -684,7 +700,7 @@ def child_environment(stack: Any) -> dict[str, str]:
     return env
 
 
-def spawn(role: str, env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+def spawn(role: str, env: dict[str, str], args: argparse.Namespace, *extra: str) -> dict[str, Any]:
     argv = [
         sys.executable,
         "-m",
@@ -703,6 +719,7 @@ def spawn(role: str, env: dict[str, str], args: argparse.Namespace) -> dict[str,
         str(args.workers),
         "--cis",
         str(args.cis),
+        *extra,
     ]
     done = subprocess.run(
         argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, timeout=1200, check=False
@@ -854,6 +871,47 @@ def incidents_tagged(stack: Any, tag: str) -> list[dict[str, str]]:
     return [r for r in stack.servicenow.records("incident") if tag in r.get("short_description", "")]
 
 
+def realistic_overhead(
+    stack: Any, env: dict[str, str], args: argparse.Namespace, targets: Targets, failures: list[str]
+) -> dict[str, str]:
+    """The overhead run again with a region's latency: 5 ms per table call (a delaying proxy in
+    front of Azurite), 150 ms per ServiceNow call, and a CI that is not in the CMDB."""
+    from tests.bench.latency import DelayProxy
+
+    log(
+        f"realistic overhead: {args.warmup // 4 + 1} warm-up + {args.realistic_iterations} pairs, "
+        f"{REALISTIC_TABLE_DELAY * 1000:.0f} ms per table call, "
+        f"{REALISTIC_SERVICENOW_DELAY * 1000:.0f} ms per ServiceNow call, "
+        f"CI {MISSING_CI!r} not in the CMDB ..."
+    )
+    with DelayProxy(stack.azurite.table_port, REALISTIC_TABLE_DELAY) as proxy:
+        slow_env = dict(env)
+        slow_env["AzureWebJobsStorage"] = env["AzureWebJobsStorage"].replace(
+            f":{stack.azurite.table_port}/", f":{proxy.port}/"
+        )
+        if slow_env["AzureWebJobsStorage"] == env["AzureWebJobsStorage"]:
+            raise RuntimeError("the storage connection string names no table endpoint to delay")
+        stack.servicenow.delay_seconds = REALISTIC_SERVICENOW_DELAY
+        try:
+            run_args = argparse.Namespace(**{**vars(args), "iterations": args.realistic_iterations})
+            run_args.warmup = args.warmup // 4 + 1
+            result = spawn("overhead", slow_env, run_args, "--ci", MISSING_CI, "--no-coalesced")
+        finally:
+            stack.servicenow.delay_seconds = 0.0
+    log(
+        f"realistic overhead: raw median {result['raw_ms']:.1f} ms (p90 {result['raw_p90_ms']:.1f}); ours to "
+        f"the incident {result['ours_ms']:.1f} ms (p90 {result['ours_p90_ms']:.1f}); to the return of "
+        f"deliver_alert {result['ours_return_ms']:.1f} ms (ratio {result['ratio_return']:.3f}); "
+        f"{result['samples']} samples"
+    )
+    if stack.servicenow.find("cmdb_ci", name=MISSING_CI):
+        failures.append(
+            f"realistic overhead: {MISSING_CI} was created in the CMDB; the run measured a found CI"
+        )
+    targets.check("alerts.overhead_ratio_realistic", result["ratio"], "<=", REALISTIC_RATIO_TARGET)
+    return {"alerts.overhead_ratio_realistic": f"{result['ratio']:.3f}"}
+
+
 def lab(args: argparse.Namespace) -> int:
     from tests.loopback.stack import LoopbackStack
 
@@ -900,6 +958,9 @@ def lab(args: argparse.Namespace) -> int:
             targets.check(
                 "alerts.cpu_ms_per_coalesced", overhead["cpu_ms_per_coalesced"], "<=", CPU_MS_COALESCED_TARGET
             )
+
+        if args.realistic_iterations > 0:
+            figures |= realistic_overhead(stack, env, args, targets, failures)
 
         if args.alerts > 0:
             log(
@@ -1011,7 +1072,15 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds the loopback ServiceNow takes per API call",
     )
     parser.add_argument("--cis", type=int, default=1, help="configuration items per storm problem")
+    parser.add_argument(
+        "--realistic-iterations",
+        type=int,
+        default=40,
+        help="measured pairs with injected latency and a CI missing from the CMDB (0: skip)",
+    )
     parser.add_argument("--role", choices=("overhead", "storm"), help=argparse.SUPPRESS)
+    parser.add_argument("--ci", default=OVERHEAD_CI, help=argparse.SUPPRESS)
+    parser.add_argument("--no-coalesced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role:
         return run_role(args)

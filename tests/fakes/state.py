@@ -57,3 +57,12 @@ class InMemoryCorrelations:
                 if c == connection and (state is None or r.state is state)
             ]
         yield from rows
+
+    def pending(self, connection: str, limit: int) -> tuple[Correlation, ...]:
+        with self._lock:
+            rows = [
+                r
+                for (c, _), r in self.rows.items()
+                if c == connection and r.state is CorrelationState.OPEN and r.unnoted_fires > 0
+            ]
+        return tuple(rows[:limit])

@@ -28,9 +28,9 @@ the ServiceNow connector cannot tell it from an instance:
   by bisect on a per-table ``(sys_updated_on, sys_id)`` index; ``last_plan`` says which way the last
   list query went ("index" or "scan").
 
-Test hooks: ``fail_next`` / ``delay_seconds`` fault injection, a request log, accessors for the
-store, a bulk generator (``seed_work_items``), a controllable ``clock``, and control endpoints
-under ``/__loopback/`` (no auth) for other processes.
+Test hooks: ``fail_next`` / ``delay_seconds`` / ``answer_late`` fault injection, a request log,
+accessors for the store, a bulk generator (``seed_work_items``), a controllable ``clock``, and
+control endpoints under ``/__loopback/`` (no auth) for other processes.
 
 Run standalone (benchmarks, demo)::
 
@@ -526,6 +526,17 @@ class _Fault:
     path_contains: str | None
 
 
+@dataclass
+class _LateAnswer:
+    """Answer after ``seconds``: the request is carried out (and committed) at once, as an instance
+    does that finishes the work but answers after the client stopped waiting."""
+
+    remaining: int
+    seconds: float
+    method: str | None
+    path_contains: str | None
+
+
 # -- the server ----------------------------------------------------------------------------------
 
 
@@ -560,7 +571,8 @@ class ServiceNowHandler(LoopbackHandler):
             )
         except Exception as exc:  # a bug here must not take the connection down silently
             status, payload, headers = 500, _error("Internal server error", repr(exc)), {}
-        self.send_json(status, payload, headers)
+        with contextlib.suppress(OSError):  # a client that stopped waiting (``answer_late``) is gone
+            self.send_json(status, payload, headers)
 
 
 EVENTS_PATH = "/api/global/em/jsonv2"
@@ -601,6 +613,7 @@ class ServiceNowLoopback(LoopbackServer):
         self._refresh: dict[str, tuple[str, datetime]] = {}
         self._issued: list[str] = []
         self._faults: list[_Fault] = []
+        self._late: list[_LateAnswer] = []
         self._store: dict[str, dict[str, Record]] = {name: {} for name in TABLES}
         self._index: dict[str, list[tuple[str, str]]] = {name: [] for name in TABLES}
         self._extra_fields: dict[str, list[str]] = {name: [] for name in TABLES}
@@ -685,9 +698,18 @@ class ServiceNowLoopback(LoopbackServer):
         with self._lock:
             self._faults.append(_Fault(count, status, retry_after, path_contains))
 
+    def answer_late(
+        self, count: int, seconds: float, *, method: str | None = None, path_contains: str | None = None
+    ) -> None:
+        """The next ``count`` API requests (only ``method`` ones, only paths containing
+        ``path_contains``, when given) are carried out at once but answered ``seconds`` later."""
+        with self._lock:
+            self._late.append(_LateAnswer(count, seconds, method, path_contains))
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+            self._late.clear()
 
     def write_count(self) -> int:
         """POST/PATCH/PUT requests received on the Table API (injected failures included)."""
@@ -854,6 +876,16 @@ class ServiceNowLoopback(LoopbackServer):
     def handle_request(
         self, method: str, path: str, query: dict[str, list[str]], body: bytes, authorization: str | None
     ) -> tuple[int, Any, dict[str, str]]:
+        with self._lock:
+            late = self._take_late(method, path) if path.startswith("/api/") else None
+        answer = self._handle(method, path, query, body, authorization)
+        if late is not None:
+            time.sleep(late.seconds)
+        return answer
+
+    def _handle(
+        self, method: str, path: str, query: dict[str, list[str]], body: bytes, authorization: str | None
+    ) -> tuple[int, Any, dict[str, str]]:
         if path.startswith("/__loopback/"):
             return self._control(method, path, body)
         flat = {k: v[-1] for k, v in query.items()}
@@ -892,6 +924,17 @@ class ServiceNowLoopback(LoopbackServer):
                 fault.remaining -= 1
                 self._faults = [f for f in self._faults if f.remaining > 0]
                 return fault
+        return None
+
+    def _take_late(self, method: str, path: str) -> _LateAnswer | None:
+        for late in self._late:
+            applies = (late.method is None or late.method == method) and (
+                late.path_contains is None or late.path_contains in path
+            )
+            if applies and late.remaining > 0:
+                late.remaining -= 1
+                self._late = [other for other in self._late if other.remaining > 0]
+                return late
         return None
 
     @staticmethod

@@ -21,7 +21,7 @@ from shared_code.domain.workitem import IncidentDraft, Lifecycle, WorkItemRef, W
 from shared_code.errors import ItsmAuthError, ItsmRejectedError, ItsmUnavailableError, SecretStoreError
 from shared_code.httpretry import RetryPolicy
 from shared_code.itsm.servicenow.auth import ServiceNowBasicAuth, ServiceNowOAuth
-from shared_code.itsm.servicenow.connector import ServiceNowConnector
+from shared_code.itsm.servicenow.connector import CI_MISS_SECONDS, ServiceNowConnector
 from shared_code.itsm.servicenow.mapping import (
     SYNC_FIELDS,
     draft_to_incident_fields,
@@ -974,3 +974,99 @@ def test_escape_value_and_guards() -> None:
     assert Query().eq("active", True).ge("priority", 2).order_by_desc("sys_created_on").encode() == (
         "active=true^priority>=2^ORDERBYDESCsys_created_on"
     )
+
+
+# -- writes that are not idempotent, and the CI miss cache ---------------------------------------------
+
+MARKED = "fired again\n\n[Azure Monitor delivery 0123456789abcdef0123456789abcdef]"
+
+
+class LostAnswers:
+    """Loses the answer of every PATCH (a read timeout); ``sys_journal_field`` reads find the note
+    when ``landed`` (the instance carried the write out)."""
+
+    def __init__(self, *, landed: bool) -> None:
+        self.landed = landed
+        self.journal_queries: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/now/table/sys_journal_field":
+            self.journal_queries.append(params(request)["sysparm_query"])
+            return result([{"sys_id": "j1", "value": MARKED}] if self.landed else [])
+        raise httpx.ReadTimeout("the instance is slow", request=request)
+
+
+def test_a_note_whose_answer_is_lost_is_confirmed_from_the_journal_and_not_sent_again() -> None:
+    instance = LostAnswers(landed=True)
+    setup = Setup(api=instance)
+    ref = WorkItemRef(id=INC_ID, number="INC0010001")
+
+    setup.connector.add_note(ref, MARKED)
+
+    patches = [r for r in setup.instance.api_requests if r.method == "PATCH"]
+    assert len(patches) == 1
+    assert instance.journal_queries == [
+        f"element_id={INC_ID}^element=work_notes^valueLIKE[Azure Monitor delivery "
+        "0123456789abcdef0123456789abcdef]"
+    ]
+
+
+@pytest.mark.parametrize("text", [MARKED, "a note without a marker"])
+def test_a_note_whose_answer_is_lost_and_not_found_is_not_sent_again_here(text: str) -> None:
+    setup = Setup(api=LostAnswers(landed=False))
+    ref = WorkItemRef(id=INC_ID, number="INC0010001")
+
+    with pytest.raises(ItsmUnavailableError, match="ReadTimeout"):
+        setup.connector.resolve(ref, text)
+
+    assert [r.method for r in setup.instance.api_requests].count("PATCH") == 1
+    assert setup.sleeps == []  # an ambiguous write is not retried blindly
+
+
+class SlowCmdb:
+    """Creates a CI on POST and loses the answer (``commits``: whether the create was carried out)."""
+
+    def __init__(self, *, commits: bool) -> None:
+        self.commits = commits
+        self.created: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and request.url.path == "/api/now/table/cmdb_ci":
+            name = params(request)["sysparm_query"].removeprefix("name=")
+            return result([{"sys_id": "ci-1", "name": name}] if name in self.created else [])
+        assert (request.method, request.url.path) == ("POST", "/api/now/table/cmdb_ci_server")
+        if self.commits:
+            self.created.append(body(request)["name"])
+        raise httpx.ReadTimeout("the instance is slow", request=request)
+
+
+@pytest.mark.parametrize("commits", [True, False])
+def test_a_ci_create_whose_answer_is_lost_is_looked_up_not_posted_twice(commits: bool) -> None:
+    setup = Setup(api=SlowCmdb(commits=commits))
+    if commits:
+        assert setup.connector.ensure_configuration_item("web-01", create=True) == "ci-1"
+    else:
+        with pytest.raises(ItsmUnavailableError, match="ReadTimeout"):
+            setup.connector.ensure_configuration_item("web-01", create=True)
+    assert [r.method for r in setup.instance.api_requests].count("POST") == 1
+
+
+def test_a_ci_missing_from_the_cmdb_is_looked_up_once_per_ttl() -> None:
+    now = [100.0]
+    setup = Setup(api=CmdbApi(), monotonic=lambda: now[0])
+
+    def lookups() -> int:
+        return sum(r.url.path == "/api/now/table/cmdb_ci" for r in setup.instance.api_requests)
+
+    for _ in range(3):
+        setup.connector.create_incident(draft(configuration_item="not-in-cmdb"))
+    assert lookups() == 1  # the miss is remembered
+    assert all("cmdb_ci" not in body(r) for r in setup.instance.api_requests if r.method == "POST")
+
+    now[0] += CI_MISS_SECONDS + 1
+    assert setup.connector.ensure_configuration_item("not-in-cmdb", create=False) is None
+    assert lookups() == 2  # asked again once the miss expired
+
+    # a caller allowed to create does not take the remembered miss for an answer
+    assert setup.connector.ensure_configuration_item("not-in-cmdb", create=True) == "ci-new"
+    assert setup.connector.ensure_configuration_item("not-in-cmdb", create=False) == "ci-new"

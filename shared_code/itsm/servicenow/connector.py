@@ -11,6 +11,18 @@ to the ``ItsmError`` family:
     5xx/408/429/timeouts, exhausted   ItsmUnavailableError (raised by send_with_retries)
     2xx that is not the JSON we asked ItsmUnavailableError (e.g. a hibernating instance's page)
 
+Appending a journal entry (a work note: ``add_note``, and the note that ``resolve`` and ``reopen``
+carry) is not idempotent, nor is a create: those are sent ``idempotent=False``, so an ambiguous
+failure (read timeout, reset, 500/502/504) is never retried blindly. A note that carries a marker
+(``domain.workitem.note_marker``) is then looked for in ``sys_journal_field``; found, the write
+landed; not found, it is not sent again here (a slow instance may still commit it): the error
+goes up, and the alert path's retry asks ``has_note`` before it writes. A create is looked up by
+its correlation id, a new CI by its name.
+
+A configuration item's sys_id is cached, and so, for a while (``CI_MISS_SECONDS``), is the
+answer that there is none: an alert about a machine missing from the CMDB must not cost a
+ServiceNow round trip before every create.
+
 Timeouts come from the injected client (the constructor refuses a client without them), so no
 call here can hang a worker. The connector never closes a client it was given, unless told it owns it.
 """
@@ -19,21 +31,30 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
 
 from shared_code.domain.sync import RejectedRow, SyncCursor, SyncPage
-from shared_code.domain.workitem import IncidentDraft, WorkItem, WorkItemRef, WorkItemState, WorkItemType
+from shared_code.domain.workitem import (
+    IncidentDraft,
+    WorkItem,
+    WorkItemRef,
+    WorkItemState,
+    WorkItemType,
+    marker_in,
+)
 from shared_code.errors import ItsmAuthError, ItsmError, ItsmRejectedError, ItsmUnavailableError
 from shared_code.httpretry import RetryPolicy, send_with_retries
 from shared_code.itsm.servicenow.mapping import (
     CI_CREATE_TABLE,
     CI_TABLE,
     INCIDENT_TABLE,
+    JOURNAL_TABLE,
     SYNC_FIELDS,
     TABLES,
     draft_to_incident_fields,
@@ -45,10 +66,14 @@ from shared_code.itsm.servicenow.mapping import (
 from shared_code.itsm.servicenow.query import Query
 
 log = logging.getLogger(__name__)
+_V = TypeVar("_V")
 
 TABLE_API = "/api/now/table"
 MAX_ERROR_TEXT = 300
 CI_CACHE_SIZE = 1024
+CI_MISS_SECONDS = 300.0
+"""How long "no such configuration item" is believed (a CI added to the CMDB meanwhile is linked
+to the incidents created after that)."""
 
 
 class ServiceNowConnector:
@@ -66,6 +91,7 @@ class ServiceNowConnector:
         close_code: str = "Solved (Permanently)",
         reopen_state: str = "2",
         owns_client: bool = False,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         timeout = client.timeout
         if timeout.connect is None or timeout.read is None:
@@ -80,6 +106,9 @@ class ServiceNowConnector:
         self._reopen_state = reopen_state
         self._owns_client = owns_client
         self._ci_cache: dict[str, str] = {}
+        self._ci_missing: dict[str, float] = {}
+        """Names looked up and not found, with when that answer expires (``monotonic`` seconds)."""
+        self._monotonic = monotonic
         self._ci_lock = threading.Lock()
         self._ci_create_lock = threading.Lock()
 
@@ -133,11 +162,11 @@ class ServiceNowConnector:
         return self._ref(rows[0]) if rows else None
 
     def add_note(self, ref: WorkItemRef, text: str) -> None:
-        self._patch(ref, {"work_notes": text})
+        self._write_note(ref, {"work_notes": text}, "the note")
 
     def resolve(self, ref: WorkItemRef, note: str) -> None:
         """One PATCH: state, resolution code and notes, and the work note (one write, one audit entry)."""
-        self._patch(
+        self._write_note(
             ref,
             {
                 "state": self._resolved_state,
@@ -145,10 +174,19 @@ class ServiceNowConnector:
                 "close_notes": note,
                 "work_notes": note,
             },
+            "the resolution",
         )
 
     def reopen(self, ref: WorkItemRef, note: str) -> None:
-        self._patch(ref, {"state": self._reopen_state, "work_notes": note})
+        self._write_note(ref, {"state": self._reopen_state, "work_notes": note}, "the reopening")
+
+    def has_note(self, ref: WorkItemRef, marker: str) -> bool:
+        """Whether a work note of the incident carries ``marker`` (read from ``sys_journal_field``)."""
+        query = self._query(
+            lambda q: q.eq("element_id", ref.id).eq("element", "work_notes").like("value", marker)
+        )
+        rows = self._list(JOURNAL_TABLE, query, ["sys_id", "value"], 1, display_values=False)
+        return any(marker in field_value(row, "value") for row in rows)
 
     def get_state(self, ref: WorkItemRef) -> WorkItemState:
         body = self._send(
@@ -173,8 +211,11 @@ class ServiceNowConnector:
             return None
         with self._ci_lock:
             cached = self._ci_cache.get(name)
+            missing_until = self._ci_missing.get(name)
         if cached is not None:
             return cached
+        if not create and missing_until is not None and self._monotonic() < missing_until:
+            return None
         try:
             lookup = Query().eq("name", name).encode()
         except ValueError as exc:
@@ -191,19 +232,32 @@ class ServiceNowConnector:
             with self._ci_create_lock:  # two alerts for a new CI must not create it twice
                 sys_id = self._lookup_ci(name, lookup)
                 if sys_id is None:
-                    body = self._send(
-                        "POST",
-                        CI_CREATE_TABLE,
-                        params={"sysparm_fields": "sys_id", "sysparm_exclude_reference_link": "true"},
-                        json={"name": name},
-                    )
-                    sys_id = field_value(_result_object(body, f"POST {CI_CREATE_TABLE}"), "sys_id") or None
-                    log.info("created configuration item %r in %s", name, CI_CREATE_TABLE)
-        if sys_id is not None:
-            with self._ci_lock:
-                if len(self._ci_cache) >= CI_CACHE_SIZE:
-                    self._ci_cache.pop(next(iter(self._ci_cache)))
-                self._ci_cache[name] = sys_id
+                    sys_id = self._create_ci(name, lookup)
+        with self._ci_lock:
+            if sys_id is not None:
+                self._ci_missing.pop(name, None)
+                _bounded_put(self._ci_cache, name, sys_id)
+            else:
+                _bounded_put(self._ci_missing, name, self._monotonic() + CI_MISS_SECONDS)
+        return sys_id
+
+    def _create_ci(self, name: str, lookup: str) -> str | None:
+        """POST the CI; a create whose answer was lost is looked up by name, never sent twice."""
+        try:
+            body = self._send(
+                "POST",
+                CI_CREATE_TABLE,
+                params={"sysparm_fields": "sys_id", "sysparm_exclude_reference_link": "true"},
+                json={"name": name},
+                idempotent=False,
+            )
+        except ItsmUnavailableError:
+            found = self._lookup_ci(name, lookup)
+            if found is None:
+                raise
+            return found
+        sys_id = field_value(_result_object(body, f"POST {CI_CREATE_TABLE}"), "sys_id") or None
+        log.info("created configuration item %r in %s", name, CI_CREATE_TABLE)
         return sys_id
 
     def fetch_changes(self, item_type: WorkItemType, cursor: SyncCursor, page_size: int) -> SyncPage:
@@ -289,13 +343,37 @@ class ServiceNowConnector:
             )
         return found
 
-    def _patch(self, ref: WorkItemRef, fields: dict[str, str]) -> None:
+    def _write_note(self, ref: WorkItemRef, fields: dict[str, str], what: str) -> None:
+        """One PATCH that appends a work note: never repeated after an ambiguous failure. With a
+        marker in the note, a lost answer is checked in the journal (found: done)."""
+        try:
+            self._patch(ref, fields, idempotent=False)
+        except ItsmUnavailableError as exc:
+            marker = marker_in(fields["work_notes"])
+            if marker is None:
+                raise
+            try:
+                landed = self.has_note(ref, marker)
+            except ItsmError:
+                landed = False  # cannot tell: the failure goes up, and the retry asks again
+            if not landed:
+                raise
+            log.warning(
+                "connection %r: %s of %s failed in transit (%s) but was saved: not sending it again",
+                self.connection_name,
+                what,
+                ref.number,
+                exc,
+            )
+
+    def _patch(self, ref: WorkItemRef, fields: dict[str, str], *, idempotent: bool = True) -> None:
         self._send(
             "PATCH",
             INCIDENT_TABLE,
             sys_id=ref.id,
             params={"sysparm_fields": "sys_id", "sysparm_exclude_reference_link": "true"},
             json=fields,
+            idempotent=idempotent,
         )
 
     def _query(self, build: Callable[[Query], Query]) -> str:
@@ -394,6 +472,14 @@ class ServiceNowConnector:
         return WorkItemRef(
             id=sys_id, number=number, url=f"{self._instance}/nav_to.do?uri=incident.do?sys_id={sys_id}"
         )
+
+
+def _bounded_put(cache: dict[str, _V], key: str, value: _V) -> None:
+    """Insert into a dict used as a bounded cache: the oldest entry goes when it is full."""
+    cache.pop(key, None)
+    if len(cache) >= CI_CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
 
 
 def _result_object(body: Mapping[str, Any], what: str) -> Mapping[str, Any]:

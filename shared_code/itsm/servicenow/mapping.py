@@ -21,6 +21,7 @@ INCIDENT_TABLE = "incident"
 CHANGE_REQUEST_TABLE = "change_request"
 CI_TABLE = "cmdb_ci"
 CI_CREATE_TABLE = "cmdb_ci_server"
+JOURNAL_TABLE = "sys_journal_field"
 
 TABLES: dict[WorkItemType, str] = {
     WorkItemType.INCIDENT: INCIDENT_TABLE,

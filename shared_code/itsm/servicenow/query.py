@@ -89,6 +89,10 @@ class Query:
     def le(self, field: str, value: str | int | datetime) -> Query:
         return self._with(field, "<=", value)
 
+    def like(self, field: str, value: str) -> Query:
+        """``field`` contains ``value`` (case-insensitive on an instance)."""
+        return self._with(field, "LIKE", value)
+
     def order_by(self, field: str) -> Query:
         return Query(self.terms, (*self.ordering, f"ORDERBY{_field(field)}"))
 
