@@ -658,8 +658,25 @@ class UsageError(Exception):
     """argparse refused the command line (its message names the option)."""
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help where X says something (not None, False, [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        if action.option_strings or action.nargs in ("?", "*"):
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
-    """An argparse parser that reports usage errors to the caller instead of exiting the process."""
+    """An argparse parser that reports usage errors to the caller instead of exiting the process,
+    and shows every option's default in its help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsShown)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message[:300]}")
@@ -676,7 +693,6 @@ def build_parser() -> argparse.ArgumentParser:
     add = conn.add_parser(
         "add",
         help="add a connection (secrets go to Key Vault)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add.add_argument("name", help="1-50 letters, digits and dashes; part of the webhook URL")
     add.add_argument("--type", required=True, choices=sorted(PRODUCTS), help="the ITSM product")
@@ -745,49 +761,63 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --test: keep the connection and its secrets when the test fails (default: remove them)",
     )
     lst = conn.add_parser("list", help="list connections")
-    lst.add_argument("--json", action="store_true")
+    lst.add_argument("--json", action="store_true", help="print JSON (every field) instead of a table")
     for verb, text in (("show", "show one connection"), ("test", "make an authenticated call")):
-        conn.add_parser(verb, help=text).add_argument("name")
+        conn.add_parser(verb, help=text).add_argument("name", help="the connection's name")
     reauth = conn.add_parser(
         "reauthorise", help="store a new client secret and password (after 're-authorise' errors)"
     )
-    reauth.add_argument("name")
+    reauth.add_argument("name", help="the connection's name")
     add_secret_options(reauth)
     reauth.add_argument("--test", action="store_true", help="test the connection afterwards")
     rm = conn.add_parser("remove", help="remove a connection and its secrets")
-    rm.add_argument("name")
-    rm.add_argument("--keep-secrets", action="store_true")
+    rm.add_argument("name", help="the connection's name")
+    rm.add_argument(
+        "--keep-secrets", action="store_true", help="leave its secrets in Key Vault (to add it again)"
+    )
 
     alerts = groups.add_parser("alerts", help="alert deliveries").add_subparsers(
         dest="command", required=True
     )
     al = alerts.add_parser("list", help="list deliveries")
-    al.add_argument("--connection")
-    al.add_argument("--status", choices=[s.value for s in DeliveryStatus])
-    al.add_argument("--limit", type=int, default=200)
-    al.add_argument("--json", action="store_true")
+    al.add_argument("--connection", help="only this connection's deliveries")
+    al.add_argument(
+        "--status", choices=[s.value for s in DeliveryStatus], help="only deliveries in this state"
+    )
+    al.add_argument("--limit", type=int, default=200, help="at most this many rows")
+    al.add_argument("--json", action="store_true", help="print JSON instead of a table")
     show = alerts.add_parser("show", help="show one delivery")
-    show.add_argument("connection")
-    show.add_argument("delivery_id")
+    show.add_argument("connection", help="the connection's name")
+    show.add_argument("delivery_id", help="the id the webhook answered (deliveryId)")
     rd = alerts.add_parser("redrive", help="deliver failed (or stuck pending) alerts again")
-    rd.add_argument("--connection")
+    rd.add_argument("--connection", help="only this connection's deliveries")
     rd.add_argument("--id", action="append", help="a delivery id (repeatable; needs --connection)")
-    rd.add_argument("--status", default="failed", choices=["failed", "pending"])
-    rd.add_argument("--limit", type=int, default=500)
+    rd.add_argument(
+        "--status", default="failed", choices=["failed", "pending"], help="which deliveries to send again"
+    )
+    rd.add_argument("--limit", type=int, default=500, help="at most this many")
 
     sync = groups.add_parser("sync", help="work-item sync").add_subparsers(dest="command", required=True)
     run = sync.add_parser("run", help="sync incidents and change requests now")
     run.add_argument("--connection", help="only this connection (default: every connection that syncs)")
-    run.add_argument("--type", action="append", choices=["incidents", "change_requests"], help="repeatable")
+    run.add_argument(
+        "--type",
+        action="append",
+        choices=["incidents", "change_requests"],
+        help="only this work item type (repeatable; default: what the connection syncs)",
+    )
 
     maps = groups.add_parser("maps", help="dependency maps").add_subparsers(dest="command", required=True)
     srcs = maps.add_parser("sources", help="map source definitions").add_subparsers(
         dest="subcommand", required=True
     )
     sadd = srcs.add_parser("add", help="add a map source")
-    sadd.add_argument("name")
+    sadd.add_argument("name", help="1-50 letters, digits and dashes")
     sadd.add_argument(
-        "--kind", required=True, choices=[k.value for k in MapSourceKind if k is not MapSourceKind.MIGRATE]
+        "--kind",
+        required=True,
+        choices=[k.value for k in MapSourceKind if k is not MapSourceKind.MIGRATE],
+        help="where the maps come from: VM Insights Map tables, the Service Map API, VNet flow logs",
     )
     sadd.add_argument("--workspace", action="append", help="workspace resource id (repeatable)")
     sadd.add_argument("--customer-id", action="append", help="its workspace ID (GUID), in --workspace order")
@@ -795,9 +825,16 @@ def build_parser() -> argparse.ArgumentParser:
     sadd.add_argument("--machine-group", help="a Service Map machine group (servicemap only)")
     sadd.add_argument("--resource-group", help="/subscriptions/{id}/resourceGroups/{group}")
     sadd.add_argument("--subscription", help="/subscriptions/{id}")
-    sadd.add_argument("--window-minutes", type=int, default=60)
-    sadd.add_argument("--timeout-seconds", type=int, default=120)
-    sadd.add_argument("--disabled", action="store_true")
+    sadd.add_argument(
+        "--window-minutes",
+        type=int,
+        default=60,
+        help="time window of each import (at most 60 for servicemap)",
+    )
+    sadd.add_argument(
+        "--timeout-seconds", type=int, default=120, help="timeout of each request to the source"
+    )
+    sadd.add_argument("--disabled", action="store_true", help="add it without importing on the timer")
     sadd.add_argument("--test", action="store_true", help="check access after adding")
     srcs.add_parser("list", help="list map sources")
     for verb, text in (
@@ -805,13 +842,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("remove", "remove a map source"),
         ("test", "check access"),
     ):
-        srcs.add_parser(verb, help=text).add_argument("name")
+        srcs.add_parser(verb, help=text).add_argument("name", help="the map source's name")
     imp = maps.add_parser("import", help="import dependency maps now")
     imp.add_argument("--source", help="only this source (default: every enabled one)")
     imp.add_argument("--server", action="append", help="only this computer name or machine id (repeatable)")
     show = maps.add_parser("show", help="print one server's map")
-    show.add_argument("server")
-    show.add_argument("--format", default="json", choices=[f.value for f in ViewFormat])
+    show.add_argument("server", help="computer name (any case) or the source's machine id")
+    show.add_argument("--format", default="json", choices=[f.value for f in ViewFormat], help="what to print")
     scom = maps.add_parser("export-scom", help="write a SCOM management pack of every mapped server")
     scom.add_argument("--out", help="file to write (default: standard output)")
     return parser
