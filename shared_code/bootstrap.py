@@ -24,7 +24,7 @@ from shared_code.alerts.delivery import AlertDelivery
 from shared_code.alerts.intake import AlertIntake
 from shared_code.alerts.processor import AlertProcessor
 from shared_code.domain.connection import ConnectionBase
-from shared_code.health import HealthMonitor, build_health_monitor
+from shared_code.health import PROBE_SECRET, TIMER_JOBS, HealthMonitor, TimerHealth, summarise_timer_runs
 from shared_code.jobs.lease import JobLease
 from shared_code.jobs.retention import RetentionJob, RetentionRule
 from shared_code.maps.importer import MapImporter
@@ -50,11 +50,12 @@ from shared_code.state.correlations import CorrelationRepository
 from shared_code.state.deliveries import DeliveryRepository
 from shared_code.state.maps import MapRepository
 from shared_code.state.mapsources import MapSourceRepository
+from shared_code.state.queues import ALERT_QUEUE, queue_client
 from shared_code.state.retention import ExpiredRows, deliveries_expired, newest_first_expired
 from shared_code.state.runs import RunRepository
 from shared_code.state.syncerrors import SyncErrorRepository
 from shared_code.state.syncstate import SyncStateRepository
-from shared_code.state.tables import TableStore
+from shared_code.state.tables import TableStore, get_entity
 from shared_code.state.workitems import WorkItemRepository
 from shared_code.workitems.backsync import BackSync
 from shared_code.workitems.engine import SyncEngine
@@ -383,6 +384,39 @@ def build_sync_engine(container: Container) -> SyncEngine:
         overlap=timedelta(seconds=settings.sync_overlap_seconds),
         backsync=BackSync(container.correlations, alerts, container.clock),
     )
+
+
+def build_health_monitor(container: Container) -> HealthMonitor:
+    """The probes over the container's own clients (nothing is contacted until a check runs)."""
+    settings = container.settings
+    queue_credential = None if settings.storage_connection else container.credential
+
+    def tables() -> None:
+        get_entity(container.tables.table(connections_table.TABLE), "health-probe", "probe")
+
+    def queues() -> None:
+        client = queue_client(settings, queue_credential, ALERT_QUEUE)
+        try:
+            from azure.core.exceptions import ResourceNotFoundError  # noqa: PLC0415
+
+            try:
+                client.get_queue_properties()
+            except ResourceNotFoundError:
+                return  # reachable and authorised; the host creates the queue when it starts
+        finally:
+            client.close()
+
+    def key_vault() -> None:
+        container.secrets.get(PROBE_SECRET)
+
+    def timers() -> dict[str, TimerHealth]:
+        repository = RunRepository(container.tables.table(runs_table.TABLE))
+        return {
+            name: summarise_timer_runs(repository.list(job, limit=50)) for name, job in TIMER_JOBS.items()
+        }
+
+    probes = {"tables": tables, "queues": queues, "keyVault": key_vault}
+    return HealthMonitor(probes, timers, container.clock, timeout=settings.health_timeout_seconds)
 
 
 _container: Container | None = None

@@ -19,20 +19,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared_code.domain.runs import RunRecord
 from shared_code.errors import ConfigurationError, ConnectorAppError
-from shared_code.state import connections as connections_table
-from shared_code.state import runs as runs_table
-from shared_code.state.queues import ALERT_QUEUE, queue_client
-from shared_code.state.runs import RunRepository
-from shared_code.state.tables import get_entity
-
-if TYPE_CHECKING:
-    from shared_code.bootstrap import Container
 
 log = logging.getLogger(__name__)
 
@@ -160,36 +151,3 @@ def summarise_timer_runs(runs: Iterable[RunRecord]) -> TimerHealth:
     last = [run for run in rows if run.started_at >= newest.started_at - ONE_INVOCATION]
     worst = max(last, key=lambda run: _OUTCOME_RANK.get(run.outcome, 3)).outcome
     return TimerHealth(last_run_at=max(run.finished_at for run in last), outcome=worst, runs=len(last))
-
-
-def build_health_monitor(container: Container) -> HealthMonitor:
-    """The probes over the container's own clients (nothing is contacted until a check runs)."""
-    settings = container.settings
-    queue_credential = None if settings.storage_connection else container.credential
-
-    def tables() -> None:
-        get_entity(container.tables.table(connections_table.TABLE), "health-probe", "probe")
-
-    def queues() -> None:
-        client = queue_client(settings, queue_credential, ALERT_QUEUE)
-        try:
-            from azure.core.exceptions import ResourceNotFoundError  # noqa: PLC0415
-
-            try:
-                client.get_queue_properties()
-            except ResourceNotFoundError:
-                return  # reachable and authorised; the host creates the queue when it starts
-        finally:
-            client.close()
-
-    def key_vault() -> None:
-        container.secrets.get(PROBE_SECRET)
-
-    def timers() -> dict[str, TimerHealth]:
-        repository = RunRepository(container.tables.table(runs_table.TABLE))
-        return {
-            name: summarise_timer_runs(repository.list(job, limit=50)) for name, job in TIMER_JOBS.items()
-        }
-
-    probes = {"tables": tables, "queues": queues, "keyVault": key_vault}
-    return HealthMonitor(probes, timers, container.clock, timeout=settings.health_timeout_seconds)
