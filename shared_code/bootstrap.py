@@ -26,6 +26,7 @@ from shared_code.domain.connection import ConnectionBase
 from shared_code.health import HealthMonitor, build_health_monitor
 from shared_code.jobs.lease import JobLease
 from shared_code.maps.importer import MapImporter
+from shared_code.maps.publish import CmdbPublisher
 from shared_code.mapsources.registry import MapSourceDeps, build_map_source
 from shared_code.ports.itsm import ConnectorPorts
 from shared_code.products import build_connector, parse_connection
@@ -241,6 +242,7 @@ class Container:
             ),
             runs=RunRepository(self.tables.table(runs_table.TABLE)),
             clock=self.clock,
+            publisher=CmdbPublisher(self.connections, self.connector_for),
         )
 
     def close(self) -> None:

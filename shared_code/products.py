@@ -21,6 +21,7 @@ from shared_code.itsm.provance.auth import DataverseAuth, client_secret_credenti
 from shared_code.itsm.provance.connector import ProvanceConnector
 from shared_code.itsm.provance.settings import ProvanceConnection
 from shared_code.itsm.servicenow.auth import ServiceNowBasicAuth, ServiceNowOAuth
+from shared_code.itsm.servicenow.cmdb import ServiceNowDependencyCmdb
 from shared_code.itsm.servicenow.connector import ServiceNowConnector
 from shared_code.itsm.servicenow.settings import AuthMethod, ServiceNowConnection
 from shared_code.ports.itsm import ConnectorPorts
@@ -69,6 +70,7 @@ def build_servicenow(
         incidents=connector,
         changes=connector,
         configuration_items=connector,
+        dependencies=ServiceNowDependencyCmdb(connector, connection.cmdb_data_source),
     )
 
 

@@ -342,6 +342,22 @@ class ServiceNowConnector:
         idempotent: bool = True,
     ) -> dict[str, Any]:
         path = f"{TABLE_API}/{table}" + (f"/{quote(sys_id, safe='')}" if sys_id is not None else "")
+        return self.send_api(
+            method, path, what=f"{method} {table}", params=params, json=json, idempotent=idempotent
+        )
+
+    def send_api(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        params: Mapping[str, str] | None = None,
+        json: Mapping[str, Any] | None = None,
+        idempotent: bool = True,
+    ) -> dict[str, Any]:
+        """One call to a REST API of the instance (``path`` from ``/api/...``), retried and mapped
+        to the ``ItsmError`` family as the module docstring says; the JSON object it answered."""
         url = self._instance + path
         headers = {"Accept": "application/json"}
 
@@ -349,7 +365,6 @@ class ServiceNowConnector:
             return self._client.build_request(method, url, params=params, json=json, headers=headers)
 
         response = send_with_retries(self._client, build, self._retry, auth=self._auth, idempotent=idempotent)
-        what = f"{method} {table}"
         status = response.status_code
         if status == 401:
             raise ItsmAuthError(
