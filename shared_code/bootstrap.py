@@ -182,7 +182,10 @@ class Container:
     @cached_property
     def alert_delivery(self) -> AlertDelivery:
         processor = AlertProcessor(
-            self.correlations, self.clock, lease_seconds=float(self.settings.alert_lease_seconds)
+            self.correlations,
+            self.clock,
+            lease_seconds=float(self.settings.alert_lease_seconds),
+            dependencies=self.maps,
         )
         return AlertDelivery(
             self.connections,
