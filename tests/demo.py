@@ -277,6 +277,7 @@ class Demo:
             "--workspace", MAP_WORKSPACE_ID, "--customer-id", MAP_WORKSPACE,
             *[arg for s in servers for arg in ("--server", s.computer)],
         )  # fmt: skip
+        cis_before = snow.count("cmdb_ci_server")
         code |= self.cli("maps", "import")
         if code != 0:
             raise SystemExit("the map import failed")
@@ -293,8 +294,9 @@ class Demo:
         self.cli("maps", "export-scom", "--out", str(pack))
         say(f"  {pack.as_uri()}")
         relationships = snow.relationships()
+        new_cis = snow.count("cmdb_ci_server") - cis_before
         say(
-            f"ServiceNow CMDB: {snow.count('cmdb_ci_server')} server CIs, {len(relationships)} relationships:"
+            f"ServiceNow CMDB (through the IRE): {new_cis} new server CIs, {len(relationships)} relationships:"
         )
         for parent, child in relationships:
             say(f"  {parent}  --Depends on::Used by-->  {child}")
