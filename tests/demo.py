@@ -295,9 +295,7 @@ class Demo:
         say(f"  {pack.as_uri()}")
         relationships = snow.relationships()
         new_cis = snow.count("cmdb_ci_server") - cis_before
-        say(
-            f"ServiceNow CMDB (through the IRE): {new_cis} new server CIs, {len(relationships)} relationships:"
-        )
+        say(f"ServiceNow CMDB (IRE): {new_cis} new server CIs, {len(relationships)} relationships:")
         for parent, child in relationships:
             say(f"  {parent}  --Depends on::Used by-->  {child}")
 
