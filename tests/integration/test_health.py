@@ -60,7 +60,10 @@ def test_healthy_app_answers_200_with_every_dependency_ok(stack: LoopbackStack) 
     for dependency in body["dependencies"].values():
         assert dependency["status"] == "ok"
         assert dependency["latencyMs"] >= 0
-    assert body["timers"] == {"sync_work_items": {"runs": 0, "known": True}}
+    assert body["timers"] == {
+        "sync_work_items": {"runs": 0, "known": True},
+        "maps_import_timer": {"runs": 0, "known": True},
+    }
     assert call.response.headers["Cache-Control"] == "no-store"
     assert_reveals_nothing(call, stack)
 
