@@ -13,6 +13,7 @@ BENCHMARKS = (
     "tests.bench.sync_bench",
     "tests.bench.maps_render_bench",
     "tests.bench.maps_sources_bench",
+    "tests.bench.maps_import_bench",
 )
 
 
