@@ -28,6 +28,7 @@ from shared_code.health import PROBE_SECRET, TIMER_JOBS, HealthMonitor, TimerHea
 from shared_code.jobs.lease import JobLease
 from shared_code.jobs.retention import RetentionJob, RetentionRule
 from shared_code.maps.importer import MapImporter
+from shared_code.maps.publish import CmdbPublisher
 from shared_code.mapsources.registry import MapSourceDeps, build_map_source
 from shared_code.monitor.alerts_management import AlertsManagementClient
 from shared_code.monitor.logs_ingestion import LogsUploader
@@ -247,7 +248,10 @@ class Container:
     @lazy
     def alert_delivery(self) -> AlertDelivery:
         processor = AlertProcessor(
-            self.correlations, self.clock, lease_seconds=float(self.settings.alert_lease_seconds)
+            self.correlations,
+            self.clock,
+            lease_seconds=float(self.settings.alert_lease_seconds),
+            dependencies=self.maps,
         )
         return AlertDelivery(
             self.connections,
@@ -307,6 +311,7 @@ class Container:
             ),
             runs=RunRepository(self.tables.table(runs_table.TABLE)),
             clock=self.clock,
+            publisher=CmdbPublisher(self.connections, self.connector_for),
         )
 
     @lazy

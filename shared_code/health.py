@@ -29,11 +29,23 @@ log = logging.getLogger(__name__)
 
 PROBE_SECRET = "itsm-health-probe"  # noqa: S105 - a name that no connection's secret can have
 """Secret names of connections are ``itsm-<connection>-<purpose>``; this one is read and may be absent."""
-TIMER_JOBS: dict[str, str] = {"sync_work_items": "sync", "prune_state": "retention"}
+TIMER_JOBS: dict[str, str] = {
+    "sync_work_items": "sync",
+    "maps_import_timer": "maps",
+    "prune_state": "retention",
+}
 """Timer function -> the job name its runs are recorded under in the Runs table."""
 ONE_INVOCATION = timedelta(minutes=10)
 """Rows of one timer invocation (one per connection and type) start within the function timeout."""
-_OUTCOME_RANK = {"failed": 3, "incomplete": 2, "succeeded": 1, "skipped": 0}
+_OUTCOME_RANK = {
+    "failed": 3,
+    "incomplete": 2,
+    "partial": 2,  # a map import where some servers failed
+    "succeeded": 1,
+    "ok": 1,  # a map import
+    "skipped": 0,
+    "busy": 0,  # a map import that found another one running
+}
 
 
 class Status(StrEnum):

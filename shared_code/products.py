@@ -28,6 +28,7 @@ from shared_code.itsm.scsm.auth import CiresonTokenAuth
 from shared_code.itsm.scsm.connector import ScsmConnector
 from shared_code.itsm.scsm.settings import ScsmConnection
 from shared_code.itsm.servicenow.auth import ServiceNowBasicAuth, ServiceNowOAuth
+from shared_code.itsm.servicenow.cmdb import ServiceNowDependencyCmdb
 from shared_code.itsm.servicenow.connector import ServiceNowConnector
 from shared_code.itsm.servicenow.events import EVENT_SEVERITY, EventWriter
 from shared_code.itsm.servicenow.settings import AuthMethod, ServiceNowConnection
@@ -93,6 +94,7 @@ def build_servicenow(
         changes=connector,
         configuration_items=connector,
         notes=connector,
+        dependencies=ServiceNowDependencyCmdb(connector, connection.cmdb_data_source),
     )
 
 

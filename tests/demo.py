@@ -9,7 +9,11 @@ and then does what an operator and Azure Monitor would do:
    of the same problem and its resolution, delivering each through the queue function;
 3. an engineer resolves a second alert's incident in ServiceNow;
 4. runs the work-item sync with the CLI: incidents and change requests go to the WorkItems table
-   and Log Analytics, and the Azure alert behind the incident resolved in ServiceNow is closed.
+   and Log Analytics, and the Azure alert behind the incident resolved in ServiceNow is closed;
+5. imports the dependency maps of a few servers from the loopback Log Analytics (VM Insights Map
+   tables) with the CLI, writes one server's diagram and the SCOM management pack to files,
+   shows the relationships published to the ServiceNow CMDB, and an incident that carries its
+   server's map.
 
 Every call goes through the functions registered in ``function_app.app`` or the CLI, over real
 HTTP(S) to the loopback servers. Nothing is left running afterwards.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -33,12 +38,20 @@ from shared_code.state import workitems as workitems_table
 from shared_code.state.workitems import WorkItemRepository
 from tests.demo_products import run_products_demo
 from tests.hostsim import FunctionHost
+from tests.loopback.loganalytics import seed_vminsights
 from tests.loopback.stack import LOGS_STREAM, LoopbackStack
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "alerts"
 CONNECTION = "sn-demo"
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
 ALERTS = f"/subscriptions/{SUBSCRIPTION}/providers/Microsoft.AlertsManagement/alerts"
+MAP_WORKSPACE = "7d0c5a1e-0000-4000-8000-00000000d3e0"
+MAP_WORKSPACE_ID = (
+    f"/subscriptions/{SUBSCRIPTION}/resourceGroups/rg-demo"
+    "/providers/Microsoft.OperationalInsights/workspaces/ws-demo"
+)
+CMDB_CONNECTION = "sn-cmdb"
+DATA_SOURCE = "AzureMonitorITSM"
 STATES = {"1": "New", "2": "In Progress", "3": "On Hold", "6": "Resolved", "7": "Closed"}
 
 
@@ -80,17 +93,17 @@ class Demo:
         say(textwrap.indent(output.rstrip(), "  "))
         return code
 
-    def post(self, body: bytes, label: str) -> str:
+    def post(self, body: bytes, label: str, connection: str = CONNECTION) -> str:
         call = self.host.http(
             "receive_alert",
             "POST",
-            f"http://localhost:7071/api/alerts/{CONNECTION}",
+            f"http://localhost:7071/api/alerts/{connection}",
             body=body,
             headers={"Content-Type": "application/json"},
-            route_params={"connection": CONNECTION},
+            route_params={"connection": connection},
         )
         answer = call.json()
-        say(f"POST /api/alerts/{CONNECTION} ({label}) -> {call.status} {json.dumps(answer)}")
+        say(f"POST /api/alerts/{connection} ({label}) -> {call.status} {json.dumps(answer)}")
         return str(answer.get("deliveryId", ""))
 
     def deliver(self) -> None:
@@ -240,6 +253,68 @@ class Demo:
             f"ServiceNow API writes by the connector: {snow.write_count()} "
             "(2 incidents created, 1 re-fire note, 1 resolution) for 6 webhook calls"
         )
+        self.maps(now)
+
+    def maps(self, now: datetime) -> None:
+        snow = self.stack.servicenow
+        loganalytics = self.stack.loganalytics
+        assert loganalytics is not None
+        heading("8. Dependency maps: VM Insights -> Maps table, diagram, SCOM pack, CMDB, incidents")
+        loganalytics.add_workspace(MAP_WORKSPACE)
+        servers = seed_vminsights(
+            loganalytics, MAP_WORKSPACE, servers=4, connections=12, now=now, prefix="vm-app"
+        )
+        say(f"Log Analytics holds VM Insights Map rows of {', '.join(s.computer for s in servers)}")
+        snow.register_data_source(DATA_SOURCE)
+        say(f"(a ServiceNow admin registered the discovery source {DATA_SOURCE!r} for this app)")
+        code = self.cli(
+            "connections", "add", CMDB_CONNECTION, "--type", "servicenow", "--url", snow.url,
+            "--private-instance", "--user", snow.username, "--client-id", snow.client_id,
+            "--create-ci", "--cmdb-data-source", DATA_SOURCE, "--secrets-stdin",
+            stdin=f"{snow.client_secret}\n{snow.password}\n",
+        )  # fmt: skip
+        code |= self.cli(
+            "maps", "sources", "add", "demo-vmi", "--kind", "vminsights",
+            "--workspace", MAP_WORKSPACE_ID, "--customer-id", MAP_WORKSPACE,
+            *[arg for s in servers for arg in ("--server", s.computer)],
+        )  # fmt: skip
+        cis_before = snow.count("cmdb_ci_server")
+        code |= self.cli("maps", "import")
+        if code != 0:
+            raise SystemExit("the map import failed")
+        out = Path(tempfile.gettempdir()) / "itsm-connector-demo"
+        out.mkdir(exist_ok=True)
+        server = servers[0].computer
+        code, diagram = self.stack.cli("maps", "show", server, "--format", "html")
+        if code != 0:
+            raise SystemExit(f"maps show failed: {diagram}")
+        page = out / f"{server}.html"
+        page.write_text(diagram, encoding="utf-8")
+        say(f"the dependency diagram of {server} (open it in a browser): {page.as_uri()}")
+        pack = out / "ServiceMap.Servers.xml"
+        self.cli("maps", "export-scom", "--out", str(pack))
+        say(f"  {pack.as_uri()}")
+        relationships = snow.relationships()
+        new_cis = snow.count("cmdb_ci_server") - cis_before
+        say(f"ServiceNow CMDB (IRE): {new_cis} new server CIs, {len(relationships)} relationships:")
+        for parent, child in relationships:
+            say(f"  {parent}  --Depends on::Used by-->  {child}")
+
+        cpu = str(uuid.uuid4())
+        fired = json.loads(
+            alert_payload("metric_fired.json", alert_guid=cpu, fired=now - timedelta(minutes=1))
+        )
+        fired["data"]["essentials"]["configurationItems"] = [server]
+        self.post(json.dumps(fired).encode(), "fired", connection=CMDB_CONNECTION)
+        self.deliver()
+        [row] = self.container.correlations.list(CMDB_CONNECTION)
+        rec = self.incident(row.work_item_number)
+        say(f"{row.work_item_number}, the incident for an alert on {server}, carries its map:")
+        lines = rec["description"].splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("Dependency map of"))
+        for line in lines[start : start + 4]:
+            if line:
+                say(f"  {line}")
 
 
 def main() -> int:

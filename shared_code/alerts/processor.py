@@ -49,9 +49,11 @@ from shared_code.alerts import render
 from shared_code.domain.alert import AlertSignal, MonitorCondition
 from shared_code.domain.connection import ConnectionBase, CorrelationMode
 from shared_code.domain.correlation import ALERT_ID_LIMIT, CI_LIMIT, Correlation, CorrelationState, newest
+from shared_code.domain.maps import DependencySummary
 from shared_code.domain.workitem import IncidentDraft, WorkItemRef, note_marker
 from shared_code.errors import AlreadyExistsError, BusyError, EtagConflict, ItsmRejectedError
 from shared_code.ports.itsm import ConfigurationItems, ConnectorPorts, IncidentWriter, NoteLedger
+from shared_code.ports.mapstore import DependencyContext
 from shared_code.ports.state import CorrelationStore
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,9 @@ class AlertProcessor:
     sleep: Callable[[float], None] = time.sleep
     max_races: int = 50
     known_keys: int = 10_000
+    dependencies: DependencyContext | None = None
+    """The map store: a new incident's description carries its server's dependency map."""
+    dependency_lookups: int = 3
     _known: dict[str, None] = field(default_factory=dict, init=False, repr=False)
     _known_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _rows: dict[str, Correlation] = field(default_factory=dict, init=False, repr=False)
@@ -117,6 +122,38 @@ class AlertProcessor:
                 del self._known[next(iter(self._known))]
             self._known[key] = None
             return True
+
+    def dependency_summary(self, signal: AlertSignal) -> DependencySummary | None:
+        """The dependency map of the first of the alert's servers that has one (a host name's
+        short form tried too), or None. Never raises: the incident matters more than its context,
+        so a failed lookup is logged and the incident is created without it. Each lookup is one
+        table read under the table client's timeouts, and at most ``dependency_lookups`` are made."""
+        if self.dependencies is None:
+            return None
+        candidates: list[str] = []
+        for name in render.ci_names(signal):
+            candidates += [name, name.split(".", 1)[0]] if "." in name.strip(".") else [name]
+        tried: set[str] = set()
+        for name in candidates:
+            key = name.strip().lower()
+            if not key or key in tried:
+                continue
+            if len(tried) >= self.dependency_lookups:
+                break
+            tried.add(key)
+            try:
+                summary = self.dependencies.summary_for(name.strip())
+            except Exception as exc:  # noqa: BLE001 - context is optional, the incident is not
+                log.warning(
+                    "reading the dependency map of %s for an incident failed (%s); creating the "
+                    "incident without it",
+                    name[:100],
+                    type(exc).__name__,
+                )
+                return None
+            if summary is not None:
+                return summary
+        return None
 
     def process(
         self, connection: ConnectionBase, ports: ConnectorPorts, delivery_id: str, signal: AlertSignal
@@ -621,7 +658,13 @@ class _Step:
         try:
             ref = self.connector.find_by_correlation(correlation) if recover else None
             if ref is None:
-                draft = render.incident_draft(self.connection, self.signal, self.key_text, correlation)
+                draft = render.incident_draft(
+                    self.connection,
+                    self.signal,
+                    self.key_text,
+                    correlation,
+                    self.owner.dependency_summary(self.signal),
+                )
                 draft = self.with_known_ci(draft)
                 row = self.keep_lease(row)
                 ref = self.connector.create_incident(draft)

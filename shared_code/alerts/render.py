@@ -8,6 +8,7 @@ from datetime import datetime
 from shared_code.alerts.armid import is_guid, is_subscription_scope, resource_name, subscription_of
 from shared_code.domain.alert import AlertSignal
 from shared_code.domain.connection import ConnectionBase, CorrelationMode
+from shared_code.domain.maps import DependencySummary
 from shared_code.domain.workitem import AlertFacts, IncidentDraft
 
 SHORT_DESCRIPTION_LIMIT = 160
@@ -15,6 +16,7 @@ DESCRIPTION_LIMIT = 30_000
 NOTE_CONTEXT_LIMIT = 1_500
 NOTE_CI_LIMIT = 100
 NOTE_ALERT_LIMIT = 10
+DEPENDENCY_LIST_LIMIT = 20
 
 
 def correlation_key_text(mode: CorrelationMode, signal: AlertSignal) -> str:
@@ -102,7 +104,29 @@ def short_description(signal: AlertSignal) -> str:
     return _clip(f"[{signal.severity.value}] {signal.rule} on {target}", SHORT_DESCRIPTION_LIMIT)
 
 
-def incident_description(signal: AlertSignal, impact: int, urgency: int) -> str:
+def dependency_section(summary: DependencySummary) -> list[str]:
+    """The affected server's dependency map as description lines: who depends on it, what it
+    depends on, what failed, and when the map was imported (so nobody takes it for live data)."""
+
+    def names(values: tuple[str, ...], total: int) -> str:
+        shown = list(values[:DEPENDENCY_LIST_LIMIT])
+        rest = max(total, len(values)) - len(shown)
+        return ", ".join(shown) + (f" and {rest} more" if rest > 0 else "") if shown else "(none seen)"
+
+    source = f" from map source {summary.source}" if summary.source else ""
+    lines = [
+        f"Dependency map of {summary.server} (imported {_when(summary.imported_at)}{source}):",
+        f"Used by (clients): {names(summary.clients, summary.total_clients)}",
+        f"Depends on: {names(summary.dependencies, summary.total_dependencies)}",
+    ]
+    if summary.failed:
+        lines.append(f"Failed dependencies: {names(summary.failed, summary.total_failed)}")
+    return lines
+
+
+def incident_description(
+    signal: AlertSignal, impact: int, urgency: int, dependencies: DependencySummary | None = None
+) -> str:
     lines = [
         f"Azure Monitor alert {signal.condition.value.lower()}: {signal.rule}",
         "",
@@ -117,6 +141,8 @@ def incident_description(signal: AlertSignal, impact: int, urgency: int) -> str:
         lines += ["", f"Rule description: {signal.description}"]
     if signal.context_summary:
         lines += ["", "Alert context:", signal.context_summary]
+    if dependencies is not None:
+        lines += ["", *dependency_section(dependencies)]
     if signal.target_ids:
         lines += ["", "Target resources:", *signal.target_ids]
     if signal.portal_link:
@@ -144,13 +170,18 @@ def alert_facts(signal: AlertSignal) -> AlertFacts:
 
 
 def incident_draft(
-    connection: ConnectionBase, signal: AlertSignal, key_text: str, correlation: str
+    connection: ConnectionBase,
+    signal: AlertSignal,
+    key_text: str,
+    correlation: str,
+    dependencies: DependencySummary | None = None,
 ) -> IncidentDraft:
+    """The incident for a new problem; ``dependencies`` is the affected server's map summary."""
     mapping = connection.mapping_for(signal.severity)
     ci = ci_name(signal.primary_ci)
     return IncidentDraft(
         short_description=short_description(signal),
-        description=incident_description(signal, mapping.impact, mapping.urgency),
+        description=incident_description(signal, mapping.impact, mapping.urgency, dependencies),
         impact=mapping.impact,
         urgency=mapping.urgency,
         correlation_id=correlation,

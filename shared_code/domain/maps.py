@@ -245,9 +245,13 @@ class DependencySummary(BaseModel):
 
     server: str
     imported_at: datetime
+    source: str = ""  # the map source definition the map came from
     clients: tuple[str, ...] = ()  # machines / client groups that connect in
     dependencies: tuple[str, ...] = ()  # "name:port" the server connects out to
     failed: tuple[str, ...] = ()  # outbound dependencies whose links all failed
+    total_clients: int = 0  # before the lists above were cut to their limit
+    total_dependencies: int = 0
+    total_failed: int = 0
 
 
 def summarise(server_map: ServerMap, *, limit: int = 20) -> DependencySummary:
@@ -256,7 +260,9 @@ def summarise(server_map: ServerMap, *, limit: int = 20) -> DependencySummary:
 
     def owner_name(node_id_: str) -> str:
         node = by_id[node_id_]
-        if node.machine and node.machine in by_id:
+        # a process or port stands for its machine; a client group is its own entry (its
+        # ``machine`` is the server it connects to, not a client)
+        if node.kind in (NodeKind.PROCESS, NodeKind.PORT) and node.machine in by_id:
             return by_id[node.machine].name
         return node.name
 
@@ -281,9 +287,13 @@ def summarise(server_map: ServerMap, *, limit: int = 20) -> DependencySummary:
     return DependencySummary(
         server=server_map.server,
         imported_at=server_map.imported_at,
+        source=server_map.source,
         clients=capped(clients),
         dependencies=capped(dependencies),
         failed=capped(failed),
+        total_clients=len(clients),
+        total_dependencies=len(dependencies),
+        total_failed=len(failed),
     )
 
 

@@ -7,6 +7,11 @@ one ``fetch`` over the group (the source batches its queries); each map diffed a
 one (``ServerMap.with_changes_since``) and stored, writing only what changed; one ``Runs`` row per
 source (job ``maps``) with the counts and each failed server's reason. A server that fails keeps its
 previous map; the other servers go on. The lease is renewed as results arrive.
+
+With a ``CmdbPublisher`` and connections that have create-CI on, the servers stored in the run
+(changed or not) and their dependencies are then published to those connections' CMDBs
+(``maps/publish.py``); what the CMDB did or refused is part of the run's counts and detail, and
+never fails the import.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from shared_code.domain.mapsources import MapSourceDefinition, MapSourceKind
 from shared_code.domain.runs import RunRecord, SyncStateRow
 from shared_code.errors import BusyError, ConnectorAppError, InvalidInputError, StateError
 from shared_code.jobs.lease import JobLease, RunTally
+from shared_code.maps.publish import CmdbPublisher, PublishBatch, PublishOutcome
 from shared_code.ports.maps import MapSource, ServerMapResult, ServerRef
 from shared_code.ports.mapstore import MapSourceStore, MapStore
 from shared_code.ports.state import RunLog
@@ -71,16 +77,21 @@ class ImportResult:
     errors: dict[str, str] = field(default_factory=dict)  # server -> why
     warnings: dict[str, str] = field(default_factory=dict)
     matched: set[str] = field(default_factory=set)  # the requested names this source's group holds
+    published: list[PublishOutcome] = field(default_factory=list)  # one per create-CI connection
 
     @property
     def counts(self) -> dict[str, int]:
-        return {
+        counts = {
             "imported": self.imported,
             "unchanged": self.unchanged,
             "failed": self.failed,
             "added": self.added,
             "removed": self.removed,
         }
+        if self.published:
+            counts["cisCreated"] = sum(p.new_items for p in self.published)
+            counts["relationsCreated"] = sum(p.new_relations for p in self.published)
+        return counts
 
 
 SourceBuilder = Callable[[MapSourceDefinition], MapSource]
@@ -98,6 +109,7 @@ class MapImporter:
         runs: RunLog,
         clock: Callable[[], datetime],
         owner: str | None = None,
+        publisher: CmdbPublisher | None = None,
     ) -> None:
         self._sources = sources
         self._build_source = build_source
@@ -106,6 +118,7 @@ class MapImporter:
         self._runs = runs
         self._clock = clock
         self._owner = owner or f"maps-{uuid.uuid4().hex[:12]}"
+        self._publisher = publisher
 
     def definitions(self, source: str | None = None) -> list[MapSourceDefinition]:
         """The sources an import covers: the one named (even when disabled), else every enabled one
@@ -159,7 +172,14 @@ class MapImporter:
             result.outcome, result.error = ImportOutcome.BUSY, str(exc)
             return result
         try:
-            state = self._fetch_and_store(definition, wanted, result, state, progress)
+            targets = self._publisher.targets() if self._publisher is not None else []
+            batch = PublishBatch() if targets else None
+            state = self._fetch_and_store(definition, wanted, result, state, progress, batch)
+            if self._publisher is not None and batch is not None and batch.servers:
+                result.published = self._publisher.publish(targets, batch.servers, batch.dependencies)
+                for outcome in result.published:
+                    if outcome.errors:
+                        result.warnings[f"cmdb {outcome.connection}"] = "; ".join(outcome.errors)[:500]
         except ConnectorAppError as exc:
             result.outcome, result.error = ImportOutcome.FAILED, str(exc)
         except Exception as exc:  # one source's bug must not stop the others
@@ -191,8 +211,10 @@ class MapImporter:
         result: ImportResult,
         state: SyncStateRow,
         progress: ProgressSink | None,
+        batch: PublishBatch | None = None,
     ) -> SyncStateRow:
-        """Fetch and store the group's maps; returns the lease row as last renewed."""
+        """Fetch and store the group's maps (collecting them in ``batch`` for the CMDB when given);
+        returns the lease row as last renewed."""
         source = self._build_source(definition)
         try:
             members = source.servers()
@@ -202,6 +224,8 @@ class MapImporter:
             total = len(members)
             for done, fetched in enumerate(source.fetch(members, window), start=1):
                 ok = self._store_one(definition, fetched, result)
+                if ok and batch is not None and fetched.map is not None:
+                    batch.add(fetched.map)
                 if progress is not None:
                     progress(ImportProgress(definition.name, fetched.server.computer, done, total, ok))
                 if done % RENEW_EVERY == 0:

@@ -13,9 +13,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from shared_code.domain.cmdb import CmdbPublication, Dependency
 from shared_code.domain.sync import SyncCursor, SyncPage
 from shared_code.domain.workitem import IncidentDraft, WorkItemRef, WorkItemState, WorkItemType
 from shared_code.errors import ConfigurationError
+
+__all__ = [
+    "ChangeFeed",
+    "CmdbPublication",
+    "ConfigurationItems",
+    "ConnectorPorts",
+    "Dependency",
+    "DependencyCmdb",
+    "IncidentWriter",
+]
 
 
 class IncidentWriter(Protocol):
@@ -74,20 +85,15 @@ class ConfigurationItems(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Dependency:
-    """One "Depends on::Used by" relationship between two servers, for the CMDB."""
-
-    server: str
-    depends_on: str
-    port: int | None = None
-
-
 class DependencyCmdb(Protocol):
     """Servers and their dependencies as CIs and relationships (the map import's CMDB publisher)."""
 
-    def publish_dependencies(self, servers: Sequence[str], dependencies: Sequence[Dependency]) -> int:
-        """Make the CIs and relationships exist (idempotent); the number of new relationships."""
+    def publish_dependencies(
+        self, servers: Sequence[str], dependencies: Sequence[Dependency]
+    ) -> CmdbPublication:
+        """Make the CIs and relationships exist (idempotent: a second call creates nothing). The
+        product's per-item refusals come back in ``errors``; a call that fails as a whole raises
+        ``ItsmError``."""
         ...
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from shared_code.domain.maps import MapListing, ServerMap
+from shared_code.domain.maps import DependencySummary, MapListing, ServerMap
 from shared_code.domain.mapsources import MapSourceDefinition
 
 
@@ -19,6 +19,15 @@ class MapSourceStore(Protocol):
         ...
 
     def list(self) -> list[MapSourceDefinition]: ...
+
+
+class DependencyContext(Protocol):
+    """Who depends on a server and what it depends on, from its latest import (for incidents)."""
+
+    def summary_for(self, server: str) -> DependencySummary | None:
+        """The summary of ``server``'s latest stored map (computer name, any case); None when the
+        server was never mapped. One cheap read: it sits on the path that creates an incident."""
+        ...
 
 
 class MapStore(Protocol):

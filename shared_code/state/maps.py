@@ -24,6 +24,7 @@ from azure.data.tables import TableClient
 from pydantic import ValidationError
 
 from shared_code.domain.maps import (
+    DependencySummary,
     MapChanges,
     MapEdge,
     MapListing,
@@ -32,6 +33,7 @@ from shared_code.domain.maps import (
     MapWindow,
     ServerMap,
     listing_of,
+    summarise,
 )
 from shared_code.errors import StateError
 from shared_code.state.tablebatch import Delete, Operation, write_all
@@ -45,6 +47,8 @@ MAX_DATA_COLUMNS = 30
 """30 x 30,000 characters x 2 bytes stays under the 1 MiB entity limit."""
 ERROR_LIMIT = 2000
 CHANGES_LIMIT = 28_000
+SUMMARY_LIMITS = (20, 5)
+"""Entries per list kept in the index row's summary: fewer when long names would not fit."""
 _KEY_UNSAFE = frozenset("/\\#?%")
 
 
@@ -97,6 +101,16 @@ def _when(value: Any) -> datetime | None:
         return None
     moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _summary_json(server_map: ServerMap) -> str:
+    """The map's dependency summary for the index row ("" when even the short one is too long:
+    ``summary_for`` then reads the graph)."""
+    for limit in SUMMARY_LIMITS:
+        text = summarise(server_map, limit=limit).model_dump_json()
+        if len(text) <= STRING_CHARS:
+            return text
+    return ""
 
 
 def _changes_json(changes: MapChanges) -> str:
@@ -163,6 +177,20 @@ class MapRepository:
             name = str(index.get("Server", "?"))[:100]
             raise StateError(f"the stored map of {name} does not read back") from exc
 
+    def summary_for(self, server: str) -> DependencySummary | None:
+        """The dependency summary of ``server``'s latest map: one point read of its index row
+        (implements ``shared_code.ports.mapstore.DependencyContext``)."""
+        index = self._index_row(server)
+        if index is None or _when(index.get("WindowStart")) is None:
+            return None
+        text = str(index.get("Summary") or "")
+        if text:
+            try:
+                return DependencySummary.model_validate_json(text)
+            except ValidationError:
+                pass  # written by an older version, or damaged: read the graph instead
+        return summarise(self._compose(index, self._stored_rows(server)))
+
     def find(self, text: str) -> MapListing | None:
         """The listing of a server named by computer name (any case) or by the source's machine id."""
         needle = text.strip()
@@ -221,6 +249,7 @@ class MapRepository:
                 "Added": listing.added,
                 "Removed": listing.removed,
                 "Changes": _changes_json(server_map.changes),
+                "Summary": _summary_json(server_map),
             },
         )
         return len(operations)

@@ -17,6 +17,7 @@ BENCHMARKS = (
     "tests.bench.cherwell_bench",
     "tests.bench.provance_bench",
     "tests.bench.scsm_bench",
+    "tests.bench.maps_import_bench",
 )
 
 

@@ -63,6 +63,7 @@ def test_healthy_app_answers_200_with_every_dependency_ok(stack: LoopbackStack) 
     assert body["timers"] == {
         "sync_work_items": {"runs": 0, "known": True},
         "prune_state": {"runs": 0, "known": True},
+        "maps_import_timer": {"runs": 0, "known": True},
     }
     assert call.response.headers["Cache-Control"] == "no-store"
     assert_reveals_nothing(call, stack)

@@ -17,6 +17,12 @@ the ServiceNow connector cannot tell it from an instance:
   ``active_interval_seconds`` (``evt_mgmt.active_interval``) or opens a new one after. Both tables
   are read-only through the Table API. ``defer_event_processing`` keeps events unprocessed (state
   Ready) until ``process_events()``, as the instance's background job would.
+* The Identification and Reconciliation API (``POST /api/now/identifyreconcile``): server CIs
+  identified by name, else by IP address (case-insensitive), inserted / updated / left alone;
+  relationships (``cmdb_rel_ci``) of the types in ``cmdb_rel_type`` de-duplicated on (parent,
+  child, type); refusals reported inside a 200 answer, per item and relation, as the instance
+  does: an unregistered ``sysparm_data_source``, an unknown class, no identifying value, a
+  duplicate item in one payload, an unknown relationship type, a relation to a refused item.
 * Business logic of a stock instance: numbers (INC0010001, CHG0030001), priority from
   impact/urgency, active from state, resolved_at/closed_at stamps, journal fields, and the incident
   data policy (Resolution code and notes are mandatory to resolve or close).
@@ -351,6 +357,8 @@ TABLES: dict[str, _TableDef] = {
             parent="cmdb_ci",
             choices={"operational_status": {"1": "Operational", "2": "Non-Operational", "6": "Retired"}},
         ),
+        _TableDef("cmdb_rel_type", (*_SYS_FIELDS, "name", "parent_descriptor", "child_descriptor")),
+        _TableDef("cmdb_rel_ci", (*_SYS_FIELDS, "parent", "child", "type"), display_field="type"),
         _TableDef("sys_user", _SYS_FIELDS + _USER_FIELDS),
         _TableDef("sys_user_group", _SYS_FIELDS + _GROUP_FIELDS),
         _TableDef("sys_journal_field", _JOURNAL_FIELDS, display_field="value", read_only=True),
@@ -576,6 +584,16 @@ class ServiceNowHandler(LoopbackHandler):
 
 
 EVENTS_PATH = "/api/global/em/jsonv2"
+_IRE_PATH_RE = re.compile(r"/api/now(?:/v[12])?/identifyreconcile/?")
+IRE_CLASSES = frozenset({"cmdb_ci_server"})
+"""CI classes the loopback's identification rules cover (the hardware rule: name, then IP)."""
+DEFAULT_DATA_SOURCES = frozenset({"ServiceNow", "Manual Entry", "Other Automated"})
+DEFAULT_RELATION_TYPES = (
+    ("Depends on::Used by", "Depends on", "Used by"),
+    ("Runs on::Runs", "Runs on", "Runs"),
+)
+
+
 _API_PATH_RE = re.compile(r"/api/now(?:/v[12])?/table/([^/]+)(?:/([^/]*))?/?")
 
 
@@ -629,9 +647,16 @@ class ServiceNowLoopback(LoopbackServer):
         self.active_interval_seconds: float = 3600.0
         self.defer_event_processing = False
         self._event_sequence = itertools.count(1)
+        self.data_sources: set[str] = set(DEFAULT_DATA_SOURCES)
         self._insert_system_user(ADMIN_USERNAME, "System Administrator")
         if username != ADMIN_USERNAME:
             self._insert_system_user(username, username)
+        for name, parent_descriptor, child_descriptor in DEFAULT_RELATION_TYPES:
+            self._insert(
+                "cmdb_rel_type",
+                {"name": name, "parent_descriptor": parent_descriptor, "child_descriptor": child_descriptor},
+                ADMIN_USERNAME,
+            )
 
     def start(self) -> ServiceNowLoopback:
         """As the base, but polling for shutdown every 50 ms so ``stop()`` returns quickly."""
@@ -901,6 +926,17 @@ class ServiceNowLoopback(LoopbackServer):
             if method != "POST":
                 return 405, _error("Method not Supported", "Method not supported"), {}
             return self._oauth(body)
+        if _IRE_PATH_RE.fullmatch(path):
+            with self._lock:
+                user = self._authenticate(authorization)
+            if user is None:
+                return 401, _NOT_AUTHENTICATED, {"WWW-Authenticate": 'BASIC realm="Service-now"'}
+            if method != "POST":
+                return 405, _error("Method not Supported", f"{method} method not supported for API"), {}
+            try:
+                return self._identify_reconcile(flat, body, user)
+            except _ApiError as exc:
+                return exc.status, exc.body, {}
         match = _API_PATH_RE.fullmatch(path)
         if match is None and path != EVENTS_PATH:
             return 400, _error("Requested URI does not represent any resource", None), {}
@@ -915,6 +951,150 @@ class ServiceNowLoopback(LoopbackServer):
             return self._table_api(method, table, sys_id or None, flat, body, user)
         except _ApiError as exc:
             return exc.status, exc.body, {}
+
+    # -- Identification and Reconciliation ------------------------------------------------------
+    def register_data_source(self, name: str) -> None:
+        """Add ``name`` to the discovery_source choices (what an admin does for a new integration)."""
+        with self._lock:
+            self.data_sources.add(name)
+
+    def relationships(self, type_name: str = "Depends on::Used by") -> list[tuple[str, str]]:
+        """(parent CI name, child CI name) of every relationship of that type, sorted."""
+        with self._lock:
+            types = {
+                sys_id for sys_id, rec in self._store["cmdb_rel_type"].items() if rec["name"] == type_name
+            }
+            cis = self._store["cmdb_ci"]
+            return sorted(
+                (cis[rec["parent"]].get("name", ""), cis[rec["child"]].get("name", ""))
+                for rec in self._store["cmdb_rel_ci"].values()
+                if rec.get("type") in types and rec.get("parent") in cis and rec.get("child") in cis
+            )
+
+    def _identify_reconcile(
+        self, params: dict[str, str], body: bytes, user: str
+    ) -> tuple[int, Any, dict[str, str]]:
+        payload = _parse_json_object(body)
+        items = payload.get("items")
+        relations = payload.get("relations", [])
+        if not isinstance(items, list) or not isinstance(relations, list):
+            raise _ApiError(400, _error("Invalid payload", "items must be an array of objects"))
+        source = params.get("sysparm_data_source", "")
+        with self._lock:
+            source_error = (
+                None
+                if source in self.data_sources
+                else {"error": "INVALID_INPUT_DATA", "message": f"Invalid data source: '{source}'"}
+            )
+            item_results: list[dict[str, Any]] = []
+            ids: list[str | None] = []
+            seen: set[str] = set()
+            for item in items:
+                result, sys_id = self._ire_item(item, source, source_error, seen, user)
+                item_results.append(result)
+                ids.append(sys_id)
+            relation_results = [self._ire_relation(rel, ids, source_error, user) for rel in relations]
+        return 200, {"result": {"items": item_results, "relations": relation_results}}, {}
+
+    def _ire_item(
+        self, item: object, source: str, source_error: dict[str, str] | None, seen: set[str], user: str
+    ) -> tuple[dict[str, Any], str | None]:
+        if not isinstance(item, dict):
+            return {"errors": [{"error": "INVALID_INPUT_DATA", "message": "item is not an object"}]}, None
+        class_name = str(item.get("className", ""))
+        out: dict[str, Any] = {"className": class_name, "operation": "NO_CHANGE"}
+
+        def refused(code: str, message: str) -> tuple[dict[str, Any], None]:
+            out.pop("operation", None)
+            out["errors"] = [{"error": code, "message": message}]
+            return out, None
+
+        if source_error is not None:
+            return refused(source_error["error"], source_error["message"])
+        if class_name not in IRE_CLASSES:
+            return refused("INVALID_INPUT_DATA", f"Invalid className '{class_name}'")
+        values = item.get("values")
+        if not isinstance(values, dict):
+            return refused("INVALID_INPUT_DATA", "values must be an object")
+        name = _to_str(values.get("name")).strip()
+        ip = _to_str(values.get("ip_address")).strip()
+        if not name and not ip:
+            return refused(
+                "MISSING_MATCHING_ATTRIBUTES",
+                f"In payload no matching attributes found for identification rule of {class_name}: "
+                "name, ip_address",
+            )
+        key = (name or ip).lower()
+        if key in seen:
+            return refused("DUPLICATE_PAYLOAD_RECORDS", f"Duplicate items in payload for {name or ip}")
+        seen.add(key)
+        store = self._store[class_name]
+        found = next((r for r in store.values() if name and r.get("name", "").lower() == name.lower()), None)
+        if found is None and ip:
+            found = next((r for r in store.values() if r.get("ip_address", "") == ip), None)
+        wanted = {
+            k: _to_str(v) for k, v in values.items() if isinstance(k, str) and _FIELD_NAME_RE.fullmatch(k)
+        }
+        if found is None:
+            rec = self._insert(class_name, wanted | {"discovery_source": source}, user)
+            out["operation"] = "INSERT"
+        else:
+            rec = found
+            changes = {k: v for k, v in wanted.items() if v and rec.get(k, "") != v}
+            if changes:
+                self._update(rec, changes, user)
+                out["operation"] = "UPDATE"
+        out["sys_id"] = rec["sys_id"]
+        out["identifierEntrySysId"] = "loopback-hardware-rule"
+        return out, rec["sys_id"]
+
+    def _ire_relation(
+        self, relation: object, ids: list[str | None], source_error: dict[str, str] | None, user: str
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {"className": "cmdb_rel_ci"}
+
+        def refused(code: str, message: str) -> dict[str, Any]:
+            out["errors"] = [{"error": code, "message": message}]
+            return out
+
+        if source_error is not None:
+            return refused(source_error["error"], source_error["message"])
+        if not isinstance(relation, dict):
+            return refused("INVALID_INPUT_DATA", "relation is not an object")
+        parent, child, type_name = (
+            relation.get("parent"),
+            relation.get("child"),
+            str(relation.get("type", "")),
+        )
+        if not all(isinstance(i, int) and 0 <= i < len(ids) for i in (parent, child)):
+            return refused("INVALID_INPUT_DATA", "parent and child must be indexes of items in the payload")
+        assert isinstance(parent, int)
+        assert isinstance(child, int)
+        rel_type = next(
+            (sid for sid, r in self._store["cmdb_rel_type"].items() if r["name"] == type_name), None
+        )
+        if rel_type is None:
+            return refused("INVALID_INPUT_DATA", f"Invalid relation type '{type_name}'")
+        parent_id, child_id = ids[parent], ids[child]
+        if parent_id is None or child_id is None:
+            return refused("ABANDONED", "Abandoned due to an error in a related item")
+        existing = next(
+            (
+                r
+                for r in self._store["cmdb_rel_ci"].values()
+                if r.get("parent") == parent_id and r.get("child") == child_id and r.get("type") == rel_type
+            ),
+            None,
+        )
+        if existing is None:
+            existing = self._insert(
+                "cmdb_rel_ci", {"parent": parent_id, "child": child_id, "type": rel_type}, user
+            )
+            out["operation"] = "INSERT"
+        else:
+            out["operation"] = "NO_CHANGE"
+        out["sys_id"] = existing["sys_id"]
+        return out
 
     # -- faults ----------------------------------------------------------------------------------
     def _take_fault(self, path: str, api: bool) -> _Fault | None:
@@ -1754,6 +1934,11 @@ class ServiceNowLoopback(LoopbackServer):
             if action == "delay":
                 self.delay_seconds = float(args.get("seconds", 0))
                 return 200, {"ok": True}, {}
+            if action == "data_source":
+                self.register_data_source(str(args["name"]))
+                return 200, {"ok": True}, {}
+            if action == "relationships":
+                return 200, {"relationships": self.relationships()}, {}
             if action == "expire_tokens":
                 self.expire_access_tokens()
                 return 200, {"ok": True}, {}

@@ -41,3 +41,9 @@ def test_no_runs_yet() -> None:
     summary = summarise_timer_runs([])
 
     assert (summary.last_run_at, summary.outcome, summary.runs, summary.known) == (None, None, 0, True)
+
+
+def test_map_import_outcomes_rank_like_the_sync_s() -> None:
+    summary = summarise_timer_runs([run(30, "ok"), run(29.9, "partial"), run(29.8, "busy")])
+    assert (summary.outcome, summary.runs) == ("partial", 3)
+    assert summarise_timer_runs([run(30, "ok"), run(29.9, "busy")]).outcome == "ok"

@@ -424,6 +424,30 @@ class ServiceNowConnector:
         only names the call in errors)."""
         if path is None:
             path = f"{TABLE_API}/{table}" + (f"/{quote(sys_id, safe='')}" if sys_id is not None else "")
+        return self.send_api(
+            method,
+            path,
+            what=f"{method} {table}",
+            params=params,
+            json=json,
+            idempotent=idempotent,
+            names_record=sys_id is not None,
+        )
+
+    def send_api(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        params: Mapping[str, str] | None = None,
+        json: Mapping[str, Any] | None = None,
+        idempotent: bool = True,
+        names_record: bool = False,
+    ) -> dict[str, Any]:
+        """One call to a REST API of the instance (``path`` from ``/api/...``), retried and mapped
+        to the ``ItsmError`` family as the module docstring says; the JSON object it answered.
+        ``names_record``: the path ends in a record's sys_id (logged as ``<sys_id>``)."""
         url = self._instance + path
         headers = {"Accept": "application/json"}
 
@@ -431,9 +455,8 @@ class ServiceNowConnector:
             return self._client.build_request(method, url, params=params, json=json, headers=headers)
 
         response = send_with_retries(self._client, build, self._retry, auth=self._auth, idempotent=idempotent)
-        what = f"{method} {table}"
         status = response.status_code
-        log.info("ServiceNow %s%s: HTTP %d", what, "/<sys_id>" if sys_id is not None else "", status)
+        log.info("ServiceNow %s%s: HTTP %d", what, "/<sys_id>" if names_record else "", status)
         if status == 401:
             raise ItsmAuthError(
                 f"ServiceNow refused the credentials of connection {self.connection_name!r} "

@@ -57,6 +57,13 @@ class ServiceNowConnection(ConnectionBase):
         description="resolution code set when an alert resolves its incident",
         json_schema_extra={"cli": "--close-code"},
     )
+    cmdb_data_source: str = Field(
+        default="AzureMonitorITSM",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,39}$",
+        description="the discovery_source choice registered for this app: dependency maps go to the "
+        "CMDB through the Identification and Reconciliation API under this data source",
+        json_schema_extra={"cli": "--cmdb-data-source"},
+    )
 
     work_item_type: ServiceNowWorkItemType = Field(
         default=ServiceNowWorkItemType.INCIDENT,
