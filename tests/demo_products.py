@@ -113,7 +113,7 @@ def run_products_demo(stack: LoopbackStack, container: Container) -> None:
     """One fired alert per product connection, through the webhook and the queue function."""
     started = time.perf_counter()
     _say()
-    _say("== 8. The other products: one alert each to Cherwell, Provance and SCSM " + "=" * 15)
+    _say("== 9. The other products: one alert each to Cherwell, Provance and SCSM " + "=" * 15)
     host = FunctionHost(function_app.app, stack.queues())
     fired = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=3)
     with ExitStack() as things:

@@ -264,6 +264,11 @@ def summarise(server_map: ServerMap, *, limit: int = 20) -> DependencySummary:
         # ``machine`` is the server it connects to, not a client)
         if node.kind in (NodeKind.PROCESS, NodeKind.PORT) and node.machine in by_id:
             return by_id[node.machine].name
+        if node.kind is NodeKind.CLIENT_GROUP:
+            # unmonitored clients, grouped by port: say how many and show a few addresses
+            count = node.properties.get("clients") or str(len(node.ips))
+            shown_ips = ", ".join(node.ips[:3]) + (", ..." if len(node.ips) > 3 else "")
+            return f"{node.name} ({count} unmonitored: {shown_ips})" if node.ips else node.name
         return node.name
 
     clients: set[str] = set()
