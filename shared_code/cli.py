@@ -37,6 +37,8 @@ from shared_code.errors import AlreadyExistsError, ConnectorAppError, InvalidInp
 from shared_code.maps.importer import ImportOutcome, ImportProgress
 from shared_code.maps.scom import render_management_pack, version_from_time
 from shared_code.maps.views import ViewFormat, render_view
+from shared_code.mapsources.migrate_csv import DEFAULT_MAX_BYTES as MIGRATE_CSV_MAX_BYTES
+from shared_code.mapsources.migrate_csv import parse_migrate_csv
 from shared_code.mapsources.registry import build_map_source
 from shared_code.products import PRODUCTS, parse_connection, product_of
 from shared_code.secrets import StoredRefreshToken
@@ -429,6 +431,30 @@ class Cli:
                 self.say(f"    {server}: {why}")
         return EXIT_FAILED if any(r.outcome is ImportOutcome.FAILED for r in results) else EXIT_OK
 
+    def maps_import_csv(self, args: argparse.Namespace) -> int:
+        """An Azure Migrate dependency export, for estates with no workspace data at all."""
+        try:
+            with open(args.file, "rb") as handle:
+                data = handle.read(MIGRATE_CSV_MAX_BYTES + 1)
+        except OSError as exc:
+            raise InvalidInputError(
+                f"cannot read {args.file}: {exc.strerror or type(exc).__name__}"
+            ) from None
+        container = self.container
+        server_maps = parse_migrate_csv(
+            data, imported_at=container.clock(), source=args.source, servers=args.server or None
+        )
+        result = container.map_importer.run_export(
+            args.source, server_maps, servers=args.server or None, trigger="cli"
+        )
+        counts = ", ".join(f"{value} {name}" for name, value in result.counts.items())
+        self.say(f"{result.source}: {result.outcome.value}, {counts}, {result.duration_seconds:.1f}s")
+        if result.error:
+            self.say(f"    {result.error}")
+        for server, why in sorted(result.errors.items()):
+            self.say(f"    {server}: {why}")
+        return EXIT_FAILED if result.outcome is ImportOutcome.FAILED else EXIT_OK
+
     def maps_show(self, args: argparse.Namespace) -> int:
         maps = self.container.maps
         listing = maps.find(args.server)
@@ -816,8 +842,9 @@ def build_parser() -> argparse.ArgumentParser:
     sadd.add_argument(
         "--kind",
         required=True,
-        choices=[k.value for k in MapSourceKind if k is not MapSourceKind.MIGRATE],
-        help="where the maps come from: VM Insights Map tables, the Service Map API, VNet flow logs",
+        choices=[k.value for k in MapSourceKind],
+        help="where the maps come from: VM Insights Map tables, the Service Map API, VNet flow logs, "
+        "or Azure Migrate dependency exports (imported with 'maps import-csv')",
     )
     sadd.add_argument("--workspace", action="append", help="workspace resource id (repeatable)")
     sadd.add_argument("--customer-id", action="append", help="its workspace ID (GUID), in --workspace order")
@@ -846,6 +873,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp = maps.add_parser("import", help="import dependency maps now")
     imp.add_argument("--source", help="only this source (default: every enabled one)")
     imp.add_argument("--server", action="append", help="only this computer name or machine id (repeatable)")
+    csv_import = maps.add_parser("import-csv", help="import an Azure Migrate dependency export (CSV)")
+    csv_import.add_argument("file", help="the CSV file Azure Migrate's dependency analysis exported")
+    csv_import.add_argument("--source", required=True, help="a map source of kind migrate")
+    csv_import.add_argument(
+        "--server", action="append", help="only this server of the export (repeatable; default: all)"
+    )
     show = maps.add_parser("show", help="print one server's map")
     show.add_argument("server", help="computer name (any case) or the source's machine id")
     show.add_argument("--format", default="json", choices=[f.value for f in ViewFormat], help="what to print")
@@ -871,6 +904,7 @@ COMMANDS: dict[tuple[str, str], Callable[[Cli, argparse.Namespace], int]] = {
     ("maps", "sources remove"): Cli.maps_sources_remove,
     ("maps", "sources test"): Cli.maps_sources_test,
     ("maps", "import"): Cli.maps_import,
+    ("maps", "import-csv"): Cli.maps_import_csv,
     ("maps", "show"): Cli.maps_show,
     ("maps", "export-scom"): Cli.maps_export_scom,
 }

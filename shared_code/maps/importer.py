@@ -20,12 +20,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from shared_code.domain.maps import ServerMap
+from shared_code.domain.maps import MapWindow, ServerMap
 from shared_code.domain.mapsources import MapSourceDefinition, MapSourceKind
 from shared_code.domain.runs import RunRecord, SyncStateRow
 from shared_code.errors import BusyError, ConnectorAppError, InvalidInputError, StateError
@@ -156,12 +156,41 @@ class MapImporter:
                     results[-1].outcome = ImportOutcome.PARTIAL
         return results
 
+    def run_export(
+        self,
+        source: str,
+        server_maps: Sequence[ServerMap],
+        *,
+        servers: Sequence[str] | None = None,
+        trigger: str = "",
+        progress: ProgressSink | None = None,
+    ) -> ImportResult:
+        """Import maps read from an export (Azure Migrate's dependency CSV) under the migrate source
+        ``source``: stored, diffed, recorded in Runs and published to the CMDB like a timer import."""
+        definition = self._sources.get(source)
+        if definition.kind is not MapSourceKind.MIGRATE:
+            raise InvalidInputError(
+                f"map source {definition.name!r} is a {definition.kind.value} source, not a migrate "
+                "source: add one with 'maps sources add NAME --kind migrate'"
+            )
+        wanted = _wanted(servers or definition.group.computers)
+        result = self._import(definition, wanted, trigger, progress, _ExportSource(server_maps))
+        if wanted:
+            missing = sorted(set(wanted.values()) - result.matched, key=str.lower)
+            if missing:
+                result.errors |= dict.fromkeys(missing, "not in the export")
+                result.failed += len(missing)
+                if result.outcome is ImportOutcome.OK:
+                    result.outcome = ImportOutcome.PARTIAL
+        return result
+
     def _import(
         self,
         definition: MapSourceDefinition,
         wanted: dict[str, str],
         trigger: str,
         progress: ProgressSink | None,
+        source: MapSource | None = None,
     ) -> ImportResult:
         started = self._clock()
         began = time.monotonic()
@@ -174,7 +203,7 @@ class MapImporter:
         try:
             targets = self._publisher.targets() if self._publisher is not None else []
             batch = PublishBatch() if targets else None
-            state = self._fetch_and_store(definition, wanted, result, state, progress, batch)
+            state = self._fetch_and_store(definition, wanted, result, state, progress, batch, source)
             if self._publisher is not None and batch is not None and batch.servers:
                 result.published = self._publisher.publish(targets, batch.servers, batch.dependencies)
                 for outcome in result.published:
@@ -212,10 +241,11 @@ class MapImporter:
         state: SyncStateRow,
         progress: ProgressSink | None,
         batch: PublishBatch | None = None,
+        given: MapSource | None = None,
     ) -> SyncStateRow:
         """Fetch and store the group's maps (collecting them in ``batch`` for the CMDB when given);
         returns the lease row as last renewed."""
-        source = self._build_source(definition)
+        source = given if given is not None else self._build_source(definition)
         try:
             members = source.servers()
             if wanted:
@@ -308,6 +338,26 @@ class MapImporter:
             )
         except ConnectorAppError as exc:
             log.warning("recording the map import run of %s failed: %s", definition.name, exc)
+
+
+class _ExportSource:
+    """The maps of an export file, as a ``MapSource`` (the file was read and checked already)."""
+
+    def __init__(self, server_maps: Sequence[ServerMap]) -> None:
+        self._maps = {m.server.lower(): m for m in server_maps}
+
+    def servers(self) -> list[ServerRef]:
+        return [ServerRef(computer=m.server, machine_id=m.machine_id) for m in self._maps.values()]
+
+    def fetch(self, servers: Sequence[ServerRef], window: MapWindow) -> Iterator[ServerMapResult]:
+        for ref in servers:
+            yield ServerMapResult(server=ref, map=self._maps[ref.computer.lower()])
+
+    def check(self) -> str:
+        return f"an export of {len(self._maps)} server(s)"
+
+    def close(self) -> None:
+        return None
 
 
 def _wanted(servers: Sequence[str] | None) -> dict[str, str]:

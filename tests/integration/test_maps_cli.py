@@ -76,3 +76,51 @@ def test_bad_definitions_are_refused_by_field(app: Container, stack: LoopbackSta
     )  # fmt: skip
     assert code == 2
     assert "at most 60" in output
+
+
+MIGRATE_HEADER = (
+    "Timeslot,Source server name,Source IP,Source application,Source process,Destination server name,"
+    "Destination IP,Destination application,Destination process,Destination port"
+)
+
+
+def test_an_azure_migrate_export_is_imported_through_the_cli(
+    app: Container, stack: LoopbackStack, tmp_path: Path
+) -> None:
+    slot = "2024-05-01 10:00:00 - 2024-05-01 11:00:00"
+    rows = [
+        f"{slot},web01,10.0.0.1,IIS,w3wp.exe,sql01,10.0.0.2,SQL Server,sqlservr.exe,1433",
+        f"{slot},app01,10.0.0.3,Java,java.exe,web01,10.0.0.1,IIS,w3wp.exe,443",
+    ]
+    export = tmp_path / "dependencies.csv"
+    export.write_text("\ufeff" + "\r\n".join([MIGRATE_HEADER, *rows]) + "\r\n", encoding="utf-8")
+    code, output = stack.cli("maps", "sources", "add", "migrate-cli", "--kind", "migrate")
+    assert code == 0, output
+    code, output = stack.cli("maps", "import-csv", str(export), "--source", "migrate-cli")
+    assert code == 0, output
+    assert "migrate-cli: ok, 3 imported" in output
+    code, shown = stack.cli("maps", "show", "web01")
+    assert code == 0, shown
+    body = json.loads(shown)
+    assert body["source"] == "migrate-cli"
+    names = {node["name"] for node in body["nodes"]}
+    assert {"web01", "sql01", "app01"} <= names
+    assert any(edge["port"] == 1433 and edge["direction"] == "outbound" for edge in body["edges"])
+    assert any(edge["port"] == 443 and edge["direction"] == "inbound" for edge in body["edges"])
+
+    code, output = stack.cli("maps", "import-csv", str(export), "--source", "migrate-cli")
+    assert "0 imported, 3 unchanged" in output  # the same export again writes nothing new
+    code, output = stack.cli("maps", "import-csv", str(export), "--source", "migrate-cli", "--server", "db99")
+    assert code == 1
+    assert "db99" in output
+    broken = tmp_path / "broken.csv"
+    broken.write_text(MIGRATE_HEADER + "\r\n" + "2024-05-01,web01,10.0.0.1\r\n", encoding="utf-8")
+    code, output = stack.cli("maps", "import-csv", str(broken), "--source", "migrate-cli")
+    assert code == 2
+    assert "line 2" in output
+    code, output = stack.cli("maps", "import-csv", str(tmp_path / "missing.csv"), "--source", "migrate-cli")
+    assert code == 2
+    assert "cannot read" in output
+    code, output = stack.cli("maps", "import", "--source", "migrate-cli")
+    assert code == 2
+    assert "import its CSV export with the CLI" in output
