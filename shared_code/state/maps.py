@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,16 +52,13 @@ ERROR_LIMIT = 2000
 CHANGES_LIMIT = 28_000
 SUMMARY_LIMITS = (20, 5)
 """Entries per list kept in the index row's summary: fewer when long names would not fit."""
-_KEY_UNSAFE = frozenset("/\\#?%")
+_KEY_UNSAFE_RE = re.compile(r"[/\\#?%\x00-\x1f\x7f-\x9f]")
 
 
 def table_key(text: str) -> str:
     """``text`` usable as a PartitionKey / RowKey: the characters the service refuses escaped as
     ``%XX``, and longer keys cut with a hash (keys hold at most 1 KiB)."""
-    out = "".join(
-        f"%{ord(ch):02X}" if ch in _KEY_UNSAFE or ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F else ch
-        for ch in text
-    )
+    out = _KEY_UNSAFE_RE.sub(lambda match: f"%{ord(match.group()):02X}", text)
     if len(out) > 400:
         out = f"{out[:300]}~{hashlib.sha256(out.encode()).hexdigest()}"
     return out
@@ -126,11 +126,19 @@ def _changes_json(changes: MapChanges) -> str:
     return text
 
 
+JUST_READ_SECONDS = 10.0
+"""How long the rows a load read stand in for the save that follows it (an import's own load)."""
+
+
 class MapRepository:
     """Latest map and summary per server (implements ``shared_code.ports.mapstore.MapStore``)."""
 
     def __init__(self, table: TableClient) -> None:
         self._table = table
+        # the graph rows ``load`` just read, for the ``save`` of the same server that follows it in
+        # an import (saves one partition query per server); consumed by that save, never reused
+        self._just_read: dict[str, tuple[float, dict[str, Entity]]] = {}
+        self._lock = threading.Lock()
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -146,8 +154,28 @@ class MapRepository:
         """The stored map of ``server`` (computer name, any case); None when none was imported."""
         index = self._index_row(server)
         if index is None or _when(index.get("WindowStart")) is None:
+            # graph rows are written only by a save, which also writes the index row's window:
+            # without it the partition is empty (a save that died in between left rows the next
+            # save after a successful one deletes)
+            self._remember(server, {})
             return None
-        return self._compose(index, self._stored_rows(server))
+        rows = self._stored_rows(server)
+        self._remember(server, rows)
+        return self._compose(index, rows)
+
+    def _remember(self, server: str, rows: dict[str, Entity]) -> None:
+        with self._lock:
+            if len(self._just_read) > 64:  # a load without its save (a reader): keep it bounded
+                self._just_read.clear()
+            self._just_read[server_key(server)] = (time.monotonic(), rows)
+
+    def _rows_for_save(self, server: str) -> dict[str, Entity]:
+        """The rows ``load`` read moments ago (an import's load-diff-save), else a fresh read."""
+        with self._lock:
+            remembered = self._just_read.pop(server_key(server), None)
+        if remembered is not None and time.monotonic() - remembered[0] < JUST_READ_SECONDS:
+            return remembered[1]
+        return self._stored_rows(server)
 
     def _compose(self, index: Entity, rows: dict[str, Entity]) -> ServerMap:
         nodes: list[MapNode] = []
@@ -213,7 +241,7 @@ class MapRepository:
         """Store ``server_map`` as the server's latest; returns the graph rows written or deleted
         (0 when the graph is the one stored). The summary row is updated either way."""
         partition = f"map|{server_key(server_map.server)}"
-        stored = {key: _joined(entity) for key, entity in self._stored_rows(server_map.server).items()}
+        stored = {key: _joined(entity) for key, entity in self._rows_for_save(server_map.server).items()}
         wanted = graph_rows(server_map)
         upserts = [key for key, text in wanted.items() if stored.get(key) != text]
         deletes = [key for key in stored if key not in wanted]

@@ -4,10 +4,11 @@
 importer (``Container.map_importer``: VM Insights source, diff against the stored map, Maps table
 in Azurite, lease, ``Runs``) imports them into fresh tables each round, in a fresh child process
 (whose peak memory is the RSS figure; the loopback servers and Azurite stay in the parent, so the
-child holds only the importer). "raw" is the same work done
-plainly: the same queries (server list, then one map query per batch) through a plain
-``LogsQueryClient`` with the rows read into dicts, and the same table rows the import stored
-written with plain batched upserts (``submit_transaction``, 100 per partition) into a fresh table.
+child holds only the importer). "raw" is the same work done plainly, in a fresh child process too
+(so neither side shares its interpreter with the loopback servers that answer it): the same queries
+(server list, then one map query per batch) through a plain ``LogsQueryClient`` with the rows read
+into dicts, and the same table rows the import stored written with plain batched upserts
+(the project's batch writer, 100 per partition, one transaction at a time) into a fresh table.
 The rounds alternate (``MAPS_BENCH_ROUNDS``, default 1); the ratio is of the medians.
 
 Figures:
@@ -25,9 +26,11 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -35,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from azure.data.tables import TableServiceClient, TransactionOperation, UpdateMode
+from azure.data.tables import TableServiceClient
 from azure.identity import ClientSecretCredential
 from azure.monitor.query import LogsQueryClient
 
@@ -48,12 +51,13 @@ from shared_code.mapsources.vminsights import (
     servers_query,
 )
 from shared_code.state.maps import INDEX, graph_rows, server_key
+from shared_code.state.tablebatch import transactions, upsert_transaction
 from tests.loopback import netguard
 from tests.loopback.loganalytics import SeededServer, seed_vminsights
 from tests.loopback.stack import FOREIGN_IDENTITY_VARIABLES, LoopbackStack
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVERS = 1000
+SERVERS = int(os.environ.get("MAPS_BENCH_SERVERS", "1000"))  # the figure of record is 1,000
 SMALL = 100
 CONNECTIONS = 40
 ROUNDS = int(os.environ.get("MAPS_BENCH_ROUNDS", "1"))
@@ -177,16 +181,98 @@ def raw_once(
     table_client = service.create_table_if_not_exists(table)
     written = 0
     for entities in rows.values():
-        for at in range(0, len(entities), 100):
-            chunk = entities[at : at + 100]
-            table_client.submit_transaction(
-                [(TransactionOperation.UPSERT, e, {"mode": UpdateMode.REPLACE}) for e in chunk]
-            )
+        # the project's batch writer, as the import uses it: the SDK's submit_transaction spends
+        # about ten times its client CPU per entity, which would make "raw" slow for reasons that
+        # have nothing to do with the import
+        for chunk in transactions(entities):
+            upsert_transaction(table_client, chunk)
             written += len(chunk)
     seconds = time.perf_counter() - started
     if len(servers) < len(machine_ids) or read < len(machine_ids) * CONNECTIONS:
         raise BenchError(f"raw pass read {len(servers)} servers and {read} rows")
     return seconds
+
+
+def raw_child(table: str, rows_file: str) -> int:
+    """``--raw TABLE ROWS_FILE``: the raw pass in a fresh process, clients built from the app's
+    environment (the loopback Entra, Log Analytics and Azurite); prints one JSON line."""
+    netguard.watch()
+    data = json.loads(Path(rows_file).read_text(encoding="utf-8"))
+    machine_ids: list[str] = data["machine_ids"]
+    rows: dict[str, list[dict[str, Any]]] = {
+        partition: [
+            {**e, "ImportedAt": datetime.fromisoformat(e["ImportedAt"])} if "ImportedAt" in e else e
+            for e in entities
+        ]
+        for partition, entities in data["rows"].items()
+    }
+    env = os.environ
+    started = time.perf_counter()
+    credential = ClientSecretCredential(
+        env["AZURE_TENANT_ID"],
+        env["AZURE_CLIENT_ID"],
+        env["AZURE_CLIENT_SECRET"],
+        authority=env["AZURE_AUTHORITY_HOST"],
+        disable_instance_discovery=True,
+        connection_verify=env["TLS_CA_BUNDLE"],
+    )
+    client = LogsQueryClient(
+        credential,
+        endpoint=env["LOGS_QUERY_ENDPOINT"],
+        audience="https://api.loganalytics.io",
+        connection_verify=env["TLS_CA_BUNDLE"],
+    )
+    service = TableServiceClient.from_connection_string(env["AzureWebJobsStorage"])
+    try:
+        raw_once(client, service, table, machine_ids, rows)
+        seconds = time.perf_counter() - started
+    finally:
+        client.close()
+        credential.close()
+        service.close()
+    print(json.dumps({"seconds": seconds, "foreign": [str(a) for a in netguard.foreign[:5]]}), flush=True)
+    return 0
+
+
+def child_raw(
+    stack: LoopbackStack,
+    table: str,
+    machine_ids: Sequence[str],
+    rows: dict[str, list[dict[str, Any]]],
+    children: list[Any],
+) -> float:
+    """The raw pass in a fresh child process; its seconds."""
+    rows_file = Path(tempfile.mkdtemp(prefix="maps-bench-")) / "rows.json"
+    rows_file.write_text(
+        json.dumps({"machine_ids": list(machine_ids), "rows": rows}, default=lambda v: v.isoformat()),
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if k not in FOREIGN_IDENTITY_VARIABLES}
+    env.update(stack.app_environment(**NO_LOGS))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.bench.maps_import_bench", "--raw", table, str(rows_file)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    children.append(proc)
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise BenchError("the raw child did not finish in 15 minutes") from None
+    finally:
+        shutil.rmtree(rows_file.parent, ignore_errors=True)
+    lines = out.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise BenchError(f"the raw child failed ({proc.returncode}): {err.strip()[-2000:]}")
+    report: dict[str, Any] = json.loads(lines[-1])
+    if report["foreign"]:
+        raise BenchError(f"the raw child reached beyond loopback: {report['foreign']}")
+    return float(report["seconds"])
 
 
 # -- peak memory in a fresh process -------------------------------------------------------------------
@@ -257,20 +343,6 @@ def run(children: list[Any]) -> int:
         machine_ids = sorted(s.machine_id for s in seeded)
         log(f"seeded {SERVERS} servers x {CONNECTIONS} connections")
         env = stack.app_environment(**NO_LOGS)
-        credential = ClientSecretCredential(
-            stack.entra.tenant_id,
-            stack.entra.client_id,
-            stack.entra.client_secret,
-            authority=stack.entra.url,
-            disable_instance_discovery=True,
-            connection_verify=stack.ca_bundle,
-        )
-        client = LogsQueryClient(
-            credential,
-            endpoint=stack.loganalytics.url,
-            audience="https://api.loganalytics.io",
-            connection_verify=stack.ca_bundle,
-        )
         service = TableServiceClient.from_connection_string(env["AzureWebJobsStorage"])
         ours: list[float] = []
         raws: list[float] = []
@@ -290,15 +362,13 @@ def run(children: list[Any]) -> int:
                 if not rows:
                     with stack.app(TABLE_PREFIX=prefix, **NO_LOGS) as container:
                         rows = stored_rows(container, seeded)  # untimed: what the import stored
-                raw_seconds = raw_once(client, service, f"raw{n}Maps", machine_ids, rows)
+                raw_seconds = child_raw(stack, f"raw{n}Maps", machine_ids, rows, children)
                 for table in (f"{prefix}Maps", f"raw{n}Maps"):
                     service.delete_table(table)  # free Azurite's memory (untimed)
                 log(f"round {n}: import {seconds:.1f}s, raw {raw_seconds:.1f}s")
                 ours.append(seconds)
                 raws.append(raw_seconds)
         finally:
-            client.close()
-            credential.close()
             service.close()
     ours_median, raw_median = statistics.median(ours), statistics.median(raws)
     ratio = raw_median / ours_median
@@ -328,9 +398,12 @@ def run(children: list[Any]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.maps_import_bench")
     parser.add_argument("--child", nargs=2, metavar=("SOURCE", "SERVERS"))
+    parser.add_argument("--raw", nargs=2, metavar=("TABLE", "ROWS_FILE"))
     args = parser.parse_args(argv)
     if args.child:
         return child(args.child[0], int(args.child[1]))
+    if args.raw:
+        return raw_child(args.raw[0], args.raw[1])
     netguard.watch()
     children: list[Any] = []
     try:
