@@ -16,40 +16,29 @@ No password or token ever reaches a log line, an exception message or a repr.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Generator
 from typing import Any
 
 import httpx
-from pydantic import SecretStr
 
 from shared_code.errors import ItsmAuthError, ItsmUnavailableError
+from shared_code.itsm.tokenauth import CachedTokenAuth, SecretSource, retryable
+from shared_code.itsm.tokenauth import connection_label as _label
+from shared_code.itsm.tokenauth import reveal as _reveal
 
 log = logging.getLogger(__name__)
 
 TOKEN_PATH = "/api/V3/Authorization/GetToken"  # noqa: S105 - an endpoint path, not a secret
 TOKEN_MAX_AGE_SECONDS = 1800.0
-_RETRYABLE_STATUSES = frozenset({408, 429})
-
-SecretSource = SecretStr | Callable[[], SecretStr]
-"""A secret, or a callable that reads it when first needed (so building the auth reads nothing)."""
 
 
-def _reveal(source: SecretSource) -> str:
-    secret = source() if callable(source) else source
-    return secret.get_secret_value()
-
-
-def _label(connection_name: str) -> str:
-    return repr(connection_name) if connection_name else "(unnamed)"
-
-
-class CiresonTokenAuth(httpx.Auth):
+class CiresonTokenAuth(CachedTokenAuth):
     """``Authorization: Token ...`` from the portal's GetToken endpoint, renewed when due or refused."""
 
-    # the 401 must be read before this flow blocks on the lock, so its connection goes back to the pool
-    requires_response_body = True
+    scheme = "Token"
+    answered_by = "the Cireson portal"
+    renewal = "signing in again"
 
     def __init__(
         self,
@@ -66,11 +55,8 @@ class CiresonTokenAuth(httpx.Auth):
         self._username = username
         self._password = password
         self._language_code = language_code
-        self._connection_name = connection_name
-        self._clock = clock
+        super().__init__(connection_name=connection_name, clock=clock)
         self._max_token_age = max_token_age
-        self._lock = threading.Lock()
-        self._token: tuple[str, float] | None = None  # (token, monotonic time it stops being used)
 
     @property
     def username(self) -> str:
@@ -83,43 +69,6 @@ class CiresonTokenAuth(httpx.Auth):
             f"connection={self._connection_name!r})"
         )
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        token = self._valid_token()
-        if token is None:
-            with self._lock:
-                token = self._valid_token()
-                if token is None:
-                    obtained = yield from self._obtain()
-                    if obtained is None:
-                        return  # the sign-in's retryable answer goes back to the caller's retry policy
-                    token = obtained
-        request.headers["Authorization"] = f"Token {token}"
-        response = yield request
-        if response.status_code != 401:
-            return
-
-        with self._lock:
-            current = self._valid_token()
-            if current is None or current == token:
-                # our token was refused (expired, or the portal restarted): sign in again, once
-                self._token = None
-                log.info(
-                    "the Cireson portal answered 401 for connection %s: signing in again",
-                    _label(self._connection_name),
-                )
-                obtained = yield from self._obtain()
-                if obtained is None:
-                    return
-                current = obtained
-        request.headers["Authorization"] = f"Token {current}"
-        yield request  # exactly one retry; a second 401 goes back to the caller
-
-    def _valid_token(self) -> str | None:
-        token = self._token
-        if token is None or self._clock() >= token[1]:
-            return None
-        return token[0]
-
     def _obtain(self) -> Generator[httpx.Request, httpx.Response, str | None]:
         """A new token (called with the lock held); None when the answer is worth retrying later."""
         body = {
@@ -131,7 +80,7 @@ class CiresonTokenAuth(httpx.Auth):
             "POST", self._token_url, json=body, headers={"Accept": "application/json"}
         )
         status = response.status_code
-        if status >= 500 or status in _RETRYABLE_STATUSES:
+        if retryable(status):
             return None
         label = _label(self._connection_name)
         if status in (400, 401, 403):

@@ -22,45 +22,35 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
-from pydantic import SecretStr
 
 from shared_code.errors import ItsmAuthError, SecretStoreError
+from shared_code.itsm.tokenauth import (
+    CachedTokenAuth,
+    RefreshTokenStore,
+    SecretSource,
+    lifetime_seconds,
+)
+from shared_code.itsm.tokenauth import connection_label as _connection_label
+from shared_code.itsm.tokenauth import retryable as _retryable
+from shared_code.itsm.tokenauth import reveal as _reveal
+
+__all__ = ["RefreshTokenStore", "SecretSource", "ServiceNowBasicAuth", "ServiceNowOAuth"]
 
 log = logging.getLogger(__name__)
 
-SecretSource = SecretStr | Callable[[], SecretStr]
-"""A secret, or a callable that reads it when first needed (so building the auth reads nothing)."""
 
 DEFAULT_EXPIRES_IN = 1800.0
 EXPIRY_SKEW_SECONDS = 60.0
 _RETRYABLE_TOKEN_STATUSES = frozenset({408, 429})
 
 
-class RefreshTokenStore(Protocol):
-    """Where a connection's (rotating) refresh token lives between process starts."""
-
-    def load(self) -> str | None: ...
-
-    def save(self, token: str) -> None: ...
-
-
-def _reveal(source: SecretSource) -> str:
-    secret = source() if callable(source) else source
-    return secret.get_secret_value()
-
-
-def _connection_label(connection_name: str) -> str:
-    return repr(connection_name) if connection_name else "(unnamed)"
-
-
-class ServiceNowOAuth(httpx.Auth):
+class ServiceNowOAuth(CachedTokenAuth):
     """OAuth 2 (password and refresh_token grants) against ``{instance}/oauth_token.do``."""
 
-    # the 401 must be read before this flow blocks on the lock, so its connection goes back to the pool
-    requires_response_body = True
+    answered_by = "ServiceNow"
 
     def __init__(
         self,
@@ -81,12 +71,8 @@ class ServiceNowOAuth(httpx.Auth):
         self._username = username
         self._password = password
         self._store = refresh_token_store
-        self._connection_name = connection_name
-        self._clock = clock
+        super().__init__(connection_name=connection_name, clock=clock)
         self._expiry_skew = expiry_skew
-        self._lock = threading.Lock()
-        # (access token, monotonic expiry): one tuple so readers never pair a token with another's expiry
-        self._token: tuple[str, float] | None = None
         self._refresh_token: str | None = None
         self._stored_refresh_token: str | None = None
         self._store_loaded = False
@@ -103,43 +89,6 @@ class ServiceNowOAuth(httpx.Auth):
         )
 
     # -- the flow ---------------------------------------------------------------------------------
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        token = self._valid_token()
-        if token is None:
-            with self._lock:
-                token = self._valid_token()
-                if token is None:
-                    obtained = yield from self._obtain()
-                    if obtained is None:
-                        return  # the token endpoint's retryable answer goes back to the caller
-                    token = obtained
-        request.headers["Authorization"] = f"Bearer {token}"
-        response = yield request
-        if response.status_code != 401:
-            return
-
-        with self._lock:
-            current = self._valid_token()
-            if current is None or current == token:
-                # our token was refused; unless another thread already replaced it, get a new one
-                self._token = None
-                log.info(
-                    "ServiceNow answered 401 for connection %s: obtaining a new access token",
-                    _connection_label(self._connection_name),
-                )
-                obtained = yield from self._obtain()
-                if obtained is None:
-                    return
-                current = obtained
-        request.headers["Authorization"] = f"Bearer {current}"
-        yield request  # exactly one retry; a second 401 goes back to the caller
-
-    def _valid_token(self) -> str | None:
-        token = self._token
-        if token is None or self._clock() >= token[1]:
-            return None
-        return token[0]
 
     # -- the token endpoint (called with the lock held) -----------------------------------------
 
@@ -235,19 +184,9 @@ class ServiceNowOAuth(httpx.Auth):
         self._stored_refresh_token = token
 
 
-def _retryable(status: int) -> bool:
-    return status >= 500 or status in _RETRYABLE_TOKEN_STATUSES
-
-
 def _seconds(value: object) -> float:
     """``expires_in`` as seconds; ServiceNow sends a number, some proxies turn it into a string."""
-    if not isinstance(value, int | float | str) or isinstance(value, bool):
-        return DEFAULT_EXPIRES_IN
-    try:
-        seconds = float(value)
-    except ValueError:
-        return DEFAULT_EXPIRES_IN
-    return seconds if seconds > 0 else DEFAULT_EXPIRES_IN
+    return lifetime_seconds(value, DEFAULT_EXPIRES_IN)
 
 
 class ServiceNowBasicAuth(httpx.Auth):
