@@ -912,11 +912,12 @@ def test_plain_value_rows_are_read_too() -> None:
         (WorkItemType.INCIDENT, INCIDENT_ROW | {"impact": 2, "priority": True}),
     ],
 )
-def test_the_unvalidated_work_item_is_what_validation_would_build(
+def test_the_inline_pair_readers_map_every_row_shape_as_the_general_ones(
     item_type: WorkItemType, row: dict[str, Any]
 ) -> None:
-    """``row_to_work_item`` skips the model's validation: every value must already be what it would
-    have produced, types included (a validated copy compares equal, field by field)."""
+    """``row_to_work_item`` reads ``{"value", "display_value"}`` pairs inline and leaves every other
+    shape to ``field_value``/``field_display``: a null display value, plain values, numbers and
+    booleans map as before, and a validated copy of the item is equal, type for type."""
     item = row_to_work_item("prod", item_type, row)
     validated = WorkItem.model_validate(item.model_dump())
     assert validated == item
