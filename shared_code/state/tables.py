@@ -42,7 +42,7 @@ from azure.data.tables import (
     TableServiceClient,
     UpdateMode,
 )
-from requests import PreparedRequest, Response, Session
+from requests import Session
 from requests.adapters import HTTPAdapter
 from requests.utils import get_environ_proxies
 from urllib3.connection import HTTPConnection
@@ -150,57 +150,6 @@ class _IdleClosingAdapter(HTTPAdapter):
             }
 
 
-class _DirectSession(Session):
-    """A session whose ``request`` hands the request straight to the mounted adapter.
-
-    ``Session.request`` merges cookies, hooks, session headers and environment settings, resolves
-    redirects and stores cookies on the way back: about a third of a table call's CPU in
-    azure-core's RequestsTransport, for nothing the storage API uses (no cookies, no redirects
-    followed: the transport sends ``allow_redirects=False``; the environment is read once in
-    ``transport_options``). Anything this path does not cover goes the ordinary way.
-    """
-
-    def request(  # type: ignore[override]
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        data: Any = None,
-        files: Any = None,
-        verify: bool | str = True,
-        timeout: Any = None,
-        cert: Any = None,
-        allow_redirects: bool = True,
-        proxies: dict[str, str] | None = None,
-        stream: bool = False,
-        **kwargs: Any,
-    ) -> Response:
-        if files or kwargs or allow_redirects or self.cookies or self.auth or self.headers:
-            return super().request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                files=files,
-                verify=verify,
-                timeout=timeout,
-                cert=cert,
-                allow_redirects=allow_redirects,
-                proxies=proxies,
-                stream=stream,
-                **kwargs,
-            )
-        prepared = PreparedRequest()
-        prepared.prepare(method=method, url=url, headers=headers, data=data)
-        response = self.get_adapter(url).send(
-            prepared, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies or {}
-        )
-        if not stream:
-            _ = response.content  # read it all now, as Session.send does for a non-streamed call
-        return response
-
-
 def transport_options(
     endpoint: str,
     *,
@@ -223,9 +172,8 @@ def transport_options(
     verify: bool | str = (
         ca_bundle or os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
     )
-    session = _DirectSession()
+    session = Session()
     session.trust_env = False
-    session.headers.clear()  # azure-core sets every header it sends (User-Agent, Accept...)
     # retries stay with the SDK's own retry policy (and repeat_safe_write), not urllib3's
     adapter = _IdleClosingAdapter(
         idle_seconds=idle_seconds,
