@@ -32,8 +32,8 @@ def partition_of(connection: str, item_type: WorkItemType, source_id: str) -> st
 
 def row_key(source_id: str) -> str:
     """The source id with the characters a RowKey may not hold percent-encoded."""
-    if source_id.isalnum() and source_id.isascii():
-        return source_id  # a ServiceNow sys_id (32 hex digits): nothing to encode
+    if source_id.isascii() and source_id.replace("-", "").isalnum():
+        return source_id  # a ServiceNow sys_id (32 hex digits) or a GUID: nothing to encode
     out = []
     for char in source_id:
         if char in _FORBIDDEN:
@@ -46,14 +46,18 @@ def row_key(source_id: str) -> str:
 
 
 def to_entity(item: WorkItem) -> Entity:
+    """The item's row. Its fields are read from the model's ``__dict__`` (every field is a plain
+    value: text, a datetime, an enum), not through ``model_dump``, which costs more than the loop."""
     entity: Entity = {
         "PartitionKey": partition_of(item.connection, item.item_type, item.source_id),
         "RowKey": row_key(item.source_id),
     }
-    for name, value in item.model_dump().items():
+    for name, value in item.__dict__.items():
         if value is None:
             continue
-        if isinstance(value, WorkItemType):
+        if type(value) is str:
+            entity[name] = value if len(value) <= TEXT_LIMIT else value[: TEXT_LIMIT - 1] + "…"
+        elif isinstance(value, WorkItemType):
             entity[name] = value.value
         elif isinstance(value, str) and len(value) > TEXT_LIMIT:
             entity[name] = value[: TEXT_LIMIT - 1] + "…"

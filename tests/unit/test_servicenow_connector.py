@@ -17,7 +17,14 @@ import pytest
 from pydantic import SecretStr
 
 from shared_code.domain.sync import SyncCursor
-from shared_code.domain.workitem import IncidentDraft, Lifecycle, WorkItemRef, WorkItemState, WorkItemType
+from shared_code.domain.workitem import (
+    IncidentDraft,
+    Lifecycle,
+    WorkItem,
+    WorkItemRef,
+    WorkItemState,
+    WorkItemType,
+)
 from shared_code.errors import ItsmAuthError, ItsmRejectedError, ItsmUnavailableError, SecretStoreError
 from shared_code.httpretry import RetryPolicy
 from shared_code.itsm.servicenow.auth import ServiceNowBasicAuth, ServiceNowOAuth
@@ -892,6 +899,34 @@ def test_plain_value_rows_are_read_too() -> None:
     item = row_to_work_item("prod", WorkItemType.INCIDENT, plain)
     assert item.state == "6"
     assert item.source_id == INC_ID
+
+
+@pytest.mark.parametrize(
+    ("item_type", "row"),
+    [
+        (WorkItemType.INCIDENT, INCIDENT_ROW),
+        (WorkItemType.CHANGE_REQUEST, CHANGE_ROW),
+        (WorkItemType.INCIDENT, {name: value["value"] for name, value in INCIDENT_ROW.items()}),
+        # a display value the instance left out (null) falls back to the stored value
+        (WorkItemType.INCIDENT, INCIDENT_ROW | {"urgency": {"value": "1", "display_value": None}}),
+        (WorkItemType.INCIDENT, INCIDENT_ROW | {"impact": 2, "priority": True}),
+    ],
+)
+def test_the_inline_pair_readers_map_every_row_shape_as_the_general_ones(
+    item_type: WorkItemType, row: dict[str, Any]
+) -> None:
+    """``row_to_work_item`` reads ``{"value", "display_value"}`` pairs inline and leaves every other
+    shape to ``field_value``/``field_display``: a null display value, plain values, numbers and
+    booleans map as before, and a validated copy of the item is equal, type for type."""
+    item = row_to_work_item("prod", item_type, row)
+    validated = WorkItem.model_validate(item.model_dump())
+    assert validated == item
+    for name, value in item.__dict__.items():
+        assert type(value) is type(getattr(validated, name)), name
+    if "urgency" in row and row["urgency"] == {"value": "1", "display_value": None}:
+        assert item.urgency == "1"
+    if row.get("impact") == 2:
+        assert (item.impact, item.priority) == ("2", "true")
 
 
 def test_draft_fields_and_states() -> None:

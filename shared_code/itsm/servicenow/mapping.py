@@ -212,22 +212,46 @@ def parse_datetime(text: str, name: str) -> datetime | None:
         raise ValueError(f"{name}: not a ServiceNow date-time: {text[:40]!r}") from None
 
 
+def _value(row: Mapping[str, Any], name: str) -> str:
+    """``field_value`` for the sync's hot loop: the ``{"value": str}`` pair read inline, anything
+    else (plain strings, numbers, a missing part) through ``field_value``."""
+    raw = row.get(name)
+    if type(raw) is dict:
+        text = raw.get("value")
+        if type(text) is str:
+            return text
+    return field_value(row, name)
+
+
+def _display(row: Mapping[str, Any], name: str) -> str:
+    """``field_display`` for the sync's hot loop (see ``_value``)."""
+    raw = row.get(name)
+    if type(raw) is dict:
+        text = raw.get("display_value")
+        if type(text) is str:
+            return text
+    return field_display(row, name)
+
+
 def _required(row: Mapping[str, Any], name: str) -> str:
-    value = field_value(row, name).strip()
+    value = _value(row, name).strip()
     if not value:
         raise ValueError(f"{name}: missing")
     return value
 
 
 def row_to_work_item(connection: str, item_type: WorkItemType, row: Mapping[str, Any]) -> WorkItem:
-    """One Table API row as a WorkItem; raises ``ValueError`` naming the field it could not read."""
+    """One Table API row as a WorkItem; raises ``ValueError`` naming the field it could not read.
+
+    The model validates it (about 4 us a row): ``model_construct`` is pure Python and, for these
+    thirty fields, measured slower than pydantic-core's validation."""
     sys_id = _required(row, "sys_id")
     number = _required(row, "number")
     updated_at = parse_datetime(_required(row, "sys_updated_on"), "sys_updated_on")
     assert updated_at is not None
 
     def date(name: str) -> datetime | None:
-        return parse_datetime(field_value(row, name), name)
+        return parse_datetime(_value(row, name), name)
 
     values: dict[str, Any] = {
         "connection": connection,
@@ -235,32 +259,32 @@ def row_to_work_item(connection: str, item_type: WorkItemType, row: Mapping[str,
         "source_id": sys_id,
         "number": number,
         "updated_at": updated_at,
-        "state": field_display(row, "state"),
-        "state_code": field_value(row, "state"),
-        "urgency": field_display(row, "urgency"),
-        "impact": field_display(row, "impact"),
-        "priority": field_display(row, "priority"),
-        "created_by": field_value(row, "sys_created_by"),
-        "closed_by": field_display(row, "closed_by"),
-        "source": field_display(row, "contact_type"),
-        "assigned_to": field_display(row, "assigned_to"),
-        "category": field_display(row, "category"),
-        "title": field_display(row, "short_description"),
-        "description": field_display(row, "description"),
-        "computer": field_display(row, "cmdb_ci"),
+        "state": _display(row, "state"),
+        "state_code": _value(row, "state"),
+        "urgency": _display(row, "urgency"),
+        "impact": _display(row, "impact"),
+        "priority": _display(row, "priority"),
+        "created_by": _value(row, "sys_created_by"),
+        "closed_by": _display(row, "closed_by"),
+        "source": _display(row, "contact_type"),
+        "assigned_to": _display(row, "assigned_to"),
+        "category": _display(row, "category"),
+        "title": _display(row, "short_description"),
+        "description": _display(row, "description"),
+        "computer": _display(row, "cmdb_ci"),
         "created_at": date("sys_created_on"),
         "closed_at": date("closed_at"),
-        "correlation_id": field_value(row, "correlation_id"),
+        "correlation_id": _value(row, "correlation_id"),
     }
     if item_type is WorkItemType.INCIDENT:
         values |= {
-            "resolved_by": field_display(row, "resolved_by"),
+            "resolved_by": _display(row, "resolved_by"),
             "resolved_at": date("resolved_at"),
         }
     else:
         values |= {
-            "change_type": field_display(row, "type"),
-            "risk": field_display(row, "risk"),
+            "change_type": _display(row, "type"),
+            "risk": _display(row, "risk"),
             "requested_at": date("requested_by_date"),
             "planned_start": date("start_date"),
             "planned_end": date("end_date"),
