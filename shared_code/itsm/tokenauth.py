@@ -17,10 +17,12 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 from pydantic import SecretStr
+
+from shared_code.errors import ItsmAuthError, SecretStoreError
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +125,132 @@ class CachedTokenAuth(httpx.Auth, ABC):
     def _obtain(self) -> Generator[httpx.Request, httpx.Response, str | None]:
         """A new token from the product (called with the lock held; sets ``self._token``); None
         when the token endpoint's answer is worth retrying later (it then ends the flow)."""
+
+
+class PasswordGrantAuth(CachedTokenAuth):
+    """OAuth 2 password and refresh_token grants with a rotating refresh token (ServiceNow, Cherwell).
+
+    The refresh token lives in a ``RefreshTokenStore`` (Key Vault) between process starts: it is
+    read on first use, tried before the password, and written back whenever the endpoint rotates
+    it. A refused refresh token falls back to the password; a refused password ends in
+    ``ItsmAuthError`` ("re-authorise the connection"). Products say how to ask (``_token_request``)
+    and how to explain a refusal (``_refused`` and ``_no_access_token``).
+    """
+
+    default_expires_in = 1800.0
+
+    def __init__(
+        self,
+        *,
+        username: str,
+        password: SecretSource,
+        refresh_token_store: RefreshTokenStore | None,
+        connection_name: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        expiry_skew: float = 60.0,
+    ) -> None:
+        super().__init__(connection_name=connection_name, clock=clock)
+        self._username = username
+        self._password = password
+        self._store = refresh_token_store
+        self._expiry_skew = expiry_skew
+        self._refresh_token: str | None = None
+        self._stored_refresh_token: str | None = None
+        self._store_loaded = False
+
+    @property
+    def username(self) -> str:
+        """The user the tokens are issued to (for ``connections test``)."""
+        return self._username
+
+    @abstractmethod
+    def _token_request(self, grant: dict[str, str]) -> httpx.Request:
+        """The request that asks the token endpoint for ``grant`` (form fields of the grant)."""
+
+    @abstractmethod
+    def _refused(self, response: httpx.Response) -> ItsmAuthError:
+        """The error for a refused password grant (names the connection, never a secret)."""
+
+    @abstractmethod
+    def _no_access_token(self, response: httpx.Response) -> ItsmAuthError:
+        """The error for a 200 answer without an access token (a sign-in page, OAuth turned off)."""
+
+    def _refusal_detail(self, response: httpx.Response) -> str:
+        """What the log says of a refused refresh token besides its status (never a secret)."""
+        return ""
+
+    def _obtain(self) -> Generator[httpx.Request, httpx.Response, str | None]:
+        """A new access token: the refresh grant when a refresh token is known, else the password."""
+        if not self._store_loaded:
+            stored = self._store.load() if self._store is not None else None
+            self._refresh_token = self._stored_refresh_token = stored or None
+            self._store_loaded = True
+
+        if self._refresh_token:
+            response = yield self._token_request(
+                {"grant_type": "refresh_token", "refresh_token": self._refresh_token}
+            )
+            if response.status_code == 200:
+                return self._accept(response, "refresh_token")
+            if retryable(response.status_code):
+                return None
+            detail = self._refusal_detail(response)
+            log.warning(
+                "%s refused the refresh token of connection %s (HTTP %d%s): trying the password grant",
+                self.answered_by,
+                connection_label(self._connection_name),
+                response.status_code,
+                f", {detail}" if detail else "",
+            )
+            self._refresh_token = None
+
+        response = yield self._token_request(
+            {"grant_type": "password", "username": self._username, "password": reveal(self._password)}
+        )
+        if response.status_code == 200:
+            return self._accept(response, "password")
+        if retryable(response.status_code):
+            return None
+        # read the store again next time: someone may re-authorise the connection meanwhile
+        self._store_loaded = False
+        raise self._refused(response)
+
+    def _accept(self, response: httpx.Response, grant: str) -> str:
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = None
+        access = body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(access, str) or not access or not isinstance(body, dict):
+            raise self._no_access_token(response)
+        expires_in = lifetime_seconds(body.get("expires_in"), self.default_expires_in)
+        lifetime = max(0.0, expires_in - min(self._expiry_skew, expires_in / 2))
+        self._token = (access, self._clock() + lifetime)
+        refresh = body.get("refresh_token")
+        if isinstance(refresh, str) and refresh:
+            self._refresh_token = refresh
+            if refresh != self._stored_refresh_token:
+                self._save_refresh_token(refresh)
+        log.info(
+            "obtained a %s access token for connection %s (%s grant, valid %d s)",
+            self.answered_by,
+            connection_label(self._connection_name),
+            grant,
+            int(expires_in),
+        )
+        return access
+
+    def _save_refresh_token(self, token: str) -> None:
+        """Keep a rotated refresh token; failing to is logged, not fatal (the password grant remains)."""
+        if self._store is None:
+            return
+        try:
+            self._store.save(token)
+        except SecretStoreError as exc:
+            log.warning(
+                "could not store the new refresh token of connection %s: %s",
+                connection_label(self._connection_name),
+                type(exc).__name__,
+            )
+            return
+        self._stored_refresh_token = token
