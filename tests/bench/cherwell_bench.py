@@ -143,11 +143,20 @@ class CherwellProcess:
         if proc.stdout is not None:
             proc.stdout.close()
 
-    def count(self) -> int:
+    def stats(self) -> dict[str, Any]:
         with httpx.Client(base_url=self.url, verify=loopback_tls().client_context(), timeout=60) as http:
             response = http.get("/__loopback/stats")
             response.raise_for_status()
-            return int(response.json()["objects"]["Incident"])
+            stats: dict[str, Any] = response.json()
+            return stats
+
+    def count(self) -> int:
+        return int(self.stats()["objects"]["Incident"])
+
+    def requests(self) -> int:
+        """API requests served so far (the control endpoints not counted): both passes must need
+        the same ones for the ratio to compare the engine and not the HTTP traffic."""
+        return int(self.stats()["request_count"])
 
 
 # -- raw: plain httpx paging and plain batched upserts ------------------------------------------------
@@ -268,19 +277,21 @@ def add_connection(stack: LoopbackStack, name: str, server: CherwellProcess) -> 
         raise BenchError(f"connections add {name} failed ({code}): {output}")
 
 
-def engine_pass(stack: LoopbackStack, name: str, server: CherwellProcess) -> tuple[int, float, int]:
-    """One initial sync of a new connection; (rows, seconds, pages)."""
+def engine_pass(stack: LoopbackStack, name: str, server: CherwellProcess) -> tuple[int, float, int, int]:
+    """One initial sync of a new connection; (rows, seconds, pages, requests)."""
     add_connection(stack, name, server)
     engine = get_container().sync_engine
+    before = server.requests()
     started = time.perf_counter()
     results = engine.run(name, [WorkItemType.INCIDENT], trigger="bench")
     seconds = time.perf_counter() - started
+    requests = server.requests() - before
     [result] = results
     if result.outcome is not SyncOutcome.SUCCEEDED:
         raise BenchError(f"the sync of {name} ended {result.outcome.value}: {result.error}")
     if result.rejected:
         raise BenchError(f"the sync of {name} rejected {result.rejected} rows")
-    return result.synced, seconds, result.pages
+    return result.synced, seconds, result.pages, requests
 
 
 def drop_tables(azurite: Azurite, names: Sequence[str]) -> None:
@@ -309,19 +320,24 @@ def main() -> int:
         for n in range(1, ROUNDS + 1):
             with stack.app(**NO_LOGS) as container:
                 page_size = container.settings.sync_page_size
+            before = server.requests()
             rows, seconds = raw_pass(server, tables, f"raw{n}", page_size)
+            requests = server.requests() - before
             if rows != expected:
                 raise BenchError(f"raw paging read {rows} rows, the Cherwell process holds {expected}")
             raw_rates.append(rows / seconds)
-            log(f"round {n} raw:    {rows:,} rows in {seconds:.2f}s, {rows / seconds:,.0f} rows/s")
+            log(
+                f"round {n} raw:    {rows:,} rows, {requests} requests, {seconds:.2f}s, "
+                f"{rows / seconds:,.0f} rows/s"
+            )
 
             with stack.app(TABLE_PREFIX=f"cwround{n}", **NO_LOGS):
-                rows, seconds, pages = engine_pass(stack, f"bench-cw-{n}", server)
+                rows, seconds, pages, requests = engine_pass(stack, f"bench-cw-{n}", server)
             if rows != expected:
                 raise BenchError(f"the engine synced {rows} rows, the Cherwell process holds {expected}")
             engine_rates.append(rows / seconds)
             log(
-                f"round {n} engine: {rows:,} rows in {pages} pages, {seconds:.2f}s, "
+                f"round {n} engine: {rows:,} rows in {pages} pages, {requests} requests, {seconds:.2f}s, "
                 f"{rows / seconds:,.0f} rows/s"
             )
             drop_tables(azurite, [f"raw{n}", f"cwround{n}WorkItems"])
