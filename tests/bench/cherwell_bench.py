@@ -20,9 +20,11 @@ token (password grant), looks up the business object and its field ids (summary,
 connector's keyset searches (the drain of the cursor's second, then ``LastModifiedDateTime gt T``,
 same fields, page size ``SYNC_PAGE_SIZE``) and parses each answer's JSON; each page's records are
 written to a fresh table of the same Azurite the way the engine writes (``tests/bench/rawsync.py``:
-the next page fetched while one is written; one entity per record, its fields as properties, hashed
-over the WorkItems table's 8 partitions; ``upsert_transaction`` batches of at most 100, partitions
-in parallel).
+the next page fetched while one is written; ``upsert_transaction`` batches of at most 100, the
+WorkItems partitioning, partitions in parallel). Each record is written as the WorkItems row the
+engine writes for it (same properties and values, date-times parsed), built straight from the JSON
+with no model in between, so the two passes differ by the engine and the connector, not by what
+reaches the table. The API requests of each pass are logged: both need the same ones.
 
 *Engine* is ``container.sync_engine.run`` of a new connection (its own table prefix: an empty
 WorkItems table), timed from call to return: the same paging and parsing through the connector
@@ -55,9 +57,17 @@ from azure.data.tables import TableServiceClient
 
 from shared_code.bootstrap import get_container
 from shared_code.domain.workitem import WorkItemType
-from shared_code.itsm.cherwell.mapping import LAST_MODIFIED, REC_ID, format_datetime, sync_field_names
-from shared_code.state.tables import Entity, bucket_of
-from shared_code.state.workitems import BUCKETS
+from shared_code.itsm.cherwell.mapping import (
+    LAST_MODIFIED,
+    REC_ID,
+    STOCK_LIFECYCLE,
+    format_datetime,
+    marker_of,
+    parse_datetime,
+    sync_field_names,
+)
+from shared_code.state.tables import Entity
+from shared_code.state.workitems import partition_of, row_key
 from shared_code.workitems.engine import SyncOutcome
 from tests.bench.rawsync import RawFetchError, fetch_and_write
 from tests.loopback import cherwell as cw
@@ -242,11 +252,54 @@ def raw_pass(
     return rows, time.perf_counter() - started
 
 
+_TEXT_COLUMNS = {
+    "state": "Status",
+    "state_code": "Status",
+    "urgency": "Urgency",
+    "impact": "Impact",
+    "priority": "Priority",
+    "created_by": "CreatedBy",
+    "resolved_by": "ResolvedBy",
+    "closed_by": "ClosedBy",
+    "source": "Source",
+    "assigned_to": "OwnedBy",
+    "category": "Category",
+    "title": "ShortDescription",
+    "description": "Description",
+    "computer": "ConfigItemDisplayName",
+}
+_DATE_COLUMNS = {
+    "created_at": "CreatedDateTime",
+    "resolved_at": "ResolvedDateTime",
+    "closed_at": "ClosedDateTime",
+}
+_LIFECYCLE = STOCK_LIFECYCLE[WorkItemType.INCIDENT]
+
+
 def entity_of(record: dict[str, Any]) -> Entity:
-    """One record as an entity: its fields as properties, hashed over the WorkItems buckets."""
+    """The WorkItems row's columns straight from the record's JSON (no model in between), so both
+    passes write the same properties: what the engine's row has, as plain values."""
+    values = {f["name"]: f["value"] for f in record["fields"]}
     rec = str(record["busObRecId"])
-    entity: Entity = {"PartitionKey": f"raw-{bucket_of(rec, BUCKETS):02d}", "RowKey": rec}
-    entity.update({f["name"]: f["value"] for f in record["fields"]})
+    entity: Entity = {
+        "PartitionKey": partition_of("raw", WorkItemType.INCIDENT, rec),
+        "RowKey": row_key(rec),
+        "connection": "raw",
+        "item_type": "Incident",
+        "source_id": rec,
+        "number": record["busObPublicId"],
+        "updated_at": parse_datetime(values[LAST_MODIFIED], LAST_MODIFIED),
+    }
+    for column, field in _TEXT_COLUMNS.items():
+        entity[column] = values.get(field) or ""
+    lifecycle = _LIFECYCLE.get(entity["state"].lower())
+    if lifecycle is not None:
+        entity["lifecycle"] = lifecycle.value
+    for column, field in _DATE_COLUMNS.items():
+        moment = parse_datetime(values.get(field) or "", field)
+        if moment is not None:
+            entity[column] = moment
+    entity |= {"correlation_id": marker_of(entity["description"]), "change_type": "", "risk": ""}
     return entity
 
 

@@ -15,10 +15,12 @@ process's Entra as its ``--authority-host``.
     ``PROVANCE_BENCH_ROUNDS`` (default 3) rounds, alternated raw, ours, raw, ours ... *Raw* is a
     plain ``httpx.Client`` with one Entra token from azure-identity, sending the connector's first
     query (same ``$select``, ``$filter``, ``$orderby``, page size ``SYNC_PAGE_SIZE`` = 1,000) and
-    following ``@odata.nextLink``, parsing each page's JSON, and writing every row (its columns as
-    properties) to a fresh Azurite table the way the engine writes (``tests/bench/rawsync.py``: the
-    next page fetched while one is written, ``upsert_transaction`` batches of at most 100 rows, the
-    WorkItems partitioning, partitions in parallel). *Ours* is ``sync_engine.run`` of a
+    following ``@odata.nextLink`` (as many requests as the connector's keyset pages), parsing each
+    page's JSON, and writing every row to a fresh Azurite table the way the engine writes
+    (``tests/bench/rawsync.py``: the next page fetched while one is written, ``upsert_transaction``
+    batches of at most 100 rows, the WorkItems partitioning, partitions in parallel), each as the
+    WorkItems row the engine writes for it (same properties and values), built straight from the
+    JSON with no model in between. *Ours* is ``sync_engine.run`` of a
     new connection added with the CLI, to a fresh table prefix: the same paging, the mapping to
     ``WorkItem``, the WorkItems upserts, a watermark per page, the lease and the Runs record. Log
     Analytics is off, so the table is the one sink for both. Target: >= 0.8; below it the benchmark
@@ -48,7 +50,7 @@ from azure.identity import ClientSecretCredential
 from shared_code.bootstrap import get_container
 from shared_code.domain.workitem import WorkItemType
 from shared_code.itsm.provance.connector import FORMATTED_VALUES
-from shared_code.itsm.provance.mapping import TableInfo
+from shared_code.itsm.provance.mapping import FORMATTED, TableInfo
 from shared_code.state.tables import Entity
 from shared_code.state.workitems import partition_of, row_key
 from shared_code.workitems.engine import SyncOutcome
@@ -189,6 +191,56 @@ class DataverseProcess:
         ]
 
 
+_LIFECYCLE = {0: "in_progress", 1: "resolved", 2: "cancelled"}  # incident statecode
+
+
+def _shown(row: dict[str, Any], name: str) -> str:
+    value = row.get(name + FORMATTED, row.get(name))
+    return "" if value is None else str(value)
+
+
+def raw_entity(connection: str, row: dict[str, Any]) -> Entity:
+    """The WorkItems row's columns straight from the Web API's JSON (no model in between), so both
+    passes write the same properties: what the engine's row has, as plain values."""
+    record = str(row["incidentid"])
+    modified = datetime.fromisoformat(row["modifiedon"])
+    lifecycle = _LIFECYCLE[row["statecode"]]
+    finished = lifecycle != "in_progress"
+    entity: Entity = {
+        "PartitionKey": partition_of(connection, WorkItemType.INCIDENT, record),
+        "RowKey": row_key(record),
+        "connection": connection,
+        "item_type": "Incident",
+        "source_id": record,
+        "number": row["ticketnumber"],
+        "updated_at": modified,
+        "state": _shown(row, "statuscode"),
+        "lifecycle": lifecycle,
+        "state_code": str(row.get("statuscode", "")),
+        "urgency": "",
+        "impact": "",
+        "priority": _shown(row, "prioritycode"),
+        "created_by": _shown(row, "_createdby_value"),
+        "resolved_by": "",
+        "closed_by": "",
+        "source": _shown(row, "caseorigincode"),
+        "assigned_to": _shown(row, "_ownerid_value"),
+        "category": _shown(row, "casetypecode"),
+        "title": row.get("title") or "",
+        "description": row.get("description") or "",
+        "computer": "",
+        "created_at": datetime.fromisoformat(row["createdon"]),
+        "correlation_id": "",
+        "change_type": "",
+        "risk": "",
+    }
+    if finished:
+        who = "resolved" if lifecycle == "resolved" else "closed"
+        entity[f"{who}_by"] = _shown(row, "_modifiedby_value")
+        entity[f"{who}_at"] = modified
+    return entity
+
+
 def raw_pass(dataverse: DataverseProcess, azurite: Azurite, table_name: str) -> tuple[int, float]:
     """Page with plain httpx (following nextLink), write every row as the engine writes; (rows, s)."""
     info = TableInfo(
@@ -225,15 +277,7 @@ def raw_pass(dataverse: DataverseProcess, azurite: Azurite, table_name: str) -> 
             response.raise_for_status()
             body = response.json()
             rows: list[dict[str, Any]] = body["value"]
-            entities: list[Entity] = []
-            for row in rows:
-                entity: Entity = {
-                    k.replace("@", "_").replace(".", "_"): v for k, v in row.items() if v is not None
-                }
-                entity["PartitionKey"] = partition_of("raw", WorkItemType.INCIDENT, row["incidentid"])
-                entity["RowKey"] = row_key(row["incidentid"])
-                entities.append(entity)
-            yield entities
+            yield [raw_entity("raw", row) for row in rows]
             next_url, query = body.get("@odata.nextLink"), None
 
     with (
