@@ -12,7 +12,7 @@ process's Entra as its ``--authority-host``.
 
 ``products.sync_ratio_to_raw_provance``
     seconds of *raw* over seconds of *ours* (so rows/s of ours over rows/s of raw), medians of
-    ``PROVANCE_BENCH_ROUNDS`` (default 3) rounds, alternated raw, ours, raw, ours ... *Raw* is a
+    ``PROVANCE_BENCH_ROUNDS`` (default 5, as SCSM) rounds, alternated raw, ours, raw, ours ... *Raw* is a
     plain ``httpx.Client`` with one Entra token from azure-identity, sending the connector's first
     query (same ``$select``, ``$filter``, ``$orderby``, page size ``SYNC_PAGE_SIZE`` = 1,000) and
     following ``@odata.nextLink`` (as many requests as the connector's keyset pages), parsing each
@@ -63,7 +63,7 @@ from tests.loopback.tls import loopback_tls, shared_tls_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = int(os.environ.get("PROVANCE_BENCH_ROWS", "20000"))
-ROUNDS = int(os.environ.get("PROVANCE_BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("PROVANCE_BENCH_ROUNDS", "5"))
 PAGE = 1000
 SCOPE_DAYS = 30
 SPAN_DAYS = 25

@@ -5,7 +5,9 @@ For the ratio to measure the engine and the connector (and not a difference in h
 Storage), every raw loop writes the way ``SyncEngine`` with ``WorkItemRepository`` does:
 
 * the next page is fetched while the current one is written (the engine's one-page prefetch): the
-  product's page iterator runs on its own thread, one page ahead;
+  product's page iterator runs on its own thread, one page ahead and no more: it asks for the next
+  page only once the writer has taken the one before (a plain queue would let it run two pages
+  ahead, a deeper pipeline than the engine's, which smooths the raw side's stalls);
 * a page's entities are grouped by partition, split with ``transactions`` (at most 100 rows and
   ~3 MB each) and written with ``upsert_transaction`` (the documented ``$batch`` body, not the
   SDK's ``submit_transaction`` whose client-side CPU would make raw slow for no reason of ours),
@@ -52,6 +54,7 @@ def write_page(table: TableClient, pool: ThreadPoolExecutor, entities: list[Enti
 def fetch_and_write(table: TableClient, pages: PageSource) -> int:
     """Run ``pages`` one page ahead on a fetching thread and write each page here; rows written."""
     ready: queue.Queue[list[Entity] | None] = queue.Queue(maxsize=1)
+    taken = threading.Semaphore(0)  # released by the writer for every page it takes
     failure: list[BaseException] = []
     stop = threading.Event()
 
@@ -61,6 +64,7 @@ def fetch_and_write(table: TableClient, pages: PageSource) -> int:
                 if stop.is_set():
                     return
                 ready.put(page)
+                taken.acquire()  # the next fetch starts when the writer starts on this page
         except BaseException as exc:  # reported by the writer below
             failure.append(exc)
         finally:
@@ -72,11 +76,14 @@ def fetch_and_write(table: TableClient, pages: PageSource) -> int:
     try:
         with ThreadPoolExecutor(BUCKETS, thread_name_prefix="raw-write") as pool:
             while (page := ready.get()) is not None:
+                taken.release()
                 write_page(table, pool, page)
                 written += len(page)
     finally:
         stop.set()
-        while fetcher.is_alive():  # let a fetcher blocked on a full queue see the stop
+        taken.release()
+        while fetcher.is_alive():  # let a fetcher blocked on a full queue or a page see the stop
+            taken.release()
             with contextlib.suppress(queue.Empty):
                 ready.get(timeout=0.1)
         fetcher.join()
