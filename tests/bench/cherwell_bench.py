@@ -69,7 +69,7 @@ from shared_code.itsm.cherwell.mapping import (
 from shared_code.state.tables import Entity
 from shared_code.state.workitems import partition_of, row_key
 from shared_code.workitems.engine import SyncOutcome
-from tests.bench.rawsync import RawFetchError, fetch_and_write
+from tests.bench.rawsync import CpuMeter, RawFetchError, fetch_and_write
 from tests.loopback import cherwell as cw
 from tests.loopback import netguard
 from tests.loopback.azurite import Azurite
@@ -121,6 +121,10 @@ class CherwellProcess:
             start_new_session=True,
         )
         return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     def wait_ready(self, timeout: float = 120.0) -> str:
         proc = self._proc
@@ -330,21 +334,25 @@ def add_connection(stack: LoopbackStack, name: str, server: CherwellProcess) -> 
         raise BenchError(f"connections add {name} failed ({code}): {output}")
 
 
-def engine_pass(stack: LoopbackStack, name: str, server: CherwellProcess) -> tuple[int, float, int, int]:
-    """One initial sync of a new connection; (rows, seconds, pages, requests)."""
+def engine_pass(
+    stack: LoopbackStack, name: str, server: CherwellProcess, cpu: CpuMeter
+) -> tuple[int, float, int, int, str]:
+    """One initial sync of a new connection; (rows, seconds, pages, requests, CPU spent)."""
     add_connection(stack, name, server)
     engine = get_container().sync_engine
     before = server.requests()
+    cpu_before = cpu.sample()
     started = time.perf_counter()
     results = engine.run(name, [WorkItemType.INCIDENT], trigger="bench")
     seconds = time.perf_counter() - started
+    spent = cpu.describe(cpu_before)
     requests = server.requests() - before
     [result] = results
     if result.outcome is not SyncOutcome.SUCCEEDED:
         raise BenchError(f"the sync of {name} ended {result.outcome.value}: {result.error}")
     if result.rejected:
         raise BenchError(f"the sync of {name} rejected {result.rejected} rows")
-    return result.synced, seconds, result.pages, requests
+    return result.synced, seconds, result.pages, requests, spent
 
 
 def drop_tables(azurite: Azurite, names: Sequence[str]) -> None:
@@ -368,30 +376,32 @@ def main() -> int:
         log(f"Cherwell: {expected:,} incidents at {server.url}; Azurite at {azurite.table_endpoint}")
         raw_rates: list[float] = []
         engine_rates: list[float] = []
+        cpu = CpuMeter({"Cherwell": server.pid, "Azurite": azurite.pid})
         tables = TableServiceClient.from_connection_string(azurite.connection_string)
         resources.callback(tables.close)
         for n in range(1, ROUNDS + 1):
             with stack.app(**NO_LOGS) as container:
                 page_size = container.settings.sync_page_size
-            before = server.requests()
+            before, cpu_before = server.requests(), cpu.sample()
             rows, seconds = raw_pass(server, tables, f"raw{n}", page_size)
+            spent = cpu.describe(cpu_before)
             requests = server.requests() - before
             if rows != expected:
                 raise BenchError(f"raw paging read {rows} rows, the Cherwell process holds {expected}")
             raw_rates.append(rows / seconds)
             log(
                 f"round {n} raw:    {rows:,} rows, {requests} requests, {seconds:.2f}s, "
-                f"{rows / seconds:,.0f} rows/s"
+                f"{rows / seconds:,.0f} rows/s; {spent}"
             )
 
             with stack.app(TABLE_PREFIX=f"cwround{n}", **NO_LOGS):
-                rows, seconds, pages, requests = engine_pass(stack, f"bench-cw-{n}", server)
+                rows, seconds, pages, requests, spent = engine_pass(stack, f"bench-cw-{n}", server, cpu)
             if rows != expected:
                 raise BenchError(f"the engine synced {rows} rows, the Cherwell process holds {expected}")
             engine_rates.append(rows / seconds)
             log(
                 f"round {n} engine: {rows:,} rows in {pages} pages, {requests} requests, {seconds:.2f}s, "
-                f"{rows / seconds:,.0f} rows/s"
+                f"{rows / seconds:,.0f} rows/s; {spent}"
             )
             drop_tables(azurite, [f"raw{n}", f"cwround{n}WorkItems"])
         if netguard.foreign:

@@ -54,7 +54,7 @@ from shared_code.itsm.provance.mapping import FORMATTED, TableInfo
 from shared_code.state.tables import Entity
 from shared_code.state.workitems import partition_of, row_key
 from shared_code.workitems.engine import SyncOutcome
-from tests.bench.rawsync import RawFetchError, fetch_and_write
+from tests.bench.rawsync import CpuMeter, RawFetchError, fetch_and_write
 from tests.loopback import netguard
 from tests.loopback.azurite import Azurite
 from tests.loopback.provance import PROVANCE_APP_ID, PROVANCE_APP_SECRET
@@ -112,6 +112,10 @@ class DataverseProcess:
             start_new_session=True,
         )
         return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         proc = self._proc
@@ -290,7 +294,9 @@ def raw_pass(dataverse: DataverseProcess, azurite: Azurite, table_name: str) -> 
     return seen, time.perf_counter() - started
 
 
-def our_pass(stack: LoopbackStack, dataverse: DataverseProcess, prefix: str) -> tuple[int, float]:
+def our_pass(
+    stack: LoopbackStack, dataverse: DataverseProcess, prefix: str, cpu: CpuMeter
+) -> tuple[int, float, str]:
     with stack.app(TABLE_PREFIX=prefix, **NO_LOGS) as container:
         name = f"pv-bench-{prefix}"
         code, output = stack.cli(
@@ -308,14 +314,16 @@ def our_pass(stack: LoopbackStack, dataverse: DataverseProcess, prefix: str) -> 
             raise BenchError(f"connections add failed: {output}")
         engine = get_container().sync_engine
         assert container is get_container()
+        cpu_before = cpu.sample()
         started = time.perf_counter()
         [result] = engine.run(name, [WorkItemType.INCIDENT], trigger="bench")
         seconds = time.perf_counter() - started
+        spent = cpu.describe(cpu_before)
     if result.outcome is not SyncOutcome.SUCCEEDED or result.rejected:
         raise BenchError(
             f"our sync ended {result.outcome.value} ({result.rejected} rejected): {result.error}"
         )
-    return result.synced, seconds
+    return result.synced, seconds, spent
 
 
 def main() -> int:
@@ -333,24 +341,30 @@ def main() -> int:
         log(f"Dataverse at {dataverse.url} with {total:,} incidents; Azurite at {azurite.table_endpoint}")
         raw_times: list[float] = []
         our_times: list[float] = []
+        cpu = CpuMeter({"Dataverse": dataverse.pid, "Azurite": azurite.pid})
         for round_number in range(ROUNDS):
+            cpu_before = cpu.sample()
             rows, seconds = raw_pass(dataverse, azurite, f"raw{round_number}x{os.getpid()}")
+            raw_spent = cpu.describe(cpu_before)
             if rows != total:
                 raise BenchError(f"raw paging read {rows} rows of {total}")
             raw_times.append(seconds)
-            synced, ours = our_pass(stack, dataverse, f"pvb{round_number}x{os.getpid() % 10000}")
+            synced, ours, our_spent = our_pass(
+                stack, dataverse, f"pvb{round_number}x{os.getpid() % 10000}", cpu
+            )
             if synced != total:
                 raise BenchError(f"our sync stored {synced} rows of {total}")
             our_times.append(ours)
             log(
-                f"round {round_number + 1}: raw {seconds:.2f} s ({rows / seconds:,.0f} rows/s), "
-                f"ours {ours:.2f} s ({synced / ours:,.0f} rows/s)"
+                f"round {round_number + 1}: raw {seconds:.2f} s ({rows / seconds:,.0f} rows/s; {raw_spent}), "
+                f"ours {ours:.2f} s ({synced / ours:,.0f} rows/s; {our_spent})"
             )
         if netguard.foreign:
             raise BenchError(f"non-loopback network access: {netguard.foreign[:5]}")
     raw, ours = statistics.median(raw_times), statistics.median(our_times)
     ratio = raw / ours
-    log(f"medians: raw {raw:.2f} s, ours {ours:.2f} s for {total:,} rows")
+    paired = ", ".join(f"{r / o:.3f}" for r, o in zip(raw_times, our_times, strict=True))
+    log(f"medians: raw {raw:.2f} s, ours {ours:.2f} s for {total:,} rows; round by round {paired}")
     print(f"products.sync_ratio_to_raw_provance: {ratio:.3f}")
     if ratio < TARGET:
         log(f"MISSED: products.sync_ratio_to_raw_provance {ratio:.3f} < {TARGET}")

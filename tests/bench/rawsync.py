@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,6 +30,7 @@ from azure.data.tables import TableClient
 from shared_code.state.tablebatch import transactions, upsert_transaction
 from shared_code.state.tables import Entity
 from shared_code.state.workitems import BUCKETS
+from tests.bench.sync_bench import group_cpu_seconds
 
 PageSource = Callable[[], Iterator[list[Entity]]]
 
@@ -90,3 +92,21 @@ def fetch_and_write(table: TableClient, pages: PageSource) -> int:
     if failure:
         raise RawFetchError(f"raw paging failed: {failure[0]!r}") from failure[0]
     return written
+
+
+class CpuMeter:
+    """CPU seconds of this process and of the other processes a pass keeps busy (by process group),
+    logged beside each pass: on a shared machine the wall-clock rates swing with other load, the
+    CPU each side spent does not."""
+
+    def __init__(self, groups: dict[str, int | None]) -> None:
+        self._groups = groups
+
+    def sample(self) -> tuple[float, ...]:
+        return (time.process_time(), *(group_cpu_seconds(group) for group in self._groups.values()))
+
+    def describe(self, before: tuple[float, ...]) -> str:
+        spent = [after - start for after, start in zip(self.sample(), before, strict=True)]
+        parts = [f"this process {spent[0]:.1f}"]
+        parts += [f"{name} {seconds:.1f}" for name, seconds in zip(self._groups, spent[1:], strict=True)]
+        return f"CPU s: {', '.join(parts)}"
