@@ -28,22 +28,35 @@ Provance connector cannot tell it from an environment:
 
 Keyset queries ordered by ``modifiedon asc,versionnumber asc`` are answered from a sorted index
 (bisect to the filter's lower bound on ``modifiedon``); anything else is a scan and a sort.
+
+Standalone (the benchmark runs it so that its CPU is not in the measuring process), with an Entra ID
+of its own, the app registration and application user of ``register_app``, the ``PEOPLE`` and an
+account ``Contoso``::
+
+    python -m tests.loopback.provance --seed incident=20000 --span-days 25
+
+prints ``READY <environment url> <authority host> <tenant id> <account id> <incidents>`` and serves
+until stdin closes (or it is killed).
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import bisect
 import contextlib
 import itertools
 import json
+import os
 import random
 import re
 import socket
+import stat
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
@@ -1460,3 +1473,60 @@ def connection_options(
         f"accounts({customer})",
         "--secrets-stdin",
     ]
+
+
+# -- standalone -------------------------------------------------------------------------------------
+
+
+def _wait_for_stdin_close() -> None:
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        mode = 0
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        sys.stdin.buffer.read()  # returns at EOF: the parent closed the pipe
+        return
+    while True:  # stdin is a terminal or /dev/null: serve until killed
+        time.sleep(3600)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.loopback.provance", description="Loopback Dataverse (with its own Entra ID)"
+    )
+    parser.add_argument(
+        "--seed", action="append", default=[], metavar="TABLE=COUNT", help=f"incident=N or {CHANGE_TABLE}=N"
+    )
+    parser.add_argument("--span-days", type=float, default=25.0)
+    parser.add_argument(
+        "--until-minutes", type=float, default=5.0, help="the newest seeded change is this long ago"
+    )
+    args = parser.parse_args(argv)
+    with contextlib.ExitStack() as running:
+        entra = EntraLoopback()
+        entra.start()
+        running.callback(entra.stop)
+        server = DataverseLoopback(entra)
+        register_app(server)
+        for person in PEOPLE:
+            server.add_user(person)
+        account = server.add_account("Contoso")
+        end = server.clock() - timedelta(minutes=args.until_minutes)
+        for n, spec in enumerate(args.seed):
+            table, _, count = spec.partition("=")
+            if table not in server.tables:
+                parser.error(f"--seed: no table {table!r} (tables: {', '.join(sorted(server.tables))})")
+            server.seed(
+                table, int(count), start=end - timedelta(days=args.span_days), end=end, rng_seed=n + 1
+            )
+        server.start()
+        running.callback(server.stop)
+        incidents = len(server.records("incident"))
+        print(f"READY {server.url} {entra.url} {entra.tenant_id} {account} {incidents}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            _wait_for_stdin_close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

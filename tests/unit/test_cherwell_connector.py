@@ -33,6 +33,7 @@ from shared_code.itsm.cherwell.mapping import (
     marker_of,
     parse_datetime,
     record_to_work_item,
+    record_values,
     status_lifecycle,
     zone_of,
 )
@@ -224,6 +225,39 @@ def test_a_record_with_a_missing_or_bad_key_field_is_refused_naming_it(
     record["busObPublicId"] = overrides.get("IncidentID", "102784")
     with pytest.raises(ValueError, match=message):
         record_to_work_item("cw", WorkItemType.INCIDENT, record, RecordOptions())
+
+
+def test_record_values_read_every_value_shape_and_refuse_items_they_cannot_name() -> None:
+    plain = {"fields": [field("Status", "New"), field("Priority", "3")]}
+    assert record_values(plain) == {"Status": "New", "Priority": "3"}
+    mixed = {
+        "fields": [
+            field("Status", "New"),
+            {"name": "Priority", "value": 3},
+            {"name": "Breached", "value": True},
+            {"name": "OwnedBy", "value": None},
+            {"name": "Cost", "value": 2.5},
+            {"name": "Team"},  # no value at all
+        ]
+    }
+    assert record_values(mixed) == {
+        "Status": "New",
+        "Priority": "3",
+        "Breached": "True",
+        "OwnedBy": "",
+        "Cost": "2.5",
+        "Team": "",
+    }
+    for fields, message in [
+        ([field("Status", "New"), "Priority"], "an item is not an object"),
+        ([{"name": "", "value": "x"}], "an item has no name"),
+        ([{"value": "x"}], "an item has no name"),
+        ([{"name": 7, "value": "x"}], "an item has no name"),
+        ([{"name": ["Status"], "value": "x"}], "an item has no name"),
+        ([{"name": "Status", "value": {"label": "New"}}], "Status: unexpected dict value"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            record_values({"fields": fields})
 
 
 def test_a_record_without_a_fields_list_is_refused() -> None:

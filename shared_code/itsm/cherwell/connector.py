@@ -376,27 +376,35 @@ class CherwellConnector:
         items: list[WorkItem] = []
         rejected: list[RejectedRow] = []
         previous = (cursor.updated_at, cursor.last_id.lower())
-        position = cursor
+        last: tuple[datetime, str] | None = None
         for record in records:
-            here = self._position(record)
+            values, here = self._position(record)
             if here is not None:
-                key = (here.updated_at, here.last_id.lower())
+                key = (here[0], here[1].lower())
                 if key <= previous:
                     raise ItsmError(
                         f"Cherwell answered the {item_type.value} search of connection "
-                        f"{self.connection_name!r} with record {here.last_id} out of "
+                        f"{self.connection_name!r} with record {here[1]} out of "
                         f"({LAST_MODIFIED}, {REC_ID}) order: the sync cannot page it "
                         "without skipping or repeating records",
                     )
-                previous, position = key, here
+                previous, last = key, here
             try:
-                item = record_to_work_item(self.connection_name, item_type, record, self._record_options)
+                item = record_to_work_item(
+                    self.connection_name,
+                    item_type,
+                    record,
+                    self._record_options,
+                    values=values,
+                    updated_at=here[0] if here is not None else None,
+                )
             except ValueError as exc:
                 rejected.append(RejectedRow(source_id=_record_label(record), error=str(exc)[:MAX_ERROR_TEXT]))
                 continue
             if item.lifecycle is None and item.state:
                 self._note_unknown_status(item_type, item.state)
             items.append(item)
+        position = cursor if last is None else SyncCursor(updated_at=last[0], last_id=last[1])
         if not is_last and position == cursor and records:
             raise ItsmError(
                 f"Cherwell {item_type.value} records of connection {self.connection_name!r} carry no "
@@ -404,17 +412,23 @@ class CherwellConnector:
             )
         return SyncPage(items=items, rejected=rejected, next_cursor=position, is_last=is_last)
 
-    def _position(self, record: Mapping[str, Any]) -> SyncCursor | None:
-        """Where a record sits in the feed, or None if it cannot say (the cursor then stays)."""
+    def _position(
+        self, record: Mapping[str, Any]
+    ) -> tuple[dict[str, str] | None, tuple[datetime, str] | None]:
+        """The record's values (None when unreadable; the mapping then says why) and where it sits
+        in the feed as (UTC last modified, RecID), or None if it cannot say (the cursor then stays)."""
         try:
             values = record_values(record)
+        except ValueError:
+            return None, None
+        try:
             updated = parse_datetime(values.get(LAST_MODIFIED, ""), LAST_MODIFIED, self._zone)
         except ValueError:
-            return None
+            return values, None
         rec = record_id(record, values)
         if not rec or updated is None:
-            return None
-        return SyncCursor(updated_at=updated.astimezone(UTC), last_id=rec)
+            return values, None
+        return values, (updated.astimezone(UTC), rec)
 
     def _note_unknown_status(self, item_type: WorkItemType, status: str) -> None:
         key = f"{item_type.value}:{status.lower()}"

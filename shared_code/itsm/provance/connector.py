@@ -382,7 +382,10 @@ class ProvanceConnector:
             what=f"GET {table.entity_set}",
         )
         rows = body.get("value")
-        if not isinstance(rows, list) or not all(isinstance(row, Mapping) for row in rows):
+        if not isinstance(rows, list) or not all(
+            type(row) is dict or isinstance(row, Mapping)
+            for row in rows  # dict first: no ABC check
+        ):
             raise ItsmUnavailableError(f"GET {table.entity_set}: Dataverse answered without a value list")
         return rows, isinstance(body.get("@odata.nextLink"), str)
 

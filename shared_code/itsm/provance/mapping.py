@@ -244,7 +244,10 @@ def _int(row: Mapping[str, Any], name: str, *, required: bool = False) -> int:
 
 def text(row: Mapping[str, Any], name: str) -> str:
     """A column as text: the formatted value where the row has one, else the raw value."""
-    value = row.get(name + FORMATTED, row.get(name))
+    formatted = name + FORMATTED
+    value = row[formatted] if formatted in row else row.get(name)
+    if type(value) is str:  # the usual case first: called a dozen times per row of a sync
+        return value
     if value is None:
         return ""
     if isinstance(value, str):
@@ -258,6 +261,8 @@ def text(row: Mapping[str, Any], name: str) -> str:
 
 def raw_text(row: Mapping[str, Any], name: str) -> str:
     value = row.get(name)
+    if type(value) is str:
+        return value
     if value is None:
         return ""
     if isinstance(value, str | int) and not isinstance(value, bool):
