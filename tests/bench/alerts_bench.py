@@ -583,9 +583,11 @@ class QueueWorker:
                 with self.take:
                     item = next(self.pending, None)
                 if item is not None:
-                    self.webhook(item)
-                    with self.take:
-                        self.sent += 1
+                    try:
+                        self.webhook(item)
+                    finally:  # a failed webhook call is taken too (its error is counted below)
+                        with self.take:
+                            self.sent += 1
                     continue
                 try:
                     self.deliver(self.local.get(timeout=0.2))
@@ -641,10 +643,13 @@ def role_storm(args: argparse.Namespace) -> dict[str, Any]:
         with worker.take:
             worker.sent = 0
             worker.pending = iter(items)
+        deadline = time.monotonic() + 900
         while True:
             with worker.take:
                 if worker.sent >= len(items):
                     break
+            if time.monotonic() > deadline:  # bounded: a stuck sender must not hang the benchmark
+                raise RuntimeError(f"the storm's {command} webhooks were not all sent in 15 minutes")
             time.sleep(0.02)
         print(f"SENT {command}", flush=True)
     worker.stop.set()
