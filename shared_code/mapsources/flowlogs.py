@@ -44,7 +44,15 @@ from shared_code.domain.maps import (
 )
 from shared_code.domain.mapsources import MapSourceDefinition, ServerGroupKind, ServerMapResult, ServerRef
 from shared_code.errors import MapSourceError
-from shared_code.mapsources.logquery import LogQueryRunner, is_ip, kql_datetime, kql_list, kql_string
+from shared_code.mapsources.logquery import (
+    LogQueryRunner,
+    batch_answer,
+    in_batches,
+    is_ip,
+    kql_datetime,
+    kql_list,
+    kql_string,
+)
 
 log = logging.getLogger(__name__)
 
@@ -424,28 +432,29 @@ class FlowLogsSource:
         return found
 
     def fetch(self, servers: Sequence[ServerRef], window: MapWindow) -> Iterator[ServerMapResult]:
-        if window.end - window.start > timedelta(minutes=self.definition.max_window_minutes):
-            raise MapSourceError(f"the window is longer than {self.definition.max_window_minutes} minutes")
-        known = [server for server in servers if server.ips]
-        for server in servers:
-            if not server.ips:
-                yield ServerMapResult(
-                    server=server,
-                    error="no flows for this VM in the workspaces (is Traffic Analytics on for its VNet?)",
-                )
-        for start in range(0, len(known), self.batch_size):
-            yield from self._fetch_batch(known[start : start + self.batch_size], window)
+        return in_batches(
+            servers,
+            window,
+            max_window_minutes=self.definition.max_window_minutes,
+            usable=lambda server: bool(server.ips),
+            unusable="no flows for this VM in the workspaces (is Traffic Analytics on for its VNet?)",
+            batch_size=self.batch_size,
+            fetch_batch=lambda batch: self._fetch_batch(batch, window),
+        )
 
     def _fetch_batch(self, batch: Sequence[ServerRef], window: MapWindow) -> Iterator[ServerMapResult]:
         ips = sorted({ip for server in batch for ip in server.ips})
-        try:
-            answer = self._runner.query(
-                self._workspaces, map_query(ips, window), start=window.start, end=window.end + INGESTION_LAG
-            )
-        except MapSourceError as exc:
-            log.warning("flow-log batch of %d servers failed: %s", len(batch), exc)
-            for server in batch:
-                yield ServerMapResult(server=server, error=str(exc))
+        answer = batch_answer(
+            self._runner,
+            self._workspaces,
+            map_query(ips, window),
+            batch,
+            start=window.start,
+            end=window.end + INGESTION_LAG,
+            what="flow-log",
+        )
+        if isinstance(answer, list):
+            yield from answer
             return
         yield from build_maps(
             answer.rows,

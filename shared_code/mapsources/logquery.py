@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from azure.core.credentials import TokenCredential
@@ -30,7 +31,11 @@ from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpRes
 from azure.core.pipeline import PipelineResponse
 from azure.core.pipeline.policies import RetryPolicy
 
+from shared_code.domain.maps import MapWindow
+from shared_code.domain.mapsources import ServerMapResult, ServerRef
 from shared_code.errors import MapSourceError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LOGS_QUERY_ENDPOINT = "https://api.loganalytics.azure.com"
 DEFAULT_LOGS_QUERY_AUDIENCE = "https://api.loganalytics.io"
@@ -223,3 +228,44 @@ def _describe(exc: HttpResponseError) -> str:
     if message:
         text += f": {message[:300]}"
     return text
+
+
+def in_batches(
+    servers: Sequence[ServerRef],
+    window: MapWindow,
+    *,
+    max_window_minutes: int,
+    usable: Callable[[ServerRef], bool],
+    unusable: str,
+    batch_size: int,
+    fetch_batch: Callable[[Sequence[ServerRef]], Iterator[ServerMapResult]],
+) -> Iterator[ServerMapResult]:
+    """The table sources' ``fetch``: one result for every server the source cannot query (why:
+    ``unusable``), then the others a batch (one query) at a time."""
+    if window.end - window.start > timedelta(minutes=max_window_minutes):
+        raise MapSourceError(f"the window is longer than {max_window_minutes} minutes")
+    known = [server for server in servers if usable(server)]
+    for server in servers:
+        if not usable(server):
+            yield ServerMapResult(server=server, error=unusable)
+    for start in range(0, len(known), batch_size):
+        yield from fetch_batch(known[start : start + batch_size])
+
+
+def batch_answer(
+    runner: LogQueryRunner,
+    workspaces: Sequence[str],
+    query: str,
+    batch: Sequence[ServerRef],
+    *,
+    start: datetime,
+    end: datetime,
+    what: str,
+) -> QueryAnswer | list[ServerMapResult]:
+    """The batch's answer, or (the query failed after its retries) one failed result per server of
+    the batch: a failed batch costs only its own servers."""
+    try:
+        return runner.query(workspaces, query, start=start, end=end)
+    except MapSourceError as exc:
+        log.warning("%s batch of %d servers failed: %s", what, len(batch), exc)
+        return [ServerMapResult(server=server, error=str(exc)) for server in batch]

@@ -57,7 +57,8 @@ from shared_code.domain.mapsources import MapSourceDefinition, ServerGroupKind, 
 from shared_code.errors import MapSourceError
 from shared_code.mapsources.logquery import (
     LogQueryRunner,
-    QueryAnswer,
+    batch_answer,
+    in_batches,
     is_ip,
     kql_datetime,
     kql_list,
@@ -643,15 +644,15 @@ class VmInsightsSource:
         return refs
 
     def fetch(self, servers: Sequence[ServerRef], window: MapWindow) -> Iterator[ServerMapResult]:
-        if window.end - window.start > timedelta(minutes=self.definition.max_window_minutes):
-            raise MapSourceError(f"the window is longer than {self.definition.max_window_minutes} minutes")
-        known = [server for server in servers if server.machine_id]
-        for server in servers:
-            if not server.machine_id:
-                yield ServerMapResult(server=server, error=_NOT_REPORTING)
-        for start in range(0, len(known), self.batch_size):
-            batch = known[start : start + self.batch_size]
-            yield from self._fetch_batch(batch, window)
+        return in_batches(
+            servers,
+            window,
+            max_window_minutes=self.definition.max_window_minutes,
+            usable=lambda server: bool(server.machine_id),
+            unusable=_NOT_REPORTING,
+            batch_size=self.batch_size,
+            fetch_batch=lambda batch: self._fetch_batch(batch, window),
+        )
 
     def _fetch_batch(self, batch: Sequence[ServerRef], window: MapWindow) -> Iterator[ServerMapResult]:
         try:
@@ -660,14 +661,17 @@ class VmInsightsSource:
             for server in batch:
                 yield ServerMapResult(server=server, error="the machine id cannot be used in a query")
             return
-        try:
-            answer: QueryAnswer = self._runner.query(
-                self._workspaces, query, start=window.start - INVENTORY_LOOKBACK, end=window.end
-            )
-        except MapSourceError as exc:
-            log.warning("VM Insights batch of %d servers failed: %s", len(batch), exc)
-            for server in batch:
-                yield ServerMapResult(server=server, error=str(exc))
+        answer = batch_answer(
+            self._runner,
+            self._workspaces,
+            query,
+            batch,
+            start=window.start - INVENTORY_LOOKBACK,
+            end=window.end,
+            what="VM Insights",
+        )
+        if isinstance(answer, list):
+            yield from answer
             return
         yield from build_maps(
             answer.rows,
