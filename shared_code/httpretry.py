@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 import httpx
 
 from shared_code.diagnose import describe
-from shared_code.errors import ItsmUnavailableError
+from shared_code.errors import ItsmAuthError, ItsmRejectedError, ItsmUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +182,28 @@ def send_with_retries(
             delay,
         )
         policy.sleep(delay)
+
+
+def refuse_unauthorised_or_redirected(
+    response: httpx.Response,
+    *,
+    product: str,
+    what: str,
+    connection: str,
+    refused: str = "the credentials",
+    advice: str = "re-authorise the connection",
+    url: str = "URL",
+) -> None:
+    """The answers every product maps the same way: 401 means the connection must be re-authorised
+    (``ItsmAuthError``), a redirect means the configured URL is wrong (``ItsmRejectedError``)."""
+    status = response.status_code
+    if status == 401:
+        raise ItsmAuthError(
+            f"{product} refused {refused} of connection {connection!r} ({what}, HTTP 401): {advice}",
+            status=401,
+        )
+    if 300 <= status < 400:
+        location = httpx.URL(response.headers.get("Location", "")).host or "elsewhere"
+        raise ItsmRejectedError(
+            f"{product} redirected {what} to {location} (HTTP {status}): check the {url}", status=status
+        )

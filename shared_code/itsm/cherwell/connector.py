@@ -46,8 +46,8 @@ import httpx
 from shared_code.domain.connection import SyncData
 from shared_code.domain.sync import RejectedRow, SyncCursor, SyncPage
 from shared_code.domain.workitem import IncidentDraft, WorkItem, WorkItemRef, WorkItemState, WorkItemType
-from shared_code.errors import ItsmAuthError, ItsmError, ItsmRejectedError, ItsmUnavailableError
-from shared_code.httpretry import RetryPolicy, send_with_retries
+from shared_code.errors import ItsmError, ItsmRejectedError, ItsmUnavailableError
+from shared_code.httpretry import RetryPolicy, refuse_unauthorised_or_redirected, send_with_retries
 from shared_code.itsm.cherwell.mapping import (
     CI_NAME,
     CLOSE_DESCRIPTION,
@@ -909,18 +909,9 @@ class CherwellConnector:
 
         response = send_with_retries(self._client, build, self._retry, auth=self._auth, idempotent=idempotent)
         status = response.status_code
-        if status == 401:
-            raise ItsmAuthError(
-                f"Cherwell refused the credentials of connection {self.connection_name!r} "
-                f"({what}, HTTP 401): re-authorise the connection",
-                status=401,
-            )
-        if 300 <= status < 400:
-            location = httpx.URL(response.headers.get("Location", "")).host or "elsewhere"
-            raise ItsmRejectedError(
-                f"Cherwell redirected {what} to {location} (HTTP {status}): check the connection's URL",
-                status=status,
-            )
+        refuse_unauthorised_or_redirected(
+            response, product="Cherwell", what=what, connection=self.connection_name, url="connection's URL"
+        )
         try:
             body: Any = response.json() if response.content else None
         except ValueError:

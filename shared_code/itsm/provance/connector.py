@@ -34,8 +34,8 @@ import httpx
 
 from shared_code.domain.sync import RejectedRow, SyncCursor, SyncPage
 from shared_code.domain.workitem import IncidentDraft, WorkItem, WorkItemRef, WorkItemState, WorkItemType
-from shared_code.errors import ItsmAuthError, ItsmError, ItsmRejectedError, ItsmUnavailableError
-from shared_code.httpretry import RetryPolicy, send_with_retries
+from shared_code.errors import ItsmError, ItsmRejectedError, ItsmUnavailableError
+from shared_code.httpretry import RetryPolicy, refuse_unauthorised_or_redirected, send_with_retries
 from shared_code.itsm.provance.mapping import (
     ANNOTATION_SET,
     MODIFIED,
@@ -472,18 +472,15 @@ class ProvanceConnector:
 
     def _body(self, response: httpx.Response, what: str) -> dict[str, Any]:
         status = response.status_code
-        if status == 401:
-            raise ItsmAuthError(
-                f"Dataverse refused the token of connection {self.connection_name!r} ({what}, HTTP 401): "
-                "check the application user, then re-authorise the connection",
-                status=401,
-            )
-        if 300 <= status < 400:
-            location = httpx.URL(response.headers.get("Location", "")).host or "elsewhere"
-            raise ItsmRejectedError(
-                f"Dataverse redirected {what} to {location} (HTTP {status}): check the environment URL",
-                status=status,
-            )
+        refuse_unauthorised_or_redirected(
+            response,
+            product="Dataverse",
+            what=what,
+            connection=self.connection_name,
+            refused="the token",
+            advice="check the application user, then re-authorise the connection",
+            url="environment URL",
+        )
         if status >= 400:
             raise ItsmRejectedError(
                 f"Dataverse rejected {what} (HTTP {status}): {_product_error(response)}", status=status

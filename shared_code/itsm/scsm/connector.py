@@ -44,8 +44,8 @@ import httpx
 
 from shared_code.domain.sync import RejectedRow, SyncCursor, SyncPage
 from shared_code.domain.workitem import IncidentDraft, WorkItem, WorkItemRef, WorkItemState, WorkItemType
-from shared_code.errors import ItsmAuthError, ItsmError, ItsmRejectedError, ItsmUnavailableError
-from shared_code.httpretry import RetryPolicy, send_with_retries
+from shared_code.errors import ItsmError, ItsmRejectedError, ItsmUnavailableError
+from shared_code.httpretry import RetryPolicy, refuse_unauthorised_or_redirected, send_with_retries
 from shared_code.itsm.scsm import criteria
 from shared_code.itsm.scsm.mapping import (
     BASE_ID,
@@ -567,18 +567,13 @@ class ScsmConnector:
         response = send_with_retries(self._client, build, self._retry, auth=self._auth, idempotent=idempotent)
         what = f"{method} {path}"
         status = response.status_code
-        if status == 401:
-            raise ItsmAuthError(
-                f"the Cireson portal refused the credentials of connection {self.connection_name!r} "
-                f"({what}, HTTP 401): re-authorise the connection",
-                status=401,
-            )
-        if 300 <= status < 400:
-            location = httpx.URL(response.headers.get("Location", "")).host or "elsewhere"
-            raise ItsmRejectedError(
-                f"the Cireson portal redirected {what} to {location} (HTTP {status}): check the server URL",
-                status=status,
-            )
+        refuse_unauthorised_or_redirected(
+            response,
+            product="the Cireson portal",
+            what=what,
+            connection=self.connection_name,
+            url="server URL",
+        )
         if status >= 400:
             raise ItsmRejectedError(
                 f"the Cireson portal rejected {what} (HTTP {status}): {_product_error(response)}",

@@ -48,8 +48,8 @@ from shared_code.domain.workitem import (
     WorkItemType,
     marker_in,
 )
-from shared_code.errors import ItsmAuthError, ItsmError, ItsmRejectedError, ItsmUnavailableError
-from shared_code.httpretry import RetryPolicy, send_with_retries
+from shared_code.errors import ItsmError, ItsmRejectedError, ItsmUnavailableError
+from shared_code.httpretry import RetryPolicy, refuse_unauthorised_or_redirected, send_with_retries
 from shared_code.itsm.servicenow.mapping import (
     CI_CREATE_TABLE,
     CI_TABLE,
@@ -457,18 +457,9 @@ class ServiceNowConnector:
         response = send_with_retries(self._client, build, self._retry, auth=self._auth, idempotent=idempotent)
         status = response.status_code
         log.info("ServiceNow %s%s: HTTP %d", what, "/<sys_id>" if names_record else "", status)
-        if status == 401:
-            raise ItsmAuthError(
-                f"ServiceNow refused the credentials of connection {self.connection_name!r} "
-                f"({what}, HTTP 401): re-authorise the connection",
-                status=401,
-            )
-        if 300 <= status < 400:
-            location = httpx.URL(response.headers.get("Location", "")).host or "elsewhere"
-            raise ItsmRejectedError(
-                f"ServiceNow redirected {what} to {location} (HTTP {status}): check the instance URL",
-                status=status,
-            )
+        refuse_unauthorised_or_redirected(
+            response, product="ServiceNow", what=what, connection=self.connection_name, url="instance URL"
+        )
         if status >= 400:
             raise ItsmRejectedError(
                 f"ServiceNow rejected {what} (HTTP {status}): {_product_error(response)}", status=status
