@@ -42,9 +42,7 @@ import contextlib
 import os
 import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -69,12 +67,13 @@ from shared_code.itsm.cherwell.mapping import (
 from shared_code.state.tables import Entity
 from shared_code.state.workitems import partition_of, row_key
 from shared_code.workitems.engine import SyncOutcome
+from tests.bench.loopbackproc import LoopbackProcess
 from tests.bench.rawsync import CpuMeter, RawFetchError, fetch_and_write
 from tests.loopback import cherwell as cw
 from tests.loopback import netguard
 from tests.loopback.azurite import Azurite
 from tests.loopback.stack import LoopbackStack
-from tests.loopback.tls import loopback_tls, shared_tls_environment
+from tests.loopback.tls import loopback_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = int(os.environ.get("CHERWELL_BENCH_ROWS", "20000"))
@@ -94,68 +93,25 @@ def log(message: str) -> None:
     print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-class CherwellProcess:
+class CherwellProcess(LoopbackProcess):
     """``python -m tests.loopback.cherwell --seed Incident=N`` (HTTPS with this process's CA)."""
 
     def __init__(self, rows: int) -> None:
+        super().__init__(
+            "tests.loopback.cherwell",
+            ["--seed", f"Incident={rows}", "--span-days", str(SPAN_DAYS)],
+            name="Cherwell",
+            error=BenchError,
+        )
         self.rows = rows
-        self.url = ""
-        self._proc: subprocess.Popen[str] | None = None
 
     def start(self) -> CherwellProcess:
-        self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.loopback.cherwell",
-                "--seed",
-                f"Incident={self.rows}",
-                "--span-days",
-                str(SPAN_DAYS),
-            ],
-            cwd=ROOT,
-            env={**os.environ, **shared_tls_environment()},
-            stdin=subprocess.PIPE,  # closing it stops the server
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        self.launch()
         return self
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     def wait_ready(self, timeout: float = 120.0) -> str:
-        proc = self._proc
-        if proc is None or proc.stdout is None:
-            raise BenchError("the loopback Cherwell was not started")
-        stdout = proc.stdout
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        words = lines[0].split() if lines else []
-        if len(words) != 2 or words[0] != "READY":
-            raise BenchError(f"the loopback Cherwell did not start: {words or 'timeout'}")
-        self.url = words[1]
+        self.ready(2, timeout)
         return self.url
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(OSError):
-            if proc.stdin is not None:
-                proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
     def stats(self) -> dict[str, Any]:
         with httpx.Client(base_url=self.url, verify=loopback_tls().client_context(), timeout=60) as http:

@@ -33,9 +33,7 @@ import contextlib
 import os
 import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -54,12 +52,13 @@ from shared_code.itsm.provance.mapping import FORMATTED, TableInfo
 from shared_code.state.tables import Entity
 from shared_code.state.workitems import partition_of, row_key
 from shared_code.workitems.engine import SyncOutcome
+from tests.bench.loopbackproc import LoopbackProcess
 from tests.bench.rawsync import CpuMeter, RawFetchError, fetch_and_write
 from tests.loopback import netguard
 from tests.loopback.azurite import Azurite
 from tests.loopback.provance import PROVANCE_APP_ID, PROVANCE_APP_SECRET
 from tests.loopback.stack import LoopbackStack
-from tests.loopback.tls import loopback_tls, shared_tls_environment
+from tests.loopback.tls import loopback_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = int(os.environ.get("PROVANCE_BENCH_ROWS", "20000"))
@@ -80,73 +79,31 @@ def log(message: str) -> None:
     print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-class DataverseProcess:
+class DataverseProcess(LoopbackProcess):
     """``python -m tests.loopback.provance --seed incident=N`` (HTTPS with this process's CA)."""
 
     def __init__(self, rows: int) -> None:
+        super().__init__(
+            "tests.loopback.provance",
+            ["--seed", f"incident={rows}", "--span-days", str(SPAN_DAYS)],
+            name="Dataverse",
+            error=BenchError,
+        )
         self.rows = rows
-        self.url = ""
         self.authority = ""
         self.tenant_id = ""
         self.account = ""
         self.incidents = 0
         self.columns: frozenset[str] = frozenset()
-        self._proc: subprocess.Popen[str] | None = None
 
     def start(self) -> DataverseProcess:
-        self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.loopback.provance",
-                "--seed",
-                f"incident={self.rows}",
-                "--span-days",
-                str(SPAN_DAYS),
-            ],
-            cwd=ROOT,
-            env={**os.environ, **shared_tls_environment()},
-            stdin=subprocess.PIPE,  # closing it stops the server
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        self.launch()
         return self
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     def wait_ready(self, timeout: float = 180.0) -> None:
-        proc = self._proc
-        if proc is None or proc.stdout is None:
-            raise BenchError("the loopback Dataverse was not started")
-        stdout = proc.stdout
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        words = lines[0].split() if lines else []
-        if len(words) != 6 or words[0] != "READY":
-            raise BenchError(f"the loopback Dataverse did not start: {words or 'timeout'}")
-        self.url, self.authority, self.tenant_id, self.account = words[1:5]
+        words = self.ready(6, timeout)
+        self.authority, self.tenant_id, self.account = words[2:5]
         self.incidents = int(words[5])
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(OSError):
-            if proc.stdin is not None:
-                proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
     def credential(self) -> ClientSecretCredential:
         """The app registration's credential against the Dataverse process's own Entra ID."""

@@ -45,9 +45,7 @@ import contextlib
 import os
 import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -63,13 +61,14 @@ from shared_code.domain.workitem import WorkItemType
 from shared_code.state.tables import Entity
 from shared_code.state.workitems import partition_of, row_key
 from shared_code.workitems.engine import SyncOutcome
+from tests.bench.loopbackproc import LoopbackProcess
 from tests.bench.rawsync import RawFetchError, fetch_and_write
 from tests.bench.sync_bench import group_cpu_seconds
 from tests.loopback import netguard
 from tests.loopback import scsm as portal
 from tests.loopback.azurite import Azurite
 from tests.loopback.stack import LoopbackStack
-from tests.loopback.tls import loopback_tls, shared_tls_environment
+from tests.loopback.tls import loopback_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = int(os.environ.get("SCSM_BENCH_ROWS", "20000"))
@@ -89,65 +88,22 @@ def log(message: str) -> None:
     print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-class PortalProcess:
+class PortalProcess(LoopbackProcess):
     """``python -m tests.loopback.scsm --seed incident=N`` (HTTPS with this process's CA)."""
 
     def __init__(self, rows: int) -> None:
+        super().__init__(
+            "tests.loopback.scsm",
+            ["--seed", f"incident={rows}", "--span-days", str(SPAN_DAYS), "--no-request-bodies"],
+            name="portal",
+            error=BenchError,
+        )
         self.rows = rows
-        self.url = ""
-        self._proc: subprocess.Popen[str] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def start(self) -> PortalProcess:
-        self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.loopback.scsm",
-                "--seed",
-                f"incident={self.rows}",
-                "--span-days",
-                str(SPAN_DAYS),
-                "--no-request-bodies",
-            ],
-            cwd=ROOT,
-            env={**os.environ, **shared_tls_environment()},
-            stdin=subprocess.PIPE,  # closing it stops the server
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        proc = self._proc
-        assert proc.stdout is not None
-        stdout = proc.stdout
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(180)
-        words = line[0].split() if line else []
-        if len(words) != 2 or words[0] != "READY":
-            raise BenchError(f"the loopback portal did not start: {words or 'timeout'}")
-        self.url = words[1]
+        self.launch()
+        self.ready(2)
         return self
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(OSError):
-            if proc.stdin is not None:
-                proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
     def count(self) -> int:
         with httpx.Client(base_url=self.url, verify=loopback_tls().client_context(), timeout=60) as http:

@@ -73,7 +73,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -100,12 +99,13 @@ from shared_code.state.tables import bucket_of
 from shared_code.workitems.backsync import BackSync
 from shared_code.workitems.engine import SyncEngine, SyncOutcome, SyncResult
 from shared_code.workitems.sinks import SyncErrorLog
+from tests.bench.loopbackproc import LoopbackProcess
 from tests.bench.machine import Targets, peak_rss_mb, print_machine
 from tests.loopback import netguard
 from tests.loopback import servicenow as snow
 from tests.loopback.azurite import Azurite
 from tests.loopback.stack import FOREIGN_IDENTITY_VARIABLES, LoopbackStack
-from tests.loopback.tls import loopback_tls, shared_tls_environment
+from tests.loopback.tls import loopback_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = int(os.environ.get("SYNC_BENCH_ROWS", "100000"))
@@ -189,68 +189,25 @@ class CpuMeter:
 # -- the loopback ServiceNow in its own process ------------------------------------------------------
 
 
-class ServiceNowProcess:
+class ServiceNowProcess(LoopbackProcess):
     """``python -m tests.loopback.servicenow --seed incident=N`` (HTTPS with this process's CA)."""
 
     def __init__(self, rows: int) -> None:
+        super().__init__(
+            "tests.loopback.servicenow",
+            ["--seed", f"{TABLES[ITEM_TYPE]}={rows}", "--span-days", str(SPAN_DAYS)],
+            name=f"ServiceNow ({rows} rows)",
+            error=BenchError,
+        )
         self.rows = rows
-        self.url = ""
-        self._proc: subprocess.Popen[str] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def start(self) -> ServiceNowProcess:
-        self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.loopback.servicenow",
-                "--seed",
-                f"{TABLES[ITEM_TYPE]}={self.rows}",
-                "--span-days",
-                str(SPAN_DAYS),
-            ],
-            cwd=ROOT,
-            env={**os.environ, **shared_tls_environment()},
-            stdin=subprocess.PIPE,  # closing it stops the server
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # its own group: stop() can end it whatever it started
-        )
+        self.launch()
         return self
 
     def wait_ready(self, timeout: float = 180.0) -> str:
-        proc = self._proc
-        if proc is None or proc.stdout is None:
-            raise BenchError("the loopback ServiceNow was not started")
-        stdout = proc.stdout
-        result: list[str] = []
-        reader = threading.Thread(target=lambda: result.append(stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        line = result[0].split() if result else []
-        if len(line) != 2 or line[0] != "READY":
-            raise BenchError(f"the loopback ServiceNow ({self.rows} rows) did not start: {line or 'timeout'}")
-        self.url = line[1]
+        self.ready(2, timeout)
         return self.url
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(OSError):
-            if proc.stdin is not None:
-                proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
     def control(self, action: str, **args: object) -> dict[str, Any]:
         """A ``/__loopback/`` control call (no auth): ``stats`` is a GET, the others POST."""
