@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -428,12 +429,30 @@ _container: Container | None = None
 _container_lock = threading.Lock()
 
 
+SWITCH_INTERVAL_SECONDS = 0.001
+
+
+def tune_interpreter() -> None:
+    """Let an I/O thread take the GIL back within 1 ms instead of CPython's default 5 ms.
+
+    The app overlaps threads that wait for answers (the sync reads the next page while it maps and
+    writes this one; the SDKs' calls) with CPU work. A thread whose answer arrived while another
+    computes waits up to the switch interval for the GIL, at every read of the answer: with 5 ms
+    the sync's next request sat behind the mapping of the page in hand (measured with the sync
+    bench's null sink, 20,000 rows: 1.20 s at 5 ms, 1.09 s at 1 ms; 0.95 s for paging alone).
+    Never raised: a host that chose a shorter interval keeps it."""
+    if sys.getswitchinterval() > SWITCH_INTERVAL_SECONDS:
+        sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+
+
 def get_container(environ: Mapping[str, str] | None = None) -> Container:
-    """The process-wide container, built from the environment on first use."""
+    """The process-wide container, built from the environment on first use (with the process's
+    telemetry and interpreter settings)."""
     global _container
     with _container_lock:
         if _container is None:
             telemetry.configure(os.environ if environ is None else environ)
+            tune_interpreter()
             _container = Container(Settings.from_environ(os.environ if environ is None else environ))
         return _container
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -30,13 +31,64 @@ class RejectedRow(BaseModel):
     error: str
 
 
-class SyncPage(BaseModel):
-    """One page of changed work items, in cursor order, with the cursor just past the last row."""
+MappedRows = tuple[list[WorkItem], list[RejectedRow]]
+"""A page's rows as work items, and the rows that could not be read."""
 
-    items: list[WorkItem]
-    rejected: list[RejectedRow] = Field(default_factory=list)
-    next_cursor: SyncCursor
-    is_last: bool
+
+class SyncPage:
+    """One page of changed work items, in cursor order, with the cursor just past the last row.
+
+    Where the page sits (``next_cursor``, ``is_last``) is known as soon as the product answered;
+    its rows may be mapped later (``SyncPage.deferred``). The engine asks for the next page first
+    and only then reads ``items``, so a connector that defers its mapping has it run while the next
+    request is in flight: the product's time and ours overlap instead of adding up.
+    """
+
+    __slots__ = ("_build", "_items", "_rejected", "is_last", "next_cursor")
+
+    def __init__(
+        self,
+        *,
+        items: Sequence[WorkItem],
+        next_cursor: SyncCursor,
+        is_last: bool,
+        rejected: Sequence[RejectedRow] = (),
+    ) -> None:
+        self.next_cursor = next_cursor
+        self.is_last = is_last
+        self._items: list[WorkItem] | None = list(items)
+        self._rejected: list[RejectedRow] = list(rejected)
+        self._build: Callable[[], MappedRows] | None = None
+
+    @classmethod
+    def deferred(cls, *, next_cursor: SyncCursor, is_last: bool, build: Callable[[], MappedRows]) -> SyncPage:
+        """A page whose rows ``build`` maps on first use (once; what it raises, reading raises)."""
+        page = cls(items=(), next_cursor=next_cursor, is_last=is_last)
+        page._items, page._build = None, build
+        return page
+
+    def _mapped(self) -> list[WorkItem]:
+        if self._items is None:
+            assert self._build is not None
+            items, rejected = self._build()
+            self._items, self._rejected, self._build = list(items), list(rejected), None
+        return self._items
+
+    @property
+    def items(self) -> list[WorkItem]:
+        return self._mapped()
+
+    @property
+    def rejected(self) -> list[RejectedRow]:
+        self._mapped()
+        return self._rejected
+
+    def __repr__(self) -> str:
+        if self._items is None:
+            rows = "not mapped yet"
+        else:
+            rows = f"{len(self._items)} items, {len(self._rejected)} rejected"
+        return f"SyncPage({rows}, next_cursor={self.next_cursor!r}, is_last={self.is_last})"
 
 
 class SyncErrorKind(StrEnum):

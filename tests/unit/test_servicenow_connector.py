@@ -32,6 +32,8 @@ from shared_code.itsm.servicenow.connector import CI_MISS_SECONDS, ServiceNowCon
 from shared_code.itsm.servicenow.mapping import (
     SYNC_FIELDS,
     draft_to_incident_fields,
+    feed_fields,
+    fields_to_work_item,
     incident_state_to_lifecycle,
     row_to_work_item,
 )
@@ -1105,3 +1107,118 @@ def test_a_ci_missing_from_the_cmdb_is_looked_up_once_per_ttl() -> None:
     # a caller allowed to create does not take the remembered miss for an answer
     assert setup.connector.ensure_configuration_item("not-in-cmdb", create=True) == "ci-new"
     assert setup.connector.ensure_configuration_item("not-in-cmdb", create=False) == "ci-new"
+
+
+# -- the feed read two ways: straight from the answer's bytes, and row by row ----------------------
+
+
+def answer_bytes(*rows: dict[str, Any]) -> bytes:
+    return json.dumps({"result": list(rows)}).encode()
+
+
+def as_dict(item: WorkItem) -> dict[str, Any]:
+    return {name: (type(value), value) for name, value in item.__dict__.items()}
+
+
+REGULAR_ROWS = [
+    (WorkItemType.INCIDENT, INCIDENT_ROW),
+    (WorkItemType.CHANGE_REQUEST, CHANGE_ROW),
+    # keys with blanks around them, a custom state, text beyond ASCII, every optional date empty
+    (
+        WorkItemType.INCIDENT,
+        INCIDENT_ROW
+        | {
+            "sys_id": pair(f"  {INC_ID} "),
+            "number": pair(" INC0010001"),
+            "state": pair("11", "Awaiting vendor"),
+            "short_description": pair("Dépassement mémoire sur web-prod-01 \u2014 \U0001f525"),
+            "sys_created_on": pair(""),
+            "resolved_at": pair(""),
+        },
+    ),
+    # no raw state value: the label, then the resolution dates decide
+    (WorkItemType.INCIDENT, INCIDENT_ROW | {"state": pair("", "Closed")}),
+    (WorkItemType.INCIDENT, INCIDENT_ROW | {"state": pair("", "")}),
+    (WorkItemType.CHANGE_REQUEST, CHANGE_ROW | {"state": pair("4", "Canceled"), "work_end": pair("")}),
+]
+
+
+@pytest.mark.parametrize(("item_type", "row"), REGULAR_ROWS)
+def test_an_answer_read_straight_into_fields_maps_as_the_row_by_row_reading(
+    item_type: WorkItemType, row: dict[str, Any]
+) -> None:
+    """The sync reads a regular answer with pydantic-core, straight from its bytes; the result is
+    the same work item, value for value and type for type, as the general reading of the row."""
+    fields = feed_fields(item_type, answer_bytes(row, row))
+    assert fields is not None, "a regular answer takes the direct reading"
+    assert len(fields) == 2
+    direct = fields_to_work_item("prod", item_type, fields[0])
+    assert as_dict(direct) == as_dict(row_to_work_item("prod", item_type, row))
+
+
+IRREGULAR_ROWS = {
+    "a null display value": INCIDENT_ROW | {"urgency": {"value": "1", "display_value": None}},
+    "a number": INCIDENT_ROW | {"state": {"value": 6, "display_value": "Resolved"}},
+    "a plain string": INCIDENT_ROW | {"category": "network"},
+    "a field left out": {name: value for name, value in INCIDENT_ROW.items() if name != "cmdb_ci"},
+    "a list": INCIDENT_ROW | {"description": {"value": "a", "display_value": ["a"]}},
+}
+
+
+@pytest.mark.parametrize("irregular", IRREGULAR_ROWS.values(), ids=list(IRREGULAR_ROWS))
+def test_an_answer_with_one_irregular_row_is_left_to_the_row_by_row_reading(
+    irregular: dict[str, Any],
+) -> None:
+    assert feed_fields(WorkItemType.INCIDENT, answer_bytes(INCIDENT_ROW, irregular)) is None
+    assert feed_fields(WorkItemType.INCIDENT, b"<html>Instance hibernating</html>") is None
+    assert feed_fields(WorkItemType.INCIDENT, b'{"result": {"sys_id": "x"}}') is None
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"sys_id": pair(" ")}, "sys_id: missing"),
+        ({"number": pair("")}, "number: missing"),
+        ({"sys_updated_on": pair("")}, "sys_updated_on: missing"),
+        ({"sys_updated_on": pair("yesterday")}, "sys_updated_on: not a ServiceNow date-time"),
+        ({"resolved_at": pair("03/01/2024")}, "resolved_at: not a ServiceNow date-time"),
+        ({"sys_created_on": pair("2024-13-01 00:00:00")}, "sys_created_on: not a ServiceNow date-time"),
+    ],
+)
+def test_both_readings_reject_a_bad_row_with_the_same_words(change: dict[str, Any], error: str) -> None:
+    row = INCIDENT_ROW | change
+    fields = feed_fields(WorkItemType.INCIDENT, answer_bytes(row))
+    assert fields is not None
+    with pytest.raises(ValueError, match=error) as direct:
+        fields_to_work_item("prod", WorkItemType.INCIDENT, fields[0])
+    with pytest.raises(ValueError, match=error) as general:
+        row_to_work_item("prod", WorkItemType.INCIDENT, row)
+    assert str(direct.value) == str(general.value)
+
+
+def test_a_page_with_irregular_rows_still_reads_every_row_and_sits_at_its_last_one() -> None:
+    """One irregular row sends the whole answer to the row-by-row reading: the regular rows map as
+    ever, a row that reads oddly but validly maps too, and an unreadable row is rejected while its
+    position still counts for the cursor."""
+    regular = row("a1", "2024-03-01 12:00:01")
+    odd = row("a2", "2024-03-01 12:00:02") | {"urgency": {"value": "1", "display_value": None}}
+    unreadable = row("a3", "2024-03-01 12:00:03") | {"description": {"value": "x", "display_value": ["x"]}}
+    api = FeedApi([regular, odd, unreadable])
+    setup = Setup(api=api)
+    page = setup.connector.fetch_changes(WorkItemType.INCIDENT, SyncCursor(updated_at=T0), 3)
+    assert [item.source_id for item in page.items] == ["a1", "a2"]
+    assert page.items[1].urgency == "1"
+    [rejected] = page.rejected
+    assert rejected.source_id == "a3"
+    assert rejected.error.startswith("description: unexpected list")
+    assert page.next_cursor == SyncCursor(updated_at=utc(2024, 3, 1, 12, 0, 3), last_id="a3")
+    assert page.is_last is False
+
+
+def test_a_feed_answer_that_is_not_json_is_unavailable_not_an_empty_page() -> None:
+    setup = Setup(api=lambda request: httpx.Response(200, text="<html>Instance hibernating</html>"))
+    with pytest.raises(ItsmUnavailableError, match="not JSON"):
+        setup.connector.fetch_changes(WorkItemType.INCIDENT, SyncCursor(updated_at=T0), 10)
+    setup = Setup(api=lambda request: httpx.Response(200, json={"result": {"sys_id": "x"}}))
+    with pytest.raises(ItsmUnavailableError, match="without a result list"):
+        setup.connector.fetch_changes(WorkItemType.INCIDENT, SyncCursor(updated_at=T0), 10)

@@ -395,6 +395,61 @@ def test_the_next_page_is_fetched_while_the_current_one_is_written() -> None:
     assert overlapped == [True]
 
 
+def test_a_deferred_page_is_mapped_only_after_the_next_page_was_asked_for() -> None:
+    """A connector may leave a page's mapping to the engine (``SyncPage.deferred``), so that it runs
+    while the next request is in flight; the engine must read the rows only after it has started
+    fetching the next page, and each page's rows only once."""
+    h = Harness(page_size=5)
+    seed(h.feed, 15)
+    fetch_started = [threading.Event() for _ in range(4)]
+    h.feed.on_fetch = lambda call: fetch_started[call].set()
+    real_fetch = h.feed.fetch_changes
+    mapped: list[tuple[int, bool]] = []  # (page, whether the next page's fetch had started)
+
+    def deferred(item_type: WorkItemType, cursor: SyncCursor, page_size: int) -> SyncPage:
+        page = real_fetch(item_type, cursor, page_size)
+        number = len(h.feed.cursors) - 1
+
+        def build() -> tuple[list[WorkItem], list[RejectedRow]]:
+            next_started = page.is_last or fetch_started[number + 1].wait(2)
+            mapped.append((number, next_started))
+            return page.items, page.rejected
+
+        return SyncPage.deferred(next_cursor=page.next_cursor, is_last=page.is_last, build=build)
+
+    h.feed.fetch_changes = deferred  # type: ignore[method-assign]
+    [result] = h.engine.run()
+    assert result.outcome is SyncOutcome.SUCCEEDED
+    assert (result.synced, result.pages) == (15, 3)
+    assert mapped == [(0, True), (1, True), (2, True)]
+    assert h.sinks[0].rows == h.feed.rows
+
+
+def test_a_deferred_page_maps_once_and_a_mapping_failure_surfaces_where_the_rows_are_read() -> None:
+    calls: list[int] = []
+    row = item("snow", 1, NOW)
+
+    def build() -> tuple[list[WorkItem], list[RejectedRow]]:
+        calls.append(1)
+        return [row], [RejectedRow(source_id="bad", error="bad date")]
+
+    page = SyncPage.deferred(next_cursor=SyncCursor(updated_at=NOW), is_last=True, build=build)
+    assert "not mapped yet" in repr(page)
+    assert calls == []
+    assert page.rejected == [RejectedRow(source_id="bad", error="bad date")]
+    assert page.items == [row]
+    assert calls == [1]
+    assert "1 items, 1 rejected" in repr(page)
+
+    def broken() -> tuple[list[WorkItem], list[RejectedRow]]:
+        raise ItsmError("the answer could not be read")
+
+    failing = SyncPage.deferred(next_cursor=SyncCursor(updated_at=NOW), is_last=False, build=broken)
+    assert failing.next_cursor == SyncCursor(updated_at=NOW)
+    with pytest.raises(ItsmError, match="could not be read"):
+        _ = failing.items
+
+
 def test_a_time_budget_stops_after_a_committed_page_and_the_next_run_continues() -> None:
     h = Harness(page_size=5)
     seed(h.feed, 20)
@@ -838,7 +893,7 @@ def test_a_connector_whose_cursor_stops_moving_cannot_loop_a_cli_run_for_ever() 
             raise ItsmError("looped 50 times")
         page = real_fetch(item_type, cursor, page_size)
         if len(h.feed.cursors) >= 2:  # from the second page on: the same rows, the same position
-            return page.model_copy(update={"next_cursor": cursor, "is_last": False})
+            return SyncPage(items=page.items, rejected=page.rejected, next_cursor=cursor, is_last=False)
         return page
 
     h.feed.fetch_changes = stuck  # type: ignore[method-assign]

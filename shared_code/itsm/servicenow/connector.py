@@ -33,8 +33,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import quote
 
 import httpx
@@ -57,11 +58,16 @@ from shared_code.itsm.servicenow.mapping import (
     JOURNAL_TABLE,
     SYNC_FIELDS,
     TABLES,
+    Fields,
     draft_to_incident_fields,
+    feed_fields,
     field_value,
+    fields_id,
+    fields_position,
+    fields_to_work_item,
     incident_state_to_lifecycle,
     parse_datetime,
-    row_to_work_item,
+    row_fields,
 )
 from shared_code.itsm.servicenow.query import Query
 
@@ -270,21 +276,20 @@ class ServiceNowConnector:
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
         table = TABLES[item_type]
-        fields = SYNC_FIELDS[item_type]
         at = cursor.updated_at
-        rows: list[Mapping[str, Any]] = []
+        rows: list[_FeedRow] = []
         if cursor.last_id:
             drain = self._query(
                 lambda q: q.eq("sys_updated_on", at).gt("sys_id", cursor.last_id).order_by("sys_id")
             )
-            rows = self._list(table, drain, fields, page_size)
+            rows = self._feed(item_type, table, drain, page_size)
             if len(rows) >= page_size:
                 return self._page(item_type, cursor, rows, is_last=False)
         room = page_size - len(rows)
         after = self._query(
             lambda q: q.gt("sys_updated_on", at).order_by("sys_updated_on").order_by("sys_id")
         )
-        more = self._list(table, after, fields, room)
+        more = self._feed(item_type, table, after, room)
         return self._page(item_type, cursor, [*rows, *more], is_last=len(more) < room)
 
     def close(self) -> None:
@@ -293,24 +298,56 @@ class ServiceNowConnector:
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _page(
-        self, item_type: WorkItemType, cursor: SyncCursor, rows: Sequence[Mapping[str, Any]], *, is_last: bool
-    ) -> SyncPage:
-        items: list[WorkItem] = []
-        rejected: list[RejectedRow] = []
-        for row in rows:
+    def _feed(self, item_type: WorkItemType, table: str, query: str, limit: int) -> list[_FeedRow]:
+        """One page of the change feed. A regular answer is read straight into ``Fields`` (see
+        ``feed_fields``); anything else is parsed as JSON and read row by row, where a row that
+        cannot be read is kept as rejected, with its position if it has one."""
+        params = _list_params(SYNC_FIELDS[item_type], limit, query, display_values=True)
+        what = f"GET {table}"
+        response = self._answer("GET", f"{TABLE_API}/{table}", what=what, params=params)
+        regular = feed_fields(item_type, response.content)
+        if regular is not None:
+            return list(regular)
+        rows: list[_FeedRow] = []
+        body = {} if _without_body(response) else self._json_object(response, what)
+        for row in _result_rows(body, what):
             try:
-                items.append(row_to_work_item(self.connection_name, item_type, row))
+                rows.append(row_fields(item_type, row))
             except ValueError as exc:
-                rejected.append(RejectedRow(source_id=_row_id(row), error=str(exc)[:MAX_ERROR_TEXT]))
+                rejected = RejectedRow(source_id=_row_id(row), error=str(exc)[:MAX_ERROR_TEXT])
+                rows.append(_Unreadable(rejected, _row_position(row)))
+        return rows
+
+    def _page(
+        self, item_type: WorkItemType, cursor: SyncCursor, rows: Sequence[_FeedRow], *, is_last: bool
+    ) -> SyncPage:
+        """The page's position now, read from its last rows; its rows become work items when the
+        engine reads them, which it does after sending the request for the next page."""
         # the page ends at its last row that can say where it sits (the rows come in feed order)
-        position = next(filter(None, map(_row_position, reversed(rows))), cursor)
+        position = next(filter(None, map(_feed_position, reversed(rows))), cursor)
         if not is_last and position == cursor and rows:
             raise ItsmError(
                 f"ServiceNow {TABLES[item_type]} rows of connection {self.connection_name!r} carry no "
                 "readable sys_updated_on/sys_id, so the sync cannot move past them",
             )
-        return SyncPage(items=items, rejected=rejected, next_cursor=position, is_last=is_last)
+        connection = self.connection_name
+
+        def build() -> tuple[list[WorkItem], list[RejectedRow]]:
+            items: list[WorkItem] = []
+            rejected: list[RejectedRow] = []
+            for row in rows:
+                if type(row) is _Unreadable:
+                    rejected.append(row.rejected)
+                    continue
+                fields = cast(Fields, row)
+                source_id = fields_id(fields)
+                try:
+                    items.append(fields_to_work_item(connection, item_type, fields))
+                except ValueError as exc:
+                    rejected.append(RejectedRow(source_id=source_id, error=str(exc)[:MAX_ERROR_TEXT]))
+            return items, rejected
+
+        return SyncPage.deferred(next_cursor=position, is_last=is_last, build=build)
 
     def _lookup_ci(self, name: str, query: str) -> str | None:
         """The sys_id of the CI named ``name``; the row's own name is checked, because an instance
@@ -393,21 +430,9 @@ class ServiceNowConnector:
         *,
         display_values: bool = True,
     ) -> list[Mapping[str, Any]]:
-        params = {
-            "sysparm_limit": str(limit),
-            "sysparm_fields": ",".join(fields),
-            "sysparm_exclude_reference_link": "true",
-            "sysparm_no_count": "true",
-        }
-        if display_values:
-            params["sysparm_display_value"] = "all"
-        if query:
-            params["sysparm_query"] = query
+        params = _list_params(fields, limit, query, display_values=display_values)
         body = self._send("GET", table, params=params)
-        result = body.get("result")
-        if not isinstance(result, list) or not all(isinstance(row, Mapping) for row in result):
-            raise ItsmUnavailableError(f"GET {table}: ServiceNow answered without a result list")
-        return result
+        return _result_rows(body, f"GET {table}")
 
     def _send(
         self,
@@ -448,6 +473,31 @@ class ServiceNowConnector:
         """One call to a REST API of the instance (``path`` from ``/api/...``), retried and mapped
         to the ``ItsmError`` family as the module docstring says; the JSON object it answered.
         ``names_record``: the path ends in a record's sys_id (logged as ``<sys_id>``)."""
+        response = self._answer(
+            method,
+            path,
+            what=what,
+            params=params,
+            json=json,
+            idempotent=idempotent,
+            names_record=names_record,
+        )
+        if _without_body(response):
+            return {}
+        return self._json_object(response, what)
+
+    def _answer(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        params: Mapping[str, str] | None = None,
+        json: Mapping[str, Any] | None = None,
+        idempotent: bool = True,
+        names_record: bool = False,
+    ) -> httpx.Response:
+        """``send_api``'s call and status checks, the answer not read yet."""
         url = self._instance + path
         headers = {"Accept": "application/json"}
 
@@ -464,8 +514,11 @@ class ServiceNowConnector:
             raise ItsmRejectedError(
                 f"ServiceNow rejected {what} (HTTP {status}): {_product_error(response)}", status=status
             )
-        if status == 204 or not response.content:
-            return {}
+        return response
+
+    @staticmethod
+    def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
+        """The JSON object of an answer; anything else (a login or hibernation page) is unavailable."""
         try:
             body = response.json()
         except ValueError:
@@ -473,9 +526,9 @@ class ServiceNowConnector:
         if not isinstance(body, dict):
             content_type = response.headers.get("Content-Type", "").split(";")[0] or "no content type"
             raise ItsmUnavailableError(
-                f"{what}: ServiceNow answered HTTP {status} with {content_type}, not JSON "
+                f"{what}: ServiceNow answered HTTP {response.status_code} with {content_type}, not JSON "
                 "(is the instance hibernating or behind a login page?)",
-                status=status,
+                status=response.status_code,
             )
         return body
 
@@ -500,6 +553,48 @@ def _result_object(body: Mapping[str, Any], what: str) -> Mapping[str, Any]:
     result = body.get("result")
     if not isinstance(result, Mapping):
         raise ItsmUnavailableError(f"{what}: ServiceNow answered without a result object")
+    return result
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """A feed row that could not be read into ``Fields``: rejected, and where it sits if it says."""
+
+    rejected: RejectedRow
+    position: SyncCursor | None
+
+
+_FeedRow = Fields | _Unreadable
+
+
+def _feed_position(row: _FeedRow) -> SyncCursor | None:
+    return row.position if type(row) is _Unreadable else fields_position(cast(Fields, row))
+
+
+def _without_body(response: httpx.Response) -> bool:
+    return response.status_code == 204 or not response.content
+
+
+def _list_params(
+    fields: Sequence[str], limit: int, query: str | None, *, display_values: bool
+) -> dict[str, str]:
+    params = {
+        "sysparm_limit": str(limit),
+        "sysparm_fields": ",".join(fields),
+        "sysparm_exclude_reference_link": "true",
+        "sysparm_no_count": "true",
+    }
+    if display_values:
+        params["sysparm_display_value"] = "all"
+    if query:
+        params["sysparm_query"] = query
+    return params
+
+
+def _result_rows(body: Mapping[str, Any], what: str) -> list[Mapping[str, Any]]:
+    result = body.get("result")
+    if not isinstance(result, list) or not all(isinstance(row, Mapping) for row in result):
+        raise ItsmUnavailableError(f"{what}: ServiceNow answered without a result list")
     return result
 
 

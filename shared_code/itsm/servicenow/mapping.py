@@ -12,8 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import AliasPath, ConfigDict, Field, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
+
+from shared_code.domain.sync import SyncCursor
 from shared_code.domain.workitem import IncidentDraft, Lifecycle, WorkItem, WorkItemState, WorkItemType
 from shared_code.itsm.servicenow.query import DATETIME_FORMAT
 
@@ -240,62 +244,154 @@ def _required(row: Mapping[str, Any], name: str) -> str:
     return value
 
 
-def row_to_work_item(connection: str, item_type: WorkItemType, row: Mapping[str, Any]) -> WorkItem:
-    """One Table API row as a WorkItem; raises ``ValueError`` naming the field it could not read.
+# -- the sync's rows --------------------------------------------------------------------------------
 
-    The model validates it (about 4 us a row): ``model_construct`` is pure Python and, for these
-    thirty fields, measured slower than pydantic-core's validation."""
-    sys_id = _required(row, "sys_id")
-    number = _required(row, "number")
-    updated_at = parse_datetime(_required(row, "sys_updated_on"), "sys_updated_on")
-    assert updated_at is not None
+VALUE, DISPLAY = "value", "display_value"
+_COMMON_SPEC: list[tuple[str, str, str]] = [
+    # (WorkItem field, Table API field, which part of its {"value", "display_value"} pair)
+    ("source_id", "sys_id", VALUE),
+    ("number", "number", VALUE),
+    ("updated_at", "sys_updated_on", VALUE),
+    ("state", "state", DISPLAY),
+    ("state_code", "state", VALUE),
+    ("urgency", "urgency", DISPLAY),
+    ("impact", "impact", DISPLAY),
+    ("priority", "priority", DISPLAY),
+    ("created_by", "sys_created_by", VALUE),
+    ("closed_by", "closed_by", DISPLAY),
+    ("source", "contact_type", DISPLAY),
+    ("assigned_to", "assigned_to", DISPLAY),
+    ("category", "category", DISPLAY),
+    ("title", "short_description", DISPLAY),
+    ("description", "description", DISPLAY),
+    ("computer", "cmdb_ci", DISPLAY),
+    ("created_at", "sys_created_on", VALUE),
+    ("closed_at", "closed_at", VALUE),
+    ("correlation_id", "correlation_id", VALUE),
+]
+ROW_SPEC: dict[WorkItemType, list[tuple[str, str, str]]] = {
+    WorkItemType.INCIDENT: [
+        *_COMMON_SPEC,
+        ("resolved_by", "resolved_by", DISPLAY),
+        ("resolved_at", "resolved_at", VALUE),
+    ],
+    WorkItemType.CHANGE_REQUEST: [
+        *_COMMON_SPEC,
+        ("change_type", "type", DISPLAY),
+        ("risk", "risk", DISPLAY),
+        ("requested_at", "requested_by_date", VALUE),
+        ("planned_start", "start_date", VALUE),
+        ("planned_end", "end_date", VALUE),
+        ("work_start", "work_start", VALUE),
+        ("work_end", "work_end", VALUE),
+    ],
+}
+"""Where each WorkItem field comes from: one table for both ways of reading a row (below)."""
+_DATES = {
+    "updated_at",
+    "created_at",
+    "closed_at",
+    "resolved_at",
+    "requested_at",
+    "planned_start",
+    "planned_end",
+    "work_start",
+    "work_end",
+}
+_OPTIONAL_DATES: dict[WorkItemType, list[tuple[str, str]]] = {
+    item_type: [(name, source) for name, source, _ in spec if name in _DATES and name != "updated_at"]
+    for item_type, spec in ROW_SPEC.items()
+}
 
-    def date(name: str) -> datetime | None:
-        return parse_datetime(_value(row, name), name)
+Fields = dict[str, Any]
+"""A row's text under WorkItem field names, as the product sent it (dates not parsed yet)."""
 
-    values: dict[str, Any] = {
-        "connection": connection,
-        "item_type": item_type,
-        "source_id": sys_id,
-        "number": number,
-        "updated_at": updated_at,
-        "state": _display(row, "state"),
-        "state_code": _value(row, "state"),
-        "urgency": _display(row, "urgency"),
-        "impact": _display(row, "impact"),
-        "priority": _display(row, "priority"),
-        "created_by": _value(row, "sys_created_by"),
-        "closed_by": _display(row, "closed_by"),
-        "source": _display(row, "contact_type"),
-        "assigned_to": _display(row, "assigned_to"),
-        "category": _display(row, "category"),
-        "title": _display(row, "short_description"),
-        "description": _display(row, "description"),
-        "computer": _display(row, "cmdb_ci"),
-        "created_at": date("sys_created_on"),
-        "closed_at": date("closed_at"),
-        "correlation_id": _value(row, "correlation_id"),
+
+def row_fields(item_type: WorkItemType, row: Mapping[str, Any]) -> Fields:
+    """A parsed JSON row's fields, each read as ``field_value`` / ``field_display`` read it (plain
+    strings, numbers and a missing display value included); raises ``ValueError`` naming the field."""
+    return {
+        name: (_value(row, source) if part == VALUE else _display(row, source))
+        for name, source, part in ROW_SPEC[item_type]
     }
-    if item_type is WorkItemType.INCIDENT:
-        values |= {
-            "resolved_by": _display(row, "resolved_by"),
-            "resolved_at": date("resolved_at"),
-        }
-    else:
-        values |= {
-            "change_type": _display(row, "type"),
-            "risk": _display(row, "risk"),
-            "requested_at": date("requested_by_date"),
-            "planned_start": date("start_date"),
-            "planned_end": date("end_date"),
-            "work_start": date("work_start"),
-            "work_end": date("work_end"),
-        }
-    values["lifecycle"] = lifecycle_of(
-        item_type,
-        values["state_code"],
-        values["state"],
-        resolved_at=values.get("resolved_at"),
-        closed_at=values["closed_at"],
+
+
+def _feed_reader(item_type: WorkItemType) -> TypeAdapter[Any]:
+    """pydantic-core reading a ``{"result": [...]}`` answer straight into ``Fields``: JSON parsing and
+    field picking in one pass, without a Python dict per field. Strict: every field a pair of
+    strings, or the answer is not the regular shape and is read the general way."""
+    row = TypedDict(  # type: ignore[misc]
+        f"_{item_type.name.title()}Row",
+        {
+            name: Annotated[str, Field(validation_alias=AliasPath(source, part))]
+            for name, source, part in ROW_SPEC[item_type]
+        },
     )
-    return WorkItem(**values)
+    row.__pydantic_config__ = ConfigDict(strict=True)  # type: ignore[attr-defined]
+
+    class Answer(TypedDict):
+        result: list[row]
+
+    return TypeAdapter(Answer)
+
+
+_FEED_READERS = {item_type: _feed_reader(item_type) for item_type in ROW_SPEC}
+
+
+def feed_fields(item_type: WorkItemType, content: bytes) -> list[Fields] | None:
+    """The rows of a Table API answer as ``Fields``, when every row has the regular shape
+    (``sysparm_display_value=all`` pairs of strings for every field asked); None otherwise."""
+    try:
+        answer = _FEED_READERS[item_type].validate_json(content)
+    except ValidationError:
+        return None
+    rows: list[Fields] = answer["result"]
+    return rows
+
+
+def fields_to_work_item(connection: str, item_type: WorkItemType, fields: Fields) -> WorkItem:
+    """A row's ``Fields`` as a WorkItem (``fields`` is consumed); raises ``ValueError`` naming the
+    Table API field it could not read."""
+    for name, source in (("source_id", "sys_id"), ("number", "number")):
+        value = fields[name].strip()
+        if not value:
+            raise ValueError(f"{source}: missing")
+        fields[name] = value
+    updated = fields["updated_at"].strip()
+    if not updated:
+        raise ValueError("sys_updated_on: missing")
+    fields["updated_at"] = parse_datetime(updated, "sys_updated_on")
+    for name, source in _OPTIONAL_DATES[item_type]:
+        fields[name] = parse_datetime(fields[name], source)
+    fields["connection"] = connection
+    fields["item_type"] = item_type
+    fields["lifecycle"] = lifecycle_of(
+        item_type,
+        fields["state_code"],
+        fields["state"],
+        resolved_at=fields.get("resolved_at"),
+        closed_at=fields["closed_at"],
+    )
+    return WorkItem.model_validate(fields)
+
+
+def row_to_work_item(connection: str, item_type: WorkItemType, row: Mapping[str, Any]) -> WorkItem:
+    """One parsed Table API row as a WorkItem; raises ``ValueError`` naming the field it could not read."""
+    return fields_to_work_item(connection, item_type, row_fields(item_type, row))
+
+
+def fields_id(fields: Fields) -> str:
+    """The best id of a rejected row for the error log: sys_id, else number, else nothing."""
+    return str(fields.get("source_id") or "").strip() or str(fields.get("number") or "").strip()
+
+
+def fields_position(fields: Fields) -> SyncCursor | None:
+    """Where a row sits in the feed, or None if it cannot say (the cursor then stays where it was)."""
+    sys_id = fields["source_id"].strip()
+    try:
+        updated = parse_datetime(fields["updated_at"], "sys_updated_on")
+    except ValueError:
+        return None
+    if not sys_id or updated is None:
+        return None
+    return SyncCursor(updated_at=updated, last_id=sys_id)
