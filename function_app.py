@@ -1,4 +1,5 @@
-"""The Functions app: registers the blueprints, nothing else (no I/O at import time)."""
+"""The Functions app: registers the blueprints and tunes the interpreter, nothing else (no I/O at
+import time)."""
 
 import azure.functions as func
 
@@ -7,6 +8,9 @@ from functions.health import bp as health_blueprint
 from functions.maps import bp as maps_blueprint
 from functions.retention import bp as retention_blueprint
 from functions.sync import bp as sync_blueprint
+from shared_code.bootstrap import tune_interpreter
+
+tune_interpreter()
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(alerts_blueprint)

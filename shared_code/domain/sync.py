@@ -39,12 +39,12 @@ class SyncPage:
     """One page of changed work items, in cursor order, with the cursor just past the last row.
 
     Where the page sits (``next_cursor``, ``is_last``) is known as soon as the product answered;
-    its rows may be mapped later (``SyncPage.deferred``). The engine asks for the next page first
-    and only then reads ``items``, so a connector that defers its mapping has it run while the next
-    request is in flight: the product's time and ours overlap instead of adding up.
+    its rows may be mapped later (``SyncPage.deferred``). The engine asks for the next page (when
+    there is one to ask for) before it reads ``items``, so a connector that defers its mapping has
+    it run while the next request is in flight. Read from one thread (the engine's).
     """
 
-    __slots__ = ("_build", "_items", "_rejected", "is_last", "next_cursor")
+    __slots__ = ("_build", "_failure", "_items", "_rejected", "is_last", "next_cursor")
 
     def __init__(
         self,
@@ -59,19 +59,27 @@ class SyncPage:
         self._items: list[WorkItem] | None = list(items)
         self._rejected: list[RejectedRow] = list(rejected)
         self._build: Callable[[], MappedRows] | None = None
+        self._failure: BaseException | None = None
 
     @classmethod
     def deferred(cls, *, next_cursor: SyncCursor, is_last: bool, build: Callable[[], MappedRows]) -> SyncPage:
-        """A page whose rows ``build`` maps on first use (once; what it raises, reading raises)."""
+        """A page whose rows ``build`` maps on first use, once: what it raised, every read raises."""
         page = cls(items=(), next_cursor=next_cursor, is_last=is_last)
         page._items, page._build = None, build
         return page
 
     def _mapped(self) -> list[WorkItem]:
         if self._items is None:
-            assert self._build is not None
-            items, rejected = self._build()
-            self._items, self._rejected, self._build = list(items), list(rejected), None
+            if self._failure is not None:
+                raise self._failure
+            build, self._build = self._build, None
+            assert build is not None
+            try:
+                items, rejected = build()
+            except BaseException as exc:
+                self._failure = exc
+                raise
+            self._items, self._rejected = list(items), list(rejected)
         return self._items
 
     @property

@@ -315,10 +315,11 @@ class SyncEngine:
     def _fetch_ahead(
         self, pool: ThreadPoolExecutor, feed: ChangeFeed, item_type: WorkItemType, cursor: SyncCursor
     ) -> Future[SyncPage]:
-        """Fetch a page on the pool, and return once its thread runs: it sends its request before this
-        thread goes on mapping and writing the page in hand, instead of waiting for the GIL behind
-        that work (a thread woken while another computes waits up to the 5 ms switch interval, at
-        every step, which put each page's request behind the previous page's mapping)."""
+        """Fetch a page on the pool, and return once its thread has started: it then holds the GIL
+        and usually has its request on the wire before this thread takes the GIL back to map and
+        write the page in hand. Without the wait, the woken fetch thread queued for the GIL behind
+        that work (up to a switch interval at every step), which put each page's request behind
+        the previous page's mapping."""
         running = threading.Event()
 
         def fetch() -> SyncPage:

@@ -53,7 +53,7 @@ from typing import Any
 import httpx
 from azure.data.tables import TableServiceClient
 
-from shared_code.bootstrap import get_container
+from shared_code.bootstrap import get_container, tune_interpreter
 from shared_code.domain.workitem import WorkItemType
 from shared_code.itsm.cherwell.mapping import (
     LAST_MODIFIED,
@@ -380,6 +380,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def run() -> int:
+    tune_interpreter()  # as the app's entry points do (function_app.py, python -m shared_code)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return main()

@@ -42,7 +42,7 @@ from azure.data.tables import TableServiceClient
 from azure.identity import ClientSecretCredential
 from azure.monitor.query import LogsQueryClient
 
-from shared_code.bootstrap import Container, get_container
+from shared_code.bootstrap import Container, get_container, tune_interpreter
 from shared_code.domain.mapsources import MapSourceDefinition
 from shared_code.mapsources.vminsights import (
     DEFAULT_BATCH_SIZE,
@@ -396,6 +396,7 @@ def run(children: list[Any]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    tune_interpreter()  # as the app's entry points do (function_app.py, python -m shared_code)
     parser = argparse.ArgumentParser(prog="python -m tests.bench.maps_import_bench")
     parser.add_argument("--child", nargs=2, metavar=("SOURCE", "SERVERS"))
     parser.add_argument("--raw", nargs=2, metavar=("TABLE", "ROWS_FILE"))

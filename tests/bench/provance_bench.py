@@ -45,7 +45,7 @@ import httpx
 from azure.data.tables import TableServiceClient
 from azure.identity import ClientSecretCredential
 
-from shared_code.bootstrap import get_container
+from shared_code.bootstrap import get_container, tune_interpreter
 from shared_code.domain.workitem import WorkItemType
 from shared_code.itsm.provance.connector import FORMATTED_VALUES
 from shared_code.itsm.provance.mapping import FORMATTED, TableInfo
@@ -334,6 +334,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def run() -> int:
+    tune_interpreter()  # as the app's entry points do (function_app.py, python -m shared_code)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return main()

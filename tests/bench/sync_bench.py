@@ -85,7 +85,7 @@ from typing import Any
 import httpx
 from azure.data.tables import TableServiceClient, TransactionOperation, UpdateMode
 
-from shared_code.bootstrap import Container, get_container
+from shared_code.bootstrap import Container, get_container, tune_interpreter
 from shared_code.domain.workitem import WorkItem, WorkItemType
 from shared_code.itsm.servicenow.mapping import SYNC_FIELDS, TABLES
 from shared_code.monitor.alerts_management import AlertsManagementClient
@@ -669,6 +669,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
+    tune_interpreter()  # as the app's entry points do (function_app.py, python -m shared_code)
     parser = argparse.ArgumentParser(prog="python -m tests.bench.sync_bench")
     parser.add_argument("--child", metavar="CONNECTION", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -35,6 +35,7 @@ from shared_code.itsm.servicenow.mapping import (
     feed_fields,
     fields_to_work_item,
     incident_state_to_lifecycle,
+    row_fields,
     row_to_work_item,
 )
 from shared_code.itsm.servicenow.query import Query, escape_value, format_datetime
@@ -1170,8 +1171,114 @@ def test_an_answer_with_one_irregular_row_is_left_to_the_row_by_row_reading(
     irregular: dict[str, Any],
 ) -> None:
     assert feed_fields(WorkItemType.INCIDENT, answer_bytes(INCIDENT_ROW, irregular)) is None
+    assert feed_fields(WorkItemType.INCIDENT, answer_bytes(irregular, INCIDENT_ROW)) is None
+
+
+INCIDENT_JSON = json.dumps(INCIDENT_ROW)
+
+
+def answer_of(row_json: str, *, before: str = "", after: str = "") -> bytes:
+    return (before + '{"result": [' + row_json + "]}" + after).encode("utf-8", "surrogatepass")
+
+
+def with_extra(text: str) -> str:
+    """The incident row with one more field (one the sync does not ask for)."""
+    return INCIDENT_JSON[:-1] + f', "extra": {text}}}'
+
+
+def retitled(title: str) -> str:
+    return INCIDENT_JSON.replace("Sev1 CPU high", title)
+
+
+TAKEN, REFUSED = True, False
+
+
+@pytest.mark.parametrize(
+    ("content", "taken"),
+    [
+        # duplicate keys: the last one counts, for the json module and for pydantic-core alike
+        (answer_of(INCIDENT_JSON[:-1] + ', "number": {"value": "INC9", "display_value": "INC9"}}'), TAKEN),
+        (
+            answer_of(INCIDENT_JSON.replace('"value": "INC0010001"', '"value": "X", "value": "INC0010001"')),
+            TAKEN,
+        ),
+        (('{"result": [], "result": [' + INCIDENT_JSON + "]}").encode(), TAKEN),
+        # escapes, a surrogate pair, a NUL; odd numbers (NaN too) in a field nobody reads
+        (answer_of(retitled('Sev1 \\u00e9\\ud83d\\udd25 \\u0000 \\" CPU')), TAKEN),
+        (answer_of(with_extra("[1e400, -0.0, 12345678901234567890, NaN, -Infinity]")), TAKEN),
+        (answer_of(with_extra("9" * 4000)), TAKEN),
+        (answer_of(INCIDENT_JSON, before="  \n", after="\n\t "), TAKEN),
+        # what pydantic-core refuses and Python reads: a lone surrogate, a byte order mark
+        (answer_of(retitled("Sev1 \\ud800 CPU")), REFUSED),
+        (answer_of(INCIDENT_JSON, before="\ufeff"), REFUSED),
+    ],
+)
+def test_the_direct_reading_sees_the_rows_the_json_module_sees_or_leaves_the_answer_to_it(
+    content: bytes, taken: bool
+) -> None:
+    """pydantic-core parses the answer's bytes itself: where it takes an answer, it must see the
+    rows Python's ``json`` module sees (duplicate keys, escapes, odd numbers); where it refuses
+    one, the row-by-row reading reads it as before."""
+    direct = feed_fields(WorkItemType.INCIDENT, content)
+    rows = json.loads(content.decode("utf-8-sig", "surrogatepass"))["result"]
+    general = [row_fields(WorkItemType.INCIDENT, row) for row in rows]
+    if taken:
+        assert direct == general
+    else:
+        assert direct is None
+
+
+def test_answers_that_are_not_a_result_list_are_left_to_the_general_reading() -> None:
     assert feed_fields(WorkItemType.INCIDENT, b"<html>Instance hibernating</html>") is None
     assert feed_fields(WorkItemType.INCIDENT, b'{"result": {"sys_id": "x"}}') is None
+    assert feed_fields(WorkItemType.INCIDENT, b"") is None
+    assert feed_fields(WorkItemType.INCIDENT, b'{"result": []}') == []
+
+
+def test_a_row_with_two_faults_reports_its_key_field_first() -> None:
+    """The row-by-row reading checks every field's shape, but a missing or unreadable key field is
+    what the error log reports first (where the row sits and what it is), as it always did."""
+    two_faults = INCIDENT_ROW | {"sys_id": pair(" "), "impact": {"value": "1", "display_value": ["x"]}}
+    with pytest.raises(ValueError, match=r"^sys_id: missing"):
+        row_to_work_item("prod", WorkItemType.INCIDENT, two_faults)
+    bad_time = INCIDENT_ROW | {"sys_updated_on": pair("yesterday"), "description": {"display_value": {}}}
+    with pytest.raises(ValueError, match=r"^sys_updated_on: not a ServiceNow date-time"):
+        row_to_work_item("prod", WorkItemType.INCIDENT, bad_time)
+    only_a_field = INCIDENT_ROW | {"impact": {"value": "1", "display_value": ["x"]}}
+    with pytest.raises(ValueError, match=r"^impact: unexpected list value"):
+        row_to_work_item("prod", WorkItemType.INCIDENT, only_a_field)
+
+
+def full_row(sys_id: str, updated: str, **changes: Any) -> dict[str, Any]:
+    return (
+        INCIDENT_ROW
+        | {"sys_id": pair(sys_id), "number": pair(f"INC{sys_id}"), "sys_updated_on": pair(updated)}
+        | changes
+    )
+
+
+def test_a_page_read_directly_and_the_same_page_read_row_by_row_are_the_same_page() -> None:
+    rows = [
+        full_row("a1", "2024-03-01 12:00:01"),
+        full_row("a2", "2024-03-01 12:00:02", resolved_at=pair("01/03/2024")),
+        full_row("a3", "2024-03-01 12:00:03", state=pair("7", "Closed")),
+    ]
+    irregular = [*rows[:2], rows[2] | {"urgency": {"value": "1", "display_value": None}}]
+    pages = []
+    for answer in (rows, irregular):
+        setup = Setup(api=FeedApi(answer))
+        pages.append(setup.connector.fetch_changes(WorkItemType.INCIDENT, SyncCursor(updated_at=T0), 3))
+    direct, general = pages
+    assert feed_fields(WorkItemType.INCIDENT, answer_bytes(*rows)) is not None
+    assert feed_fields(WorkItemType.INCIDENT, answer_bytes(*irregular)) is None
+    for page in pages:
+        assert [item.source_id for item in page.items] == ["a1", "a3"]
+        assert [(r.source_id, r.error[:12]) for r in page.rejected] == [("a2", "resolved_at:")]
+        assert page.next_cursor == SyncCursor(updated_at=utc(2024, 3, 1, 12, 0, 3), last_id="a3")
+        assert page.is_last is False
+    assert [as_dict(item) for item in direct.items[:1]] == [as_dict(item) for item in general.items[:1]]
+    assert direct.items[1].lifecycle is Lifecycle.CLOSED
+    assert general.items[1].urgency == "1"
 
 
 @pytest.mark.parametrize(

@@ -442,12 +442,41 @@ def test_a_deferred_page_maps_once_and_a_mapping_failure_surfaces_where_the_rows
     assert "1 items, 1 rejected" in repr(page)
 
     def broken() -> tuple[list[WorkItem], list[RejectedRow]]:
+        calls.append(2)
         raise ItsmError("the answer could not be read")
 
     failing = SyncPage.deferred(next_cursor=SyncCursor(updated_at=NOW), is_last=False, build=broken)
     assert failing.next_cursor == SyncCursor(updated_at=NOW)
     with pytest.raises(ItsmError, match="could not be read"):
         _ = failing.items
+    with pytest.raises(ItsmError, match="could not be read"):  # the same failure, not a second build
+        _ = failing.rejected
+    assert calls == [1, 2]
+
+
+def test_a_page_whose_mapping_fails_fails_the_run_before_any_write_and_keeps_the_watermark() -> None:
+    h = Harness(page_size=5)
+    seed(h.feed, 15)
+    real_fetch = h.feed.fetch_changes
+
+    def third_page_unreadable(item_type: WorkItemType, cursor: SyncCursor, page_size: int) -> SyncPage:
+        page = real_fetch(item_type, cursor, page_size)
+        if len(h.feed.cursors) < 3:
+            return page
+
+        def build() -> tuple[list[WorkItem], list[RejectedRow]]:
+            raise ItsmError("ServiceNow answered rows the sync cannot read")
+
+        return SyncPage.deferred(next_cursor=page.next_cursor, is_last=page.is_last, build=build)
+
+    h.feed.fetch_changes = third_page_unreadable  # type: ignore[method-assign]
+    [result] = h.engine.run()
+    assert result.outcome is SyncOutcome.FAILED
+    assert "cannot read" in result.error
+    assert (result.pages, result.synced) == (2, 10)
+    assert len(h.sinks[0].writes) == 2
+    ordered = sorted(h.feed.rows.values(), key=lambda r: (r.updated_at, r.source_id))
+    assert h.watermark() == SyncCursor(updated_at=ordered[9].updated_at, last_id=ordered[9].source_id)
 
 
 def test_a_time_budget_stops_after_a_committed_page_and_the_next_run_continues() -> None:

@@ -34,13 +34,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC
 from typing import Any, TypeVar, cast
 from urllib.parse import quote
 
 import httpx
 
-from shared_code.domain.sync import RejectedRow, SyncCursor, SyncPage
+from shared_code.domain.sync import MappedRows, RejectedRow, SyncCursor, SyncPage
 from shared_code.domain.workitem import (
     IncidentDraft,
     WorkItem,
@@ -66,8 +65,9 @@ from shared_code.itsm.servicenow.mapping import (
     fields_position,
     fields_to_work_item,
     incident_state_to_lifecycle,
-    parse_datetime,
     row_fields,
+    row_id,
+    row_position,
 )
 from shared_code.itsm.servicenow.query import Query
 
@@ -277,7 +277,7 @@ class ServiceNowConnector:
             raise ValueError("page_size must be at least 1")
         table = TABLES[item_type]
         at = cursor.updated_at
-        rows: list[_FeedRow] = []
+        rows: Sequence[_FeedRow] = []
         if cursor.last_id:
             drain = self._query(
                 lambda q: q.eq("sys_updated_on", at).gt("sys_id", cursor.last_id).order_by("sys_id")
@@ -298,7 +298,7 @@ class ServiceNowConnector:
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _feed(self, item_type: WorkItemType, table: str, query: str, limit: int) -> list[_FeedRow]:
+    def _feed(self, item_type: WorkItemType, table: str, query: str, limit: int) -> Sequence[_FeedRow]:
         """One page of the change feed. A regular answer is read straight into ``Fields`` (see
         ``feed_fields``); anything else is parsed as JSON and read row by row, where a row that
         cannot be read is kept as rejected, with its position if it has one."""
@@ -307,22 +307,23 @@ class ServiceNowConnector:
         response = self._answer("GET", f"{TABLE_API}/{table}", what=what, params=params)
         regular = feed_fields(item_type, response.content)
         if regular is not None:
-            return list(regular)
+            return regular
+        log.debug("ServiceNow %s: an irregular answer, read row by row", what)
         rows: list[_FeedRow] = []
         body = {} if _without_body(response) else self._json_object(response, what)
         for row in _result_rows(body, what):
             try:
                 rows.append(row_fields(item_type, row))
             except ValueError as exc:
-                rejected = RejectedRow(source_id=_row_id(row), error=str(exc)[:MAX_ERROR_TEXT])
-                rows.append(_Unreadable(rejected, _row_position(row)))
+                rejected = RejectedRow(source_id=row_id(row), error=str(exc)[:MAX_ERROR_TEXT])
+                rows.append(_Unreadable(rejected, row_position(row)))
         return rows
 
     def _page(
         self, item_type: WorkItemType, cursor: SyncCursor, rows: Sequence[_FeedRow], *, is_last: bool
     ) -> SyncPage:
         """The page's position now, read from its last rows; its rows become work items when the
-        engine reads them, which it does after sending the request for the next page."""
+        engine first reads them (after it asked for the next page, when there is one to ask for)."""
         # the page ends at its last row that can say where it sits (the rows come in feed order)
         position = next(filter(None, map(_feed_position, reversed(rows))), cursor)
         if not is_last and position == cursor and rows:
@@ -332,7 +333,7 @@ class ServiceNowConnector:
             )
         connection = self.connection_name
 
-        def build() -> tuple[list[WorkItem], list[RejectedRow]]:
+        def build() -> MappedRows:
             items: list[WorkItem] = []
             rejected: list[RejectedRow] = []
             for row in rows:
@@ -596,30 +597,6 @@ def _result_rows(body: Mapping[str, Any], what: str) -> list[Mapping[str, Any]]:
     if not isinstance(result, list) or not all(isinstance(row, Mapping) for row in result):
         raise ItsmUnavailableError(f"{what}: ServiceNow answered without a result list")
     return result
-
-
-def _row_id(row: Mapping[str, Any]) -> str:
-    """The best id of a rejected row for the error log: sys_id, else number, else nothing."""
-    for name in ("sys_id", "number"):
-        try:
-            value = field_value(row, name).strip()
-        except ValueError:
-            continue
-        if value:
-            return value
-    return ""
-
-
-def _row_position(row: Mapping[str, Any]) -> SyncCursor | None:
-    """Where a row sits in the feed, or None if it cannot say (the cursor then stays where it was)."""
-    try:
-        sys_id = field_value(row, "sys_id").strip()
-        updated = parse_datetime(field_value(row, "sys_updated_on"), "sys_updated_on")
-    except ValueError:
-        return None
-    if not sys_id or updated is None:
-        return None
-    return SyncCursor(updated_at=updated.astimezone(UTC), last_id=sys_id)
 
 
 def _product_error(response: httpx.Response) -> str:

@@ -254,6 +254,7 @@ _DATES = {
     "work_start",
     "work_end",
 }
+_KEY_SPEC = _COMMON_SPEC[:3]  # sys_id, number, sys_updated_on: where a row sits and what it is
 _OPTIONAL_DATES: dict[WorkItemType, list[tuple[str, str]]] = {
     item_type: [(name, source) for name, source, _ in spec if name in _DATES and name != "updated_at"]
     for item_type, spec in ROW_SPEC.items()
@@ -270,11 +271,16 @@ Fields = dict[str, Any]
 
 def row_fields(item_type: WorkItemType, row: Mapping[str, Any]) -> Fields:
     """A parsed JSON row's fields, each read as ``field_value`` / ``field_display`` read it (plain
-    strings, numbers and a missing display value included); raises ``ValueError`` naming the field."""
-    return {
-        name: (_value(row, source) if part == VALUE else _display(row, source))
-        for name, source, part in ROW_SPEC[item_type]
-    }
+    strings, numbers and a missing display value included); raises ``ValueError`` naming the field,
+    a key field's problem (sys_id, number, sys_updated_on) before any other."""
+    try:
+        return {
+            name: (_value(row, source) if part == VALUE else _display(row, source))
+            for name, source, part in ROW_SPEC[item_type]
+        }
+    except ValueError:
+        _read_keys({name: _value(row, source) for name, source, _ in _KEY_SPEC})
+        raise
 
 
 def _feed_reader(item_type: WorkItemType) -> TypeAdapter[Any]:
@@ -291,7 +297,8 @@ def _feed_reader(item_type: WorkItemType) -> TypeAdapter[Any]:
     row.__pydantic_config__ = ConfigDict(strict=True)  # type: ignore[attr-defined]
 
     class Answer(TypedDict):
-        result: list[row]
+        # fail_fast: an irregular instance makes every row irregular; stop at the first one
+        result: Annotated[list[row], Field(fail_fast=True)]
 
     return TypeAdapter(Answer)
 
@@ -310,9 +317,9 @@ def feed_fields(item_type: WorkItemType, content: bytes) -> list[Fields] | None:
     return rows
 
 
-def fields_to_work_item(connection: str, item_type: WorkItemType, fields: Fields) -> WorkItem:
-    """A row's ``Fields`` as a WorkItem (``fields`` is consumed); raises ``ValueError`` naming the
-    Table API field it could not read."""
+def _read_keys(fields: Fields) -> None:
+    """The key fields in place: ids stripped and present, the update time parsed; ``ValueError``
+    naming the first one that is not."""
     for name, source in (("source_id", "sys_id"), ("number", "number")):
         value = fields[name].strip()
         if not value:
@@ -322,6 +329,12 @@ def fields_to_work_item(connection: str, item_type: WorkItemType, fields: Fields
     if not updated:
         raise ValueError("sys_updated_on: missing")
     fields["updated_at"] = parse_datetime(updated, "sys_updated_on")
+
+
+def fields_to_work_item(connection: str, item_type: WorkItemType, fields: Fields) -> WorkItem:
+    """A row's ``Fields`` as a WorkItem (``fields`` is consumed); raises ``ValueError`` naming the
+    Table API field it could not read."""
+    _read_keys(fields)
     for name, source in _OPTIONAL_DATES[item_type]:
         fields[name] = parse_datetime(fields[name], source)
     fields["connection"] = connection
@@ -348,11 +361,33 @@ def fields_id(fields: Fields) -> str:
 
 def fields_position(fields: Fields) -> SyncCursor | None:
     """Where a row sits in the feed, or None if it cannot say (the cursor then stays where it was)."""
-    sys_id = fields["source_id"].strip()
+    sys_id = str(fields.get("source_id") or "").strip()
     try:
-        updated = parse_datetime(fields["updated_at"], "sys_updated_on")
+        updated = parse_datetime(str(fields.get("updated_at") or ""), "sys_updated_on")
     except ValueError:
         return None
     if not sys_id or updated is None:
         return None
     return SyncCursor(updated_at=updated, last_id=sys_id)
+
+
+def _readable_keys(row: Mapping[str, Any]) -> Fields:
+    """The key fields of a row that may not be readable as a whole (a field that is not readable
+    is left out)."""
+    keys: Fields = {}
+    for name, source, _ in _KEY_SPEC:
+        try:
+            keys[name] = field_value(row, source)
+        except ValueError:
+            continue
+    return keys
+
+
+def row_id(row: Mapping[str, Any]) -> str:
+    """``fields_id`` of a parsed JSON row that could not be read as a whole."""
+    return fields_id(_readable_keys(row))
+
+
+def row_position(row: Mapping[str, Any]) -> SyncCursor | None:
+    """``fields_position`` of a parsed JSON row that could not be read as a whole."""
+    return fields_position(_readable_keys(row))
