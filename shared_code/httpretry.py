@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,19 +44,30 @@ _SAFE_ERRORS: tuple[type[httpx.TransportError], ...] = (
 )
 
 _testing = False
+_skipped: deque[float] = deque(maxlen=1000)
 
 
 def set_testing(enabled: bool) -> None:
-    """Make the default sleep a no-op (like ``stamina.set_testing``) so test suites run instantly.
+    """Make the default sleep a no-op (like ``stamina.set_testing``) so test suites run instantly;
+    the waits it skips are kept (``skipped_sleeps``), so a test can assert them without waiting.
 
     A ``sleep`` injected into a ``RetryPolicy`` is always used as given.
     """
     global _testing
     _testing = enabled
+    _skipped.clear()
+
+
+def skipped_sleeps() -> list[float]:
+    """The waits (seconds) the default sleep skipped since testing was last switched (at most the
+    last 1,000)."""
+    return list(_skipped)
 
 
 def _default_sleep(seconds: float) -> None:
-    if not _testing:
+    if _testing:
+        _skipped.append(seconds)
+    else:
         time.sleep(seconds)
 
 

@@ -280,6 +280,7 @@ def child_raw(
 
 def child(source: str, expected: int) -> int:
     """``--child SOURCE N``: the app (settings from the environment) imports SOURCE; one JSON line."""
+    tune_interpreter()  # the app's process: as its entry points do (function_app.py, the CLI)
     netguard.watch()
     container = get_container()
     try:
@@ -396,7 +397,6 @@ def run(children: list[Any]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    tune_interpreter()  # as the app's entry points do (function_app.py, python -m shared_code)
     parser = argparse.ArgumentParser(prog="python -m tests.bench.maps_import_bench")
     parser.add_argument("--child", nargs=2, metavar=("SOURCE", "SERVERS"))
     parser.add_argument("--raw", nargs=2, metavar=("TABLE", "ROWS_FILE"))

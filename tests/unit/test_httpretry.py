@@ -189,9 +189,19 @@ def test_testing_switch_makes_the_default_sleep_instant(monkeypatch: pytest.Monk
     monkeypatch.setattr("shared_code.httpretry.time.sleep", slept.append)
     httpretry.set_testing(True)
     try:
-        run(httpx.Response(503), httpx.Response(200), policy=RetryPolicy())
+        run(
+            httpx.Response(503),
+            httpx.Response(429, headers={"Retry-After": "7"}),
+            httpx.Response(200),
+            policy=RetryPolicy(),
+        )
+        skipped = httpretry.skipped_sleeps()
     finally:
         httpretry.set_testing(False)
     assert slept == []
+    assert len(skipped) == 2
+    assert 0 <= skipped[0] <= 0.5  # the first backoff: full jitter under base_backoff
+    assert skipped[1] == 7.0  # Retry-After, as asked
+    assert httpretry.skipped_sleeps() == []  # switching testing off forgets them
     run(httpx.Response(503), httpx.Response(200), policy=RetryPolicy(jitter=lambda cap: cap))
     assert slept == [0.5]
