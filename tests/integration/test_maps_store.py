@@ -141,3 +141,53 @@ def test_source_definitions_add_list_get_remove(table: TableClient) -> None:
         sources.get("vmi-prod")
     with pytest.raises(NotFoundError):
         sources.get("../bad'name")
+
+
+def test_an_imports_listings_are_written_together_and_read_back_as_a_single_saves(
+    table: TableClient, azurite: Azurite
+) -> None:
+    service = TableServiceClient.from_connection_string(azurite.connection_string)
+    single_name = f"single{next(_names)}"
+    service.create_table(single_name)
+    try:
+        single = MapRepository(service.get_table_client(single_name))
+        maps = MapRepository(table)
+        servers = [
+            synthetic_map(40, server=f"web-{n:02}", seed=n, source="vmi").with_changes_since(None)
+            for n in range(3)
+        ]
+        writes = maps.import_writes()
+        for server_map in servers:
+            assert writes.save(server_map) == single.save(server_map) > 0
+        assert writes.held() == 3
+        assert maps.listings() == []  # the graphs are stored, the listings wait for the flush
+        assert writes.flush() == {}
+        assert writes.held() == 0
+        assert sorted(maps.listings(), key=str) == sorted(single.listings(), key=str)
+        for server_map in servers:
+            loaded, reference = maps.load(server_map.server), single.load(server_map.server)
+            assert loaded is not None
+            assert reference is not None
+            assert canonical(loaded) == canonical(reference)
+            assert maps.summary_for(server_map.server) == single.summary_for(server_map.server)
+    finally:
+        service.delete_table(single_name)
+
+
+def test_a_listing_the_service_refuses_fails_only_its_server(table: TableClient) -> None:
+    """One listing row over the service's property limit (a source's 40,000-character machine id)
+    fails its transaction; the rows are then written one by one, and only that server fails."""
+    maps = MapRepository(table)
+    writes = maps.import_writes()
+    good = [synthetic_map(10, server=f"app-{n}", seed=n, source="vmi") for n in range(2)]
+    odd = synthetic_map(10, server="odd-1", seed=9, source="vmi").model_copy(
+        update={"machine_id": "m" * 40_000}
+    )
+    for server_map in (good[0], odd, good[1]):
+        writes.save(server_map)
+    failures = writes.flush()
+    assert list(failures) == ["odd-1"]
+    assert "PROPERTY_VALUE_TOO_LARGE" in failures["odd-1"].upper().replace(
+        "PROPERTYVALUETOOLARGE", "PROPERTY_VALUE_TOO_LARGE"
+    )
+    assert sorted(listing.server for listing in maps.listings()) == ["app-0", "app-1"]
