@@ -4,8 +4,7 @@ What the SCOM integration's hourly rule did, run over the shared job machinery: 
 (``JobLease`` over the MapState table, scope = source name, subject = ``import``) so the timer and
 an on-demand import never fetch the same source at once; the window ``[now - window_minutes, now]``;
 one ``fetch`` over the group (the source batches its queries); each map diffed against the stored
-one (``ServerMap.with_changes_since``) and stored, writing only what changed (the servers' listing
-rows go a hundred to a transaction: ``MapStore.import_writes``); one ``Runs`` row per
+one (``ServerMap.with_changes_since``) and stored, writing only what changed; one ``Runs`` row per
 source (job ``maps``) with the counts and each failed server's reason. A server that fails keeps its
 previous map; the other servers go on. The lease is renewed as results arrive.
 
@@ -33,7 +32,7 @@ from shared_code.errors import BusyError, ConnectorAppError, InvalidInputError, 
 from shared_code.jobs.lease import JobLease, RunTally
 from shared_code.maps.publish import CmdbPublisher, PublishBatch, PublishOutcome
 from shared_code.ports.maps import MapSource, ServerMapResult, ServerRef
-from shared_code.ports.mapstore import MapImportWrites, MapSourceStore, MapStore
+from shared_code.ports.mapstore import MapSourceStore, MapStore
 from shared_code.ports.state import RunLog
 
 log = logging.getLogger(__name__)
@@ -42,8 +41,6 @@ JOB = "maps"
 SUBJECT = "import"
 RENEW_EVERY = 50
 """Renew the lease after this many servers' results (a big group takes minutes)."""
-LISTINGS_EVERY = 100
-"""Write the servers' listing rows after this many saves: one transaction of the index partition."""
 DETAIL_LIMIT = 3800
 
 
@@ -249,8 +246,6 @@ class MapImporter:
         """Fetch and store the group's maps (collecting them in ``batch`` for the CMDB when given);
         returns the lease row as last renewed."""
         source = given if given is not None else self._build_source(definition)
-        writes = self._maps.import_writes()
-        held: dict[str, tuple[ServerRef, bool]] = {}  # server -> (its ref, counted as imported)
         try:
             members = source.servers()
             if wanted:
@@ -258,29 +253,19 @@ class MapImporter:
             window = definition.window_ending(self._clock())
             total = len(members)
             for done, fetched in enumerate(source.fetch(members, window), start=1):
-                ok = self._store_one(definition, fetched, result, writes, held)
+                ok = self._store_one(definition, fetched, result)
                 if ok and batch is not None and fetched.map is not None:
                     batch.add(fetched.map)
                 if progress is not None:
                     progress(ImportProgress(definition.name, fetched.server.computer, done, total, ok))
-                if writes.held() >= LISTINGS_EVERY:
-                    self._flush(definition, writes, held, result)
                 if done % RENEW_EVERY == 0:
                     state = self._lease.renew(state)
         finally:
-            try:  # the listings of the servers stored so far, whatever ended the loop
-                self._flush(definition, writes, held, result)
-            finally:
-                source.close()
+            source.close()
         return state
 
     def _store_one(
-        self,
-        definition: MapSourceDefinition,
-        fetched: ServerMapResult,
-        result: ImportResult,
-        writes: MapImportWrites,
-        held: dict[str, tuple[ServerRef, bool]],
+        self, definition: MapSourceDefinition, fetched: ServerMapResult, result: ImportResult
     ) -> bool:
         ref = fetched.server
         name = ref.computer
@@ -290,13 +275,11 @@ class MapImporter:
         try:
             previous = self._previous(fetched.map)
             current = fetched.map.with_changes_since(previous)
-            written = writes.save(current)
+            written = self._maps.save(current)
         except StateError as exc:
             self._fail(definition, ref, str(exc), result)
             return False
-        imported = bool(written) or previous is None
-        held[current.server] = (ref, imported)
-        if imported:
+        if written or previous is None:
             result.imported += 1
         else:
             result.unchanged += 1
@@ -305,27 +288,6 @@ class MapImporter:
         if fetched.warnings:
             result.warnings[name] = "; ".join(fetched.warnings)[:500]
         return True
-
-    def _flush(
-        self,
-        definition: MapSourceDefinition,
-        writes: MapImportWrites,
-        held: dict[str, tuple[ServerRef, bool]],
-        result: ImportResult,
-    ) -> None:
-        """Write the held listing rows; a server whose row could not be written counts as failed
-        (its graph is stored, and its listing says the import failed, if that much can be written)."""
-        failures = writes.flush()
-        for server, error in failures.items():
-            ref, imported = held.get(server, (ServerRef(computer=server), None))
-            if imported is True:
-                result.imported -= 1
-            elif imported is False:
-                result.unchanged -= 1
-            self._fail(
-                definition, ref, f"its map is stored but its listing could not be written: {error}", result
-            )
-        held.clear()
 
     def _previous(self, server_map: ServerMap) -> ServerMap | None:
         try:

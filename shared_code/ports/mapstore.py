@@ -30,30 +30,7 @@ class DependencyContext(Protocol):
         ...
 
 
-class MapImportWrites(Protocol):
-    """An import's saves: each server's graph rows at once, its listing row (what the views and
-    ``find`` read) held back and written with the others by ``flush``, a hundred to a transaction
-    instead of one call per server."""
-
-    def save(self, server_map: ServerMap) -> int:
-        """As ``MapStore.save``; the listing row waits for ``flush``."""
-        ...
-
-    def held(self) -> int:
-        """How many listing rows wait for ``flush``."""
-        ...
-
-    def flush(self) -> dict[str, str]:
-        """Write the listing rows held back; server -> why, for each one that could not be written
-        (its graph is stored; its listing still shows its previous import)."""
-        ...
-
-
 class MapStore(Protocol):
-    def import_writes(self) -> MapImportWrites:
-        """Saves for one import (see ``MapImportWrites``); the import flushes them before it ends."""
-        ...
-
     def load(self, server: str) -> ServerMap | None:
         """The latest stored map of ``server`` (computer name, any case); None when there is none."""
         ...

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,8 +41,6 @@ from shared_code.domain.maps import (
 from shared_code.errors import StateError
 from shared_code.state.tablebatch import Delete, Operation, write_all
 from shared_code.state.tables import Entity, get_entity, merge_entity, query_entities
-
-log = logging.getLogger(__name__)
 
 TABLE = "Maps"
 INDEX = "index"
@@ -243,17 +239,7 @@ class MapRepository:
 
     def save(self, server_map: ServerMap) -> int:
         """Store ``server_map`` as the server's latest; returns the graph rows written or deleted
-        (0 when the graph is the one stored). The listing row is updated either way."""
-        written, listing = self._save_graph(server_map)
-        merge_entity(self._table, listing)
-        return written
-
-    def import_writes(self) -> ImportWrites:
-        return ImportWrites(self._table, self._save_graph)
-
-    def _save_graph(self, server_map: ServerMap) -> tuple[int, Entity]:
-        """Write the graph rows that differ from the stored ones; (rows written or deleted, the
-        listing row to write after them)."""
+        (0 when the graph is the one stored). The summary row is updated either way."""
         partition = f"map|{server_key(server_map.server)}"
         stored = {key: _joined(entity) for key, entity in self._rows_for_save(server_map.server).items()}
         wanted = graph_rows(server_map)
@@ -268,29 +254,33 @@ class MapRepository:
         operations += [Delete(partition, key) for key in deletes]
         write_all(self._table, operations)
         listing = listing_of(server_map)
-        return len(operations), {
-            "PartitionKey": INDEX,
-            "RowKey": server_key(server_map.server),
-            "Server": server_map.server,
-            "MachineId": server_map.machine_id,
-            "MachineIdLower": server_map.machine_id.lower(),
-            "Source": server_map.source,
-            "SourceKind": server_map.source_kind,
-            "WindowStart": server_map.window.start,
-            "WindowEnd": server_map.window.end,
-            "ImportedAt": server_map.imported_at,
-            "Status": MapStatus.OK.value,
-            "LastError": "",
-            "Nodes": listing.nodes,
-            "Edges": len(server_map.edges),
-            "Clients": listing.clients,
-            "Dependencies": listing.dependencies,
-            "Failed": listing.failed,
-            "Added": listing.added,
-            "Removed": listing.removed,
-            "Changes": _changes_json(server_map.changes),
-            "Summary": _summary_json(server_map),
-        }
+        merge_entity(
+            self._table,
+            {
+                "PartitionKey": INDEX,
+                "RowKey": server_key(server_map.server),
+                "Server": server_map.server,
+                "MachineId": server_map.machine_id,
+                "MachineIdLower": server_map.machine_id.lower(),
+                "Source": server_map.source,
+                "SourceKind": server_map.source_kind,
+                "WindowStart": server_map.window.start,
+                "WindowEnd": server_map.window.end,
+                "ImportedAt": server_map.imported_at,
+                "Status": MapStatus.OK.value,
+                "LastError": "",
+                "Nodes": listing.nodes,
+                "Edges": len(server_map.edges),
+                "Clients": listing.clients,
+                "Dependencies": listing.dependencies,
+                "Failed": listing.failed,
+                "Added": listing.added,
+                "Removed": listing.removed,
+                "Changes": _changes_json(server_map.changes),
+                "Summary": _summary_json(server_map),
+            },
+        )
+        return len(operations)
 
     def record_failure(
         self, server: str, *, machine_id: str, source: str, source_kind: str, error: str, at: datetime
@@ -312,47 +302,6 @@ class MapRepository:
                 "SourceKind": source_kind,
             }
         merge_entity(self._table, entity)
-
-
-class ImportWrites:
-    """``MapImportWrites`` over the Maps table: graph rows at once, listing rows together.
-
-    Held listing rows are written as whole rows (every property a reader uses is in them) in
-    transactions of the index partition. A transaction that fails writes nothing, so its rows are
-    then written one by one (merged, as a single save does): one bad row fails only its server.
-    Between a server's graph and its listing row, the views show its new graph with the previous
-    import's listing, as they would while a single save runs.
-    """
-
-    def __init__(self, table: TableClient, save_graph: Callable[[ServerMap], tuple[int, Entity]]) -> None:
-        self._table = table
-        self._save_graph = save_graph
-        self._held: dict[str, Entity] = {}
-
-    def save(self, server_map: ServerMap) -> int:
-        written, listing = self._save_graph(server_map)
-        self._held[str(listing["RowKey"])] = listing
-        return written
-
-    def held(self) -> int:
-        return len(self._held)
-
-    def flush(self) -> dict[str, str]:
-        rows, self._held = list(self._held.values()), {}
-        try:
-            write_all(self._table, rows)
-            return {}
-        except StateError as exc:
-            log.warning(
-                "writing %d map listings together failed (%s); writing them one by one", len(rows), exc
-            )
-        failures: dict[str, str] = {}
-        for row in rows:
-            try:
-                merge_entity(self._table, row)
-            except StateError as exc:
-                failures[str(row["Server"])] = str(exc)
-        return failures
 
 
 def _listing(entity: Entity) -> MapListing:

@@ -61,8 +61,6 @@ class MemoryMaps:
         self.maps: dict[str, ServerMap] = {}
         self.status: dict[str, tuple[MapStatus, str]] = {}
         self.graph_writes = 0
-        self.refuse: set[str] = set()
-        self.writes: list[MemoryImportWrites] = []
 
     def load(self, server: str) -> ServerMap | None:
         return self.maps.get(server.lower())
@@ -84,40 +82,12 @@ class MemoryMaps:
     ) -> None:
         self.status[server.lower()] = (MapStatus.FAILED, error)
 
-    def import_writes(self) -> MemoryImportWrites:
-        writes = MemoryImportWrites(self)
-        self.writes.append(writes)
-        return writes
-
     def find(self, text: str) -> MapListing | None:
         stored = self.maps.get(text.lower())
         return None if stored is None else listing_of(stored)
 
     def listings(self) -> list[MapListing]:
         return [listing_of(m) for m in self.maps.values()]
-
-
-class MemoryImportWrites:
-    """Graphs at once, listings held until ``flush``; ``refuse`` names servers whose listing fails."""
-
-    def __init__(self, maps: MemoryMaps) -> None:
-        self.maps = maps
-        self.pending: list[str] = []
-        self.flushes: list[list[str]] = []
-
-    def save(self, server_map: ServerMap) -> int:
-        written = self.maps.save(server_map)
-        self.pending.append(server_map.server)
-        return written
-
-    def held(self) -> int:
-        return len(self.pending)
-
-    def flush(self) -> dict[str, str]:
-        self.flushes.append(self.pending)
-        failures = {name: "the listing row was refused" for name in self.pending if name in self.maps.refuse}
-        self.pending = []
-        return failures
 
 
 class FakeSource:
@@ -287,44 +257,3 @@ def test_only_enabled_sources_run_unless_one_is_named() -> None:
     assert [r.source for r in rig.importer.run(source="off")] == ["off"]
     with pytest.raises(NotFoundError):
         rig.importer.run(source="missing")
-
-
-def test_listing_rows_are_written_a_hundred_at_a_time_and_once_more_at_the_end() -> None:
-    names = [f"srv-{n:03}" for n in range(250)]
-    rig = Rig(FakeSource({name: a_map(name, nodes=5) for name in names}))
-    [result] = rig.importer.run(trigger="timer")
-    assert result.outcome is ImportOutcome.OK
-    assert result.imported == 250
-    [writes] = rig.maps.writes
-    assert [len(flush) for flush in writes.flushes] == [100, 100, 50]
-    assert [name for flush in writes.flushes for name in flush] == names
-
-
-def test_a_server_whose_listing_cannot_be_written_counts_failed_and_the_others_stay_imported() -> None:
-    rig = Rig(FakeSource({"web-01": a_map("web-01"), "web-02": a_map("web-02", seed=3), "db-01": "timeout"}))
-    rig.maps.refuse = {"web-02"}
-    [result] = rig.importer.run(trigger="timer")
-    assert result.outcome is ImportOutcome.PARTIAL
-    assert (result.imported, result.unchanged, result.failed) == (1, 0, 2)
-    assert result.errors["web-02"].startswith("its map is stored but its listing could not be written:")
-    assert rig.maps.status["web-02"][0] is MapStatus.FAILED
-    assert rig.maps.status["web-01"] == (MapStatus.OK, "")
-    rig.maps.refuse = set()
-    [again] = rig.importer.run(trigger="timer")  # the same data: nothing to write but the listings
-    assert (again.imported, again.unchanged, again.failed) == (0, 2, 1)
-
-
-def test_the_listings_of_the_servers_stored_before_a_source_breaks_are_still_written() -> None:
-    class BreaksAfterTwo(FakeSource):
-        def fetch(self, servers: Sequence[ServerRef], window: MapWindow) -> Iterator[ServerMapResult]:
-            for number, answer in enumerate(super().fetch(servers, window)):
-                if number == 2:
-                    raise MapSourceError("the workspace stopped answering")
-                yield answer
-
-    rig = Rig(BreaksAfterTwo({f"srv-{n}": a_map(f"srv-{n}", nodes=5) for n in range(5)}))
-    [result] = rig.importer.run(trigger="timer")
-    assert result.outcome is ImportOutcome.FAILED
-    assert result.imported == 2
-    [writes] = rig.maps.writes
-    assert writes.flushes == [["srv-0", "srv-1"]]
