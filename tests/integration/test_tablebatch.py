@@ -126,7 +126,18 @@ def test_a_missing_table_is_a_state_error_and_bad_input_is_refused_before_sendin
         upsert_transaction(missing, [])  # nothing to do: no request at all
 
 
-HOSTILE_KEYS = ["it's", "a b", "100%", "ümlaut", "a+b=c&d", "(paren)", "comma,semi;colon:", "~tilde.dot_"]
+HOSTILE_KEYS = [
+    "it's",
+    "a b",
+    "100%",
+    "ümlaut",
+    "a+b=c&d",
+    "(paren)",
+    "comma,semi;colon:",
+    "~tilde.dot_",
+    "map|web-01|n|10.0.0.1:443",
+    '"quoted" <angle> [square] {curly} `tick` ^caret !bang @at $dollar *star',
+]
 
 
 def test_the_sdk_internals_the_writer_relies_on_are_still_there(table: TableClient) -> None:
