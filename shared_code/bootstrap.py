@@ -438,10 +438,11 @@ def tune_interpreter() -> None:
     The app overlaps threads that wait for answers (the sync reads the next page while it maps and
     writes this one; the SDKs' calls) with CPU work. A thread whose answer arrived while another
     computes waits up to the switch interval for the GIL, at every read of that answer, so with 5 ms
-    the sync's next request sat behind the mapping of the page in hand. Measured with the sync
-    bench's null sink (20,000 rows, the rest of the change in place): 1.20 s at 5 ms, 1.09 s at 1 ms,
-    0.95 s for paging alone. Called by the app's entry points (``function_app.py``, the CLI), not on
-    import; never raised: a host that chose a shorter interval keeps it."""
+    the sync's next request sat behind the mapping of the page in hand. Measured on the sync
+    bench's null-sink engine, 20,000 rows, medians of 3 alternated rounds: 1.19 s at 5 ms, 1.09 s at
+    1 ms, 0.96 s for paging alone (docs/benchmarks.md). Called by the app's entry points
+    (``function_app.py``, the CLI), not on import; never raised: a host that chose a shorter
+    interval keeps it."""
     if sys.getswitchinterval() > SWITCH_INTERVAL_SECONDS:
         sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
