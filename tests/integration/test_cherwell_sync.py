@@ -405,7 +405,9 @@ def test_html_instead_of_json_fails_the_run_clearly_and_the_next_run_fills_the_g
     assert "answered HTTP 200 with text/html, not JSON" in failed.error
     [error] = [e for e in world.errors_table.list("cw-html") if e.kind is SyncErrorKind.ITSM]
     assert "text/html" in error.message
-    assert 1 <= len(world.stored("cw-html")) // PAGE <= 2
+    # pages 0-1 were committed; page 2 is fetched while page 1 is written (the prefetch), so it may
+    # have been read before the sign-in page was armed and committed too, but nothing after it
+    assert len(world.stored("cw-html")) in (2 * PAGE, 3 * PAGE)
 
     code, output = world.stack.cli("sync", "run", "--connection", "cw-html")
 
