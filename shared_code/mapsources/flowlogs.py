@@ -52,6 +52,8 @@ from shared_code.mapsources.logquery import (
     kql_datetime,
     kql_list,
     kql_string,
+    row_count,
+    row_text,
 )
 
 log = logging.getLogger(__name__)
@@ -121,21 +123,6 @@ NTANetAnalytics
 # ------------------------------------------------------------------------------------------------
 # rows -> graph (pure)
 # ------------------------------------------------------------------------------------------------
-def _text(row: Mapping[str, Any], name: str) -> str:
-    value = row.get(name)
-    return "" if value is None else str(value).strip()
-
-
-def _count(row: Mapping[str, Any], name: str) -> int:
-    value = row.get(name)
-    if value is None or value == "":
-        return 0
-    number = int(value)
-    if number < 0:
-        raise ValueError(f"{name} is negative")
-    return number
-
-
 def vm_name(vm: str) -> str:
     """``subscription/group/vm`` -> ``vm``."""
     return vm.rstrip("/").split("/")[-1]
@@ -162,7 +149,7 @@ def merge_flows(rows: Iterable[Mapping[str, Any]]) -> list[Flow]:
     a flow logged at both NICs is counted once. Raises ValueError on a row that makes no sense."""
     per_direction: dict[tuple[str, str, int, str], dict[str, list[Any]]] = {}
     for row in rows:
-        protocol = _text(row, "L4Protocol").upper()
+        protocol = row_text(row, "L4Protocol").upper()
         if protocol not in PROTOCOLS:
             raise ValueError("L4Protocol is neither T nor U")
         raw_port = row.get("DestPort")
@@ -171,18 +158,18 @@ def merge_flows(rows: Iterable[Mapping[str, Any]]) -> list[Flow]:
         port = int(raw_port)
         if not 0 <= port <= 65535:
             raise ValueError("DestPort is not a port number")
-        src, dest = _text(row, "SrcIp"), _text(row, "DestIp")
+        src, dest = row_text(row, "SrcIp"), row_text(row, "DestIp")
         if not is_ip(src) or not is_ip(dest):
             raise ValueError("SrcIp or DestIp is not an IP address")
         key = (src, dest, port, protocol)
-        direction = _text(row, "FlowDirection").lower() or "outbound"
+        direction = row_text(row, "FlowDirection").lower() or "outbound"
         total = per_direction.setdefault(key, {}).setdefault(direction, [0, 0, 0, 0, "", ""])
-        total[0] += _count(row, "AllowedFlows")
-        total[1] += _count(row, "DeniedFlows")
-        total[2] += _count(row, "BytesSrcToDest")
-        total[3] += _count(row, "BytesDestToSrc")
-        total[4] = total[4] or _text(row, "SrcVm")
-        total[5] = total[5] or _text(row, "DestVm")
+        total[0] += row_count(row, "AllowedFlows")
+        total[1] += row_count(row, "DeniedFlows")
+        total[2] += row_count(row, "BytesSrcToDest")
+        total[3] += row_count(row, "BytesDestToSrc")
+        total[4] = total[4] or row_text(row, "SrcVm")
+        total[5] = total[5] or row_text(row, "DestVm")
     flows = []
     for (src, dest, port, protocol), directions in per_direction.items():
         totals = list(directions.values())
@@ -358,7 +345,7 @@ def build_maps(
     by_ip: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         for column in ("SrcIp", "DestIp"):
-            ip = _text(row, column)
+            ip = row_text(row, column)
             by_ip.setdefault(ip, []).append(row)
     results = []
     for server in servers:
@@ -414,7 +401,7 @@ class FlowLogsSource:
             raise MapSourceError(f"the server list is incomplete: {answer.partial_error}")
         refs: dict[str, ServerRef] = {}
         for row in answer.rows:
-            vm = _text(row, "Vm")
+            vm = row_text(row, "Vm")
             if not vm:
                 continue
             ips = tuple(sorted(ip for ip in _ips(row.get("Ips")) if is_ip(ip)))[:20]
@@ -469,7 +456,7 @@ class FlowLogsSource:
         end = self._clock()
         start = end - timedelta(hours=24)
         answer = self._runner.query(self._workspaces, check_query(start, end), start=start, end=end)
-        flows = _count(answer.rows[0], "Flows") if answer.rows else 0
+        flows = row_count(answer.rows[0], "Flows") if answer.rows else 0
         if flows == 0:
             raise MapSourceError(
                 "no NTANetAnalytics flow records in the last 24 hours: turn on VNet flow logs with "

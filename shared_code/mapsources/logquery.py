@@ -86,6 +86,24 @@ def kql_datetime(value: datetime) -> str:
     return f"datetime({moment.strftime('%Y-%m-%dT%H:%M:%S.%fZ')})"
 
 
+def row_text(row: Mapping[str, Any], name: str) -> str:
+    """A column of an answer row as stripped text ("" when null)."""
+    value = row.get(name)
+    return "" if value is None else str(value).strip()
+
+
+def row_count(row: Mapping[str, Any], name: str) -> int:
+    """A count column of an answer row (0 when null or empty); ``ValueError`` when negative or not
+    a number, which costs the rows' servers their maps, not the import."""
+    value = row.get(name)
+    if value is None or value == "":
+        return 0
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{name} is negative")
+    return number
+
+
 def is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value)

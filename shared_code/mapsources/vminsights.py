@@ -63,6 +63,8 @@ from shared_code.mapsources.logquery import (
     kql_datetime,
     kql_list,
     kql_string,
+    row_count,
+    row_text,
 )
 
 log = logging.getLogger(__name__)
@@ -147,21 +149,6 @@ VMComputer
 # ------------------------------------------------------------------------------------------------
 # rows -> graph (pure)
 # ------------------------------------------------------------------------------------------------
-def _text(row: Mapping[str, Any], name: str) -> str:
-    value = row.get(name)
-    return "" if value is None else str(value).strip()
-
-
-def _count(row: Mapping[str, Any], name: str) -> int:
-    value = row.get(name)
-    if value is None or value == "":
-        return 0
-    number = int(value)
-    if number < 0:
-        raise ValueError(f"{name} is negative")
-    return number
-
-
 def _port(row: Mapping[str, Any], name: str) -> int:
     value = row.get(name)
     if value is None or value == "":
@@ -173,7 +160,7 @@ def _port(row: Mapping[str, Any], name: str) -> int:
 
 
 def _protocol(row: Mapping[str, Any]) -> Protocol:
-    text = _text(row, "Protocol").lower()
+    text = row_text(row, "Protocol").lower()
     if text not in ("tcp", "udp"):
         raise ValueError("Protocol is neither tcp nor udp")
     return Protocol(text)
@@ -206,13 +193,13 @@ class _Counters:
     responses: int = 0
 
     def add(self, row: Mapping[str, Any]) -> None:
-        self.established += _count(row, "LinksEstablished")
-        self.terminated += _count(row, "LinksTerminated")
-        self.failed += _count(row, "LinksFailed")
-        self.live = max(self.live, _count(row, "LinksLive"))
-        self.sent += _count(row, "BytesSent")
-        self.received += _count(row, "BytesReceived")
-        self.responses += _count(row, "Responses")
+        self.established += row_count(row, "LinksEstablished")
+        self.terminated += row_count(row, "LinksTerminated")
+        self.failed += row_count(row, "LinksFailed")
+        self.live = max(self.live, row_count(row, "LinksLive"))
+        self.sent += row_count(row, "BytesSent")
+        self.received += row_count(row, "BytesReceived")
+        self.responses += row_count(row, "Responses")
 
 
 @dataclass
@@ -242,8 +229,8 @@ def index_rows(rows: Iterable[Mapping[str, Any]]) -> _Inventory:
     """Sort the union's rows by kind; rows that cannot be attributed are counted as problems."""
     inventory = _Inventory()
     for row in rows:
-        kind = _text(row, "RowKind")
-        machine = _text(row, "Machine")
+        kind = row_text(row, "RowKind")
+        machine = row_text(row, "Machine")
         if kind == "connection":
             if not machine:
                 inventory.problems.append("a connection row has no Machine")
@@ -262,7 +249,7 @@ def index_rows(rows: Iterable[Mapping[str, Any]]) -> _Inventory:
             if machine:
                 inventory.ports.setdefault(machine.lower(), []).append(row)
         elif kind == "process":
-            process = _text(row, "Process")
+            process = row_text(row, "Process")
             if process:
                 inventory.processes[process.lower()] = row
         else:
@@ -285,15 +272,15 @@ class _MapBuilder:
         row = self.inventory.machines.get(machine.lower(), {})
         nid = node_id(NodeKind.MACHINE, machine)
         if nid not in self.nodes:
-            name = _text(row, "Computer") or _text(row, "DisplayName") or fallback_name or machine
+            name = row_text(row, "Computer") or row_text(row, "DisplayName") or fallback_name or machine
             properties = {"machineId": machine}
             for column, key in (
                 ("DisplayName", "displayName"),
                 ("OperatingSystemFullName", "os"),
                 ("AzureResourceId", "azureResourceId"),
             ):
-                if _text(row, column):
-                    properties[key] = _text(row, column)
+                if row_text(row, column):
+                    properties[key] = row_text(row, column)
             dns = _strings(row.get("DnsNames"))
             if dns:
                 properties["dnsNames"] = ", ".join(dns[:10])
@@ -311,15 +298,15 @@ class _MapBuilder:
         nid = node_id(NodeKind.PROCESS, machine, process)
         if nid not in self.nodes:
             row = self.inventory.processes.get(process.lower(), {})
-            name = _text(row, "DisplayName") or _text(row, "ExecutableName") or fallback_name or process
+            name = row_text(row, "DisplayName") or row_text(row, "ExecutableName") or fallback_name or process
             properties = {"processId": process}
             for column, key in (
                 ("ExecutableName", "executable"),
                 ("CompanyName", "company"),
                 ("ProductName", "product"),
             ):
-                if _text(row, column):
-                    properties[key] = _text(row, column)
+                if row_text(row, column):
+                    properties[key] = row_text(row, column)
             self.nodes[nid] = MapNode(
                 id=nid, kind=NodeKind.PROCESS, name=name, machine=machine_node, properties=properties
             )
@@ -349,7 +336,7 @@ class _MapBuilder:
                     continue
             except ValueError:
                 continue
-            bound_ip = _text(row, "Ip")
+            bound_ip = row_text(row, "Ip")
             if bound_ip == ip:
                 return row
             if bound_ip in WILDCARD_IPS:
@@ -358,10 +345,10 @@ class _MapBuilder:
 
     def listening(self, machine_node: str, machine: str, row: Mapping[str, Any]) -> str:
         """The port node of a bound-port row, with its process listening on it."""
-        port_node = self.port(machine_node, machine, _text(row, "Ip"), _port(row, "Port"), _protocol(row))
-        process = _text(row, "Process")
+        port_node = self.port(machine_node, machine, row_text(row, "Ip"), _port(row, "Port"), _protocol(row))
+        process = row_text(row, "Process")
         if process:
-            process_node = self.process(machine_node, machine, process, _text(row, "ProcessName"))
+            process_node = self.process(machine_node, machine, process, row_text(row, "ProcessName"))
             self.edge(EdgeKind.LISTENS, process_node, port_node)
         return port_node
 
@@ -474,17 +461,17 @@ def build_server_map(
     for row in inventory.ports.get(machine.lower(), []):
         builder.listening(root, machine, row)
     for row in inventory.connections.get(machine.lower(), []):
-        direction = _text(row, "Direction").lower()
+        direction = row_text(row, "Direction").lower()
         protocol = _protocol(row)
         port = _port(row, "DestinationPort")
-        process = _text(row, "Process")
-        local = builder.process(root, machine, process, _text(row, "ProcessName")) if process else root
-        remote_ip = _text(row, "RemoteIp")
+        process = row_text(row, "Process")
+        local = builder.process(root, machine, process, row_text(row, "ProcessName")) if process else root
+        remote_ip = row_text(row, "RemoteIp")
         owners = [owner for owner in inventory.by_ip.get(remote_ip, []) if owner != machine.lower()]
         if direction == "outbound":
-            destination_ip = _text(row, "DestinationIp") or remote_ip
+            destination_ip = row_text(row, "DestinationIp") or remote_ip
             if owners:
-                remote_machine = _text(inventory.machines[owners[0]], "Machine") or owners[0]
+                remote_machine = row_text(inventory.machines[owners[0]], "Machine") or owners[0]
                 remote_node = builder.machine(remote_machine)
                 bound = builder.bound_port(remote_machine, destination_ip, port, protocol)
                 if bound is not None:
@@ -505,7 +492,7 @@ def build_server_map(
                 counters=row,
             )
         elif direction == "inbound":
-            local_ip = _text(row, "DestinationIp")
+            local_ip = row_text(row, "DestinationIp")
             bound = builder.bound_port(machine, local_ip, port, protocol)
             if bound is not None:
                 target = builder.listening(root, machine, bound)
@@ -514,10 +501,10 @@ def build_server_map(
                 if local != root:
                     builder.edge(EdgeKind.LISTENS, local, target)
             if owners:
-                client = builder.machine(_text(inventory.machines[owners[0]], "Machine") or owners[0])
+                client = builder.machine(row_text(inventory.machines[owners[0]], "Machine") or owners[0])
             else:
                 client = builder.client_group(
-                    root, machine, port, protocol, remote_ip or _text(row, "SourceIp")
+                    root, machine, port, protocol, remote_ip or row_text(row, "SourceIp")
                 )
             builder.edge(
                 EdgeKind.CONNECTION,
@@ -622,8 +609,8 @@ class VmInsightsSource:
             raise MapSourceError(f"the server list is incomplete: {answer.partial_error}")
         found: dict[str, ServerRef] = {}
         for row in answer.rows:
-            machine = _text(row, "Machine")
-            name = _text(row, "Computer") or _text(row, "DisplayName")
+            machine = row_text(row, "Machine")
+            name = row_text(row, "Computer") or row_text(row, "DisplayName")
             if not machine or not name:
                 continue
             found[machine.lower()] = ServerRef(
@@ -631,7 +618,7 @@ class VmInsightsSource:
                 machine_id=machine,
                 workspace=self._workspaces[0],
                 ips=_strings(row.get("Ipv4Addresses"))[:20],
-                resource_id=_text(row, "AzureResourceId"),
+                resource_id=row_text(row, "AzureResourceId"),
             )
         refs = sorted(found.values(), key=lambda ref: ref.computer.lower())
         if group.kind is ServerGroupKind.COMPUTERS:
@@ -686,7 +673,7 @@ class VmInsightsSource:
         end = self._clock()
         start = end - timedelta(hours=24)
         answer = self._runner.query(self._workspaces, check_query(start, end), start=start, end=end)
-        machines = _count(answer.rows[0], "Machines") if answer.rows else 0
+        machines = row_count(answer.rows[0], "Machines") if answer.rows else 0
         if machines == 0:
             raise MapSourceError(
                 "no VMComputer rows in the last 24 hours: VM Insights Map data is not collected in "
