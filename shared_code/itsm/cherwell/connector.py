@@ -75,6 +75,7 @@ from shared_code.itsm.cherwell.mapping import (
     zone_of,
 )
 from shared_code.itsm.cherwell.settings import CherwellConnection
+from shared_code.itsm.recovery import landed_create
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ class CherwellConnector:
             )
         except ItsmUnavailableError:
             # Cherwell may have saved it before the answer was lost: look before giving up
-            found = self._recover_create(draft.correlation_id)
+            found = landed_create(self.find_by_correlation, draft.correlation_id, self.connection_name)
             if found is None:
                 raise
             return found
@@ -522,19 +523,6 @@ class CherwellConnector:
             )
             if best is None or (created, index) > best:
                 best, found = (created, index), self._ref(record)
-        return found
-
-    def _recover_create(self, correlation_id: str) -> WorkItemRef | None:
-        try:
-            found = self.find_by_correlation(correlation_id)
-        except ItsmError:
-            return None
-        if found is not None:
-            log.warning(
-                "the create of an incident for connection %r failed in transit, but %s exists: using it",
-                self.connection_name,
-                found.number,
-            )
         return found
 
     def _update(self, object_name: str, ref: WorkItemRef, values: Mapping[str, str]) -> None:

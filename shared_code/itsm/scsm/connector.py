@@ -46,6 +46,7 @@ from shared_code.domain.sync import RejectedRow, SyncCursor, SyncPage
 from shared_code.domain.workitem import IncidentDraft, WorkItem, WorkItemRef, WorkItemState, WorkItemType
 from shared_code.errors import ItsmError, ItsmRejectedError, ItsmUnavailableError
 from shared_code.httpretry import RetryPolicy, refuse_unauthorised_or_redirected, send_with_retries
+from shared_code.itsm.recovery import landed_create
 from shared_code.itsm.scsm import criteria
 from shared_code.itsm.scsm.mapping import (
     BASE_ID,
@@ -178,7 +179,7 @@ class ScsmConnector:
             answer = self._commit(None, current, "the new incident")
         except ItsmUnavailableError:
             # the portal may have saved it before the answer was lost: look before giving up
-            found = self._recover_create(draft.correlation_id)
+            found = landed_create(self.find_by_correlation, draft.correlation_id, self.connection_name)
             if found is None:
                 raise
             return found
@@ -466,19 +467,6 @@ class ScsmConnector:
             detail = _clip(" ".join(str(answer.get("exception") or "no details").split()))
             raise _Refused(f"the Cireson portal refused to save {what}: {detail}")
         return answer
-
-    def _recover_create(self, correlation_id: str) -> WorkItemRef | None:
-        try:
-            found = self.find_by_correlation(correlation_id)
-        except ItsmError:
-            return None
-        if found is not None:
-            log.warning(
-                "the create of an incident for connection %r failed in transit, but %s exists: using it",
-                self.connection_name,
-                found.number,
-            )
-        return found
 
     # -- reads --------------------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ from shared_code.domain.workitem import (
 )
 from shared_code.errors import ItsmError, ItsmRejectedError, ItsmUnavailableError
 from shared_code.httpretry import RetryPolicy, refuse_unauthorised_or_redirected, send_with_retries
+from shared_code.itsm.recovery import landed_create
 from shared_code.itsm.servicenow.mapping import (
     CI_CREATE_TABLE,
     CI_TABLE,
@@ -148,7 +149,7 @@ class ServiceNowConnector:
             )
         except ItsmUnavailableError:
             # the instance may have created it before the answer was lost: look before giving up
-            found = self._recover_create(draft.correlation_id)
+            found = landed_create(self.find_by_correlation, draft.correlation_id, self.connection_name)
             if found is None:
                 raise
             return found
@@ -367,19 +368,6 @@ class ServiceNowConnector:
             )
             return None
         return field_value(rows[0], "sys_id") or None
-
-    def _recover_create(self, correlation_id: str) -> WorkItemRef | None:
-        try:
-            found = self.find_by_correlation(correlation_id)
-        except ItsmError:
-            return None
-        if found is not None:
-            log.warning(
-                "the create of incident for connection %r failed in transit, but %s exists: using it",
-                self.connection_name,
-                found.number,
-            )
-        return found
 
     def _write_note(self, ref: WorkItemRef, fields: dict[str, str], what: str) -> None:
         """One PATCH that appends a work note: never repeated after an ambiguous failure. With a
