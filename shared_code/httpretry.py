@@ -196,6 +196,16 @@ def send_with_retries(
         policy.sleep(delay)
 
 
+def not_json(response: httpx.Response, *, product: str, what: str, guess: str) -> ItsmUnavailableError:
+    """The error for an answer that is not the JSON asked for (a proxy's, sign-in or hibernation
+    page): unavailable, with its status, its content type and ``guess`` at what answered."""
+    content_type = response.headers.get("Content-Type", "").split(";")[0] or "no content type"
+    return ItsmUnavailableError(
+        f"{what}: {product} answered HTTP {response.status_code} with {content_type}, not JSON ({guess})",
+        status=response.status_code,
+    )
+
+
 def refuse_unauthorised_or_redirected(
     response: httpx.Response,
     *,

@@ -47,7 +47,7 @@ from shared_code.domain.connection import SyncData
 from shared_code.domain.sync import RejectedRow, SyncCursor, SyncPage
 from shared_code.domain.workitem import IncidentDraft, WorkItem, WorkItemRef, WorkItemState, WorkItemType
 from shared_code.errors import ItsmError, ItsmRejectedError, ItsmUnavailableError
-from shared_code.httpretry import RetryPolicy, refuse_unauthorised_or_redirected, send_with_retries
+from shared_code.httpretry import RetryPolicy, not_json, refuse_unauthorised_or_redirected, send_with_retries
 from shared_code.itsm.cherwell.mapping import (
     CI_NAME,
     CLOSE_DESCRIPTION,
@@ -907,11 +907,11 @@ class CherwellConnector:
         if status >= 400:
             self._raise_product_error(body if isinstance(body, Mapping) else {}, what, schema, status)
         if body is _NOT_JSON:
-            content_type = response.headers.get("Content-Type", "").split(";")[0] or "no content type"
-            raise ItsmUnavailableError(
-                f"{what}: Cherwell answered HTTP {status} with {content_type}, not JSON "
-                "(a proxy's error page, or a sign-in page in front of the API?)",
-                status=status,
+            raise not_json(
+                response,
+                product="Cherwell",
+                what=what,
+                guess="a proxy's error page, or a sign-in page in front of the API?",
             )
         if isinstance(body, Mapping) and body.get("hasError") is True:
             self._raise_product_error(body, what, schema, None)

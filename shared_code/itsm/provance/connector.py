@@ -35,7 +35,7 @@ import httpx
 from shared_code.domain.sync import RejectedRow, SyncCursor, SyncPage
 from shared_code.domain.workitem import IncidentDraft, WorkItem, WorkItemRef, WorkItemState, WorkItemType
 from shared_code.errors import ItsmError, ItsmRejectedError, ItsmUnavailableError
-from shared_code.httpretry import RetryPolicy, refuse_unauthorised_or_redirected, send_with_retries
+from shared_code.httpretry import RetryPolicy, not_json, refuse_unauthorised_or_redirected, send_with_retries
 from shared_code.itsm.provance.mapping import (
     ANNOTATION_SET,
     MODIFIED,
@@ -492,12 +492,7 @@ class ProvanceConnector:
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            content_type = response.headers.get("Content-Type", "").split(";")[0] or "no content type"
-            raise ItsmUnavailableError(
-                f"{what}: Dataverse answered HTTP {status} with {content_type}, not JSON "
-                "(a proxy's or a sign-in page?)",
-                status=status,
-            )
+            raise not_json(response, product="Dataverse", what=what, guess="a proxy's or a sign-in page?")
         return body
 
 

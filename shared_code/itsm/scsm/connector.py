@@ -45,7 +45,7 @@ import httpx
 from shared_code.domain.sync import RejectedRow, SyncCursor, SyncPage
 from shared_code.domain.workitem import IncidentDraft, WorkItem, WorkItemRef, WorkItemState, WorkItemType
 from shared_code.errors import ItsmError, ItsmRejectedError, ItsmUnavailableError
-from shared_code.httpretry import RetryPolicy, refuse_unauthorised_or_redirected, send_with_retries
+from shared_code.httpretry import RetryPolicy, not_json, refuse_unauthorised_or_redirected, send_with_retries
 from shared_code.itsm.recovery import landed_create
 from shared_code.itsm.scsm import criteria
 from shared_code.itsm.scsm.mapping import (
@@ -570,11 +570,11 @@ class ScsmConnector:
         try:
             return response.json()
         except ValueError:
-            content_type = response.headers.get("Content-Type", "").split(";")[0] or "no content type"
-            raise ItsmUnavailableError(
-                f"{what}: the Cireson portal answered HTTP {status} with {content_type}, not JSON "
-                "(an error or sign-in page of a proxy in front of it?)",
-                status=status,
+            raise not_json(
+                response,
+                product="the Cireson portal",
+                what=what,
+                guess="an error or sign-in page of a proxy in front of it?",
             ) from None
 
     # -- helpers ------------------------------------------------------------------------------------

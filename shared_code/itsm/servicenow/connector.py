@@ -49,7 +49,7 @@ from shared_code.domain.workitem import (
     marker_in,
 )
 from shared_code.errors import ItsmError, ItsmRejectedError, ItsmUnavailableError
-from shared_code.httpretry import RetryPolicy, refuse_unauthorised_or_redirected, send_with_retries
+from shared_code.httpretry import RetryPolicy, not_json, refuse_unauthorised_or_redirected, send_with_retries
 from shared_code.itsm.recovery import landed_create
 from shared_code.itsm.servicenow.mapping import (
     CI_CREATE_TABLE,
@@ -513,11 +513,11 @@ class ServiceNowConnector:
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            content_type = response.headers.get("Content-Type", "").split(";")[0] or "no content type"
-            raise ItsmUnavailableError(
-                f"{what}: ServiceNow answered HTTP {response.status_code} with {content_type}, not JSON "
-                "(is the instance hibernating or behind a login page?)",
-                status=response.status_code,
+            raise not_json(
+                response,
+                product="ServiceNow",
+                what=what,
+                guess="is the instance hibernating or behind a login page?",
             )
         return body
 
