@@ -12,10 +12,15 @@ import contextlib
 import operator
 import os
 import resource
+import signal
 import sys
+import time
 import timeit
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import FrameType
+
+from shared_code.bootstrap import tune_interpreter
 
 _SPEED_SNIPPET = "sum(i * i for i in range(10_000))"
 _SPEED_REFERENCE_S = 0.0004
@@ -68,3 +73,28 @@ class Targets:
 
     def exit_code(self) -> int:
         return 1 if self.missed else 0
+
+
+_STARTED = time.monotonic()
+
+
+def log(message: str) -> None:
+    """Progress and detail on stderr, stamped with the seconds since the benchmark started."""
+    print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds the caller's ExitStack: everything started is stopped
+
+
+def run_bench(main: Callable[[], int], failures: tuple[type[Exception], ...]) -> int:
+    """Run a benchmark's ``main`` as the app runs (its entry points' interpreter setting), with
+    SIGTERM stopping what it started, and a run that could not measure (``failures``) said in one
+    line and exit 1."""
+    tune_interpreter()
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return main()
+    except failures as exc:
+        log(f"FAILED: {exc}")
+        return 1

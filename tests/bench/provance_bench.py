@@ -31,21 +31,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import statistics
 import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
 from azure.data.tables import TableServiceClient
 from azure.identity import ClientSecretCredential
 
-from shared_code.bootstrap import get_container, tune_interpreter
+from shared_code.bootstrap import get_container
 from shared_code.domain.workitem import WorkItemType
 from shared_code.itsm.provance.connector import FORMATTED_VALUES
 from shared_code.itsm.provance.mapping import FORMATTED, TableInfo
@@ -53,6 +51,7 @@ from shared_code.state.tables import Entity
 from shared_code.state.workitems import partition_of, row_key
 from shared_code.workitems.engine import SyncOutcome
 from tests.bench.loopbackproc import LoopbackProcess
+from tests.bench.machine import log, run_bench
 from tests.bench.rawsync import CpuMeter, RawFetchError, fetch_and_write
 from tests.loopback import netguard
 from tests.loopback.azurite import Azurite
@@ -68,15 +67,10 @@ SCOPE_DAYS = 30
 SPAN_DAYS = 25
 TARGET = 0.8
 NO_LOGS = {"LOGS_INGESTION_ENDPOINT": "", "LOGS_INGESTION_RULE_ID": "", "SYNC_PAGE_SIZE": str(PAGE)}
-_STARTED = time.monotonic()
 
 
 class BenchError(RuntimeError):
     """A run did not do what the benchmark needs."""
-
-
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 class DataverseProcess(LoopbackProcess):
@@ -329,18 +323,8 @@ def main() -> int:
     return 0
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds the ExitStack: everything started is stopped
-
-
 def run() -> int:
-    tune_interpreter()  # as the app's entry points do (function_app.py, python -m shared_code)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return main()
-    except (BenchError, RawFetchError) as exc:
-        log(f"FAILED: {exc}")
-        return 1
+    return run_bench(main, (BenchError, RawFetchError))
 
 
 if __name__ == "__main__":

@@ -43,25 +43,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import statistics
 import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
 from azure.data.tables import TableServiceClient
 
-from shared_code.bootstrap import get_container, tune_interpreter
+from shared_code.bootstrap import get_container
 from shared_code.domain.workitem import WorkItemType
 from shared_code.state.tables import Entity
 from shared_code.state.workitems import partition_of, row_key
 from shared_code.workitems.engine import SyncOutcome
 from tests.bench.loopbackproc import LoopbackProcess
+from tests.bench.machine import log, run_bench
 from tests.bench.rawsync import RawFetchError, fetch_and_write
 from tests.bench.sync_bench import group_cpu_seconds
 from tests.loopback import netguard
@@ -77,15 +76,10 @@ SPAN_DAYS = 119.9
 SCOPE_DAYS = 120
 TARGET = 0.8
 NO_LOGS = {"LOGS_INGESTION_ENDPOINT": "", "LOGS_INGESTION_RULE_ID": ""}
-_STARTED = time.monotonic()
 
 
 class BenchError(RuntimeError):
     """A run did not do what the benchmark needs (failed, or read the wrong number of rows)."""
-
-
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 class PortalProcess(LoopbackProcess):
@@ -349,18 +343,8 @@ def main() -> int:
     return 0
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds the ExitStack: everything started is stopped
-
-
 def run() -> int:
-    tune_interpreter()  # as the app's entry points do (function_app.py, python -m shared_code)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return main()
-    except BenchError as exc:
-        log(f"FAILED: {exc}")
-        return 1
+    return run_bench(main, (BenchError,))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -79,7 +78,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
@@ -100,7 +98,7 @@ from shared_code.workitems.backsync import BackSync
 from shared_code.workitems.engine import SyncEngine, SyncOutcome, SyncResult
 from shared_code.workitems.sinks import SyncErrorLog
 from tests.bench.loopbackproc import LoopbackProcess
-from tests.bench.machine import Targets, peak_rss_mb, print_machine
+from tests.bench.machine import Targets, log, peak_rss_mb, print_machine, run_bench
 from tests.loopback import netguard
 from tests.loopback import servicenow as snow
 from tests.loopback.azurite import Azurite
@@ -120,7 +118,6 @@ ITEM_TYPE = WorkItemType.INCIDENT
 TS = "%Y-%m-%d %H:%M:%S"
 # the app's settings for every run here: no Log Analytics, so the WorkItems table is the only sink
 NO_LOGS = {"LOGS_INGESTION_ENDPOINT": "", "LOGS_INGESTION_RULE_ID": ""}
-_STARTED = time.monotonic()
 INITIAL_RATIO_TARGET = 0.9
 NULL_SINK_RATIO_TARGET = 0.85
 CPU_US_PER_ROW_TARGET = 120.0
@@ -128,10 +125,6 @@ CPU_US_PER_ROW_TARGET = 120.0
 
 class BenchError(RuntimeError):
     """A run did not do what the benchmark needs (failed, or synced the wrong number of rows)."""
-
-
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def check_network() -> None:
@@ -664,23 +657,14 @@ def main() -> int:
     return targets.exit_code()
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds the ExitStack: every process started is stopped
-
-
 def run(argv: Sequence[str] | None = None) -> int:
-    tune_interpreter()  # as the app's entry points do (function_app.py, python -m shared_code)
     parser = argparse.ArgumentParser(prog="python -m tests.bench.sync_bench")
     parser.add_argument("--child", metavar="CONNECTION", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
+        tune_interpreter()  # the app's process, as its entry points do (function_app.py, the CLI)
         return child(args.child)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return main()
-    except BenchError as exc:
-        log(f"FAILED: {exc}")
-        return 1
+    return run_bench(main, (BenchError,))
 
 
 if __name__ == "__main__":
